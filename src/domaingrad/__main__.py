@@ -1,0 +1,6 @@
+"""``python -m domaingrad`` is the ``domaingrad`` command."""
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,91 @@
+"""The algorithm contract shared by every method (DomainBed's ``Algorithm``).
+
+An algorithm is built from ``(input_shape, num_classes, num_domains, hparams)`` and has
+two methods: ``update(minibatches)`` takes one ``(x, y)`` batch per training domain and
+performs one training step, returning floats to log; ``predict(x)`` returns logits.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from ..hparams import HParam
+
+Minibatches = Sequence[tuple[torch.Tensor, torch.Tensor]]
+
+
+class Algorithm(nn.Module):
+    """Base class of all training algorithms.
+
+    Args:
+        input_shape: shape of one input, e.g. (2, 28, 28).
+        num_classes: number of classes.
+        num_domains: number of *training* domains (one minibatch each in ``update``).
+        hparams: the run's hyperparameters (see :mod:`domaingrad.hparams`).
+
+    Subclasses cite their paper in the class docstring, declare their own
+    hyperparameters in :meth:`hparam_specs`, and implement :meth:`update` and
+    :meth:`predict`. Optimizers and ``torch.Generator`` objects stored as attributes are
+    saved and restored by :meth:`training_state` automatically, for exact resume.
+    """
+
+    def __init__(self, input_shape: tuple[int, ...], num_classes: int, num_domains: int,
+                 hparams: dict[str, Any]):
+        super().__init__()
+        self.input_shape = tuple(input_shape)
+        self.num_classes = num_classes
+        self.num_domains = num_domains
+        self.hparams = dict(hparams)
+
+    @classmethod
+    def hparam_specs(cls, small_images: bool) -> list[HParam]:
+        """This algorithm's own hyperparameters (beyond the common ones)."""
+        return []
+
+    def update(self, minibatches: Minibatches, unlabeled: Sequence[torch.Tensor] | None = None
+               ) -> dict[str, float]:
+        """One training step.
+
+        Args:
+            minibatches: ``num_domains`` pairs (x, y), x of shape (B_d, *input_shape) and
+                y int64 of shape (B_d,).
+            unlabeled: unused by DG methods (DomainBed's UDA slot).
+
+        Returns:
+            Values to log, e.g. ``{"loss": 0.41}`` (plain Python floats).
+        """
+        raise NotImplementedError
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of shape (B, num_classes) for inputs of shape (B, *input_shape)."""
+        raise NotImplementedError
+
+    # -- exact resume -------------------------------------------------------------------
+    def _stateful_attributes(self) -> dict[str, Any]:
+        return {name: value for name, value in vars(self).items()
+                if isinstance(value, (torch.optim.Optimizer, torch.Generator))}
+
+    def training_state(self) -> dict[str, Any]:
+        """Everything needed to continue training exactly: module state (parameters and
+        buffers), every optimizer's state and every generator's state."""
+        extra = {}
+        for name, value in self._stateful_attributes().items():
+            extra[name] = value.state_dict() if isinstance(value, torch.optim.Optimizer) else value.get_state()
+        return {"module": self.state_dict(), "attributes": extra}
+
+    def load_training_state(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`training_state` returned; optimizers and generators are
+        matched by attribute name (so one re-created at an anneal step is found)."""
+        self.load_state_dict(state["module"])
+        current = self._stateful_attributes()
+        for name, saved in state["attributes"].items():
+            target = current.get(name)
+            if isinstance(target, torch.optim.Optimizer):
+                # Optimizer.load_state_dict keeps the tensors it is given: copy them, or
+                # two optimizers restored from one in-memory state would share moments.
+                target.load_state_dict(copy.deepcopy(saved))
+            elif isinstance(target, torch.Generator):
+                target.set_state(saved)

@@ -1,0 +1,98 @@
+"""The ``domaingrad`` command line: ``train`` and ``list``.
+
+DomainBed's underscore spellings (``--test_envs``, ``--output_dir``, ...) are accepted
+beside the dashed ones.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+from .errors import DomainGradError, NonFiniteLossError
+
+
+def _option(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:
+    """Add ``--name-with-dashes`` with DomainBed's ``--name_with_underscores`` as an alias."""
+    flags = [f"--{name.replace('_', '-')}"]
+    if "_" in name:
+        flags.append(f"--{name}")
+    parser.add_argument(*flags, dest=name, **kwargs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="domaingrad", description="Gradient-based domain generalization.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train one model (one DomainBed job)",
+                           description="Train on the non-test environments; evaluate every environment "
+                                       "at each checkpoint; resume if killed.")
+    _option(train, "dataset", default="ColoredMNIST", help="dataset name (see `domaingrad list`)")
+    _option(train, "algorithm", default="ERM", help="algorithm name (see `domaingrad list`)")
+    _option(train, "test_envs", type=int, nargs="+", default=[0], metavar="I", help="held-out environment(s)")
+    _option(train, "steps", type=int, default=None, help="training steps (default: the dataset's, 5001)")
+    _option(train, "checkpoint_freq", type=int, default=None,
+            help="evaluate and checkpoint every K steps (default: the dataset's, 100)")
+    _option(train, "hparams", default=None, help="JSON object overriding hyperparameters, e.g. '{\"lr\": 1e-3}'")
+    _option(train, "hparams_seed", type=int, default=0, help="0 = defaults, else a random-search draw")
+    _option(train, "trial_seed", type=int, default=0, help="seed of the in/out splits and hparam draws")
+    _option(train, "seed", type=int, default=0, help="seed of data construction, init and minibatches")
+    _option(train, "data_dir", default=None,
+            help="root holding MNIST/raw etc.; omitted: the embedded 10,000 MNIST digits")
+    _option(train, "output_dir", default="train_output", help="where results.jsonl etc. go")
+    _option(train, "holdout_fraction", type=float, default=0.2, help="fraction of each env held out (out split)")
+    _option(train, "skip_model_save", action="store_true", help="do not write model.pkl")
+    _option(train, "save_model_every_checkpoint", action="store_true", help="write model_step{N}.pkl")
+    _option(train, "eval_batch_size", type=int, default=512, help="batch size of evaluation passes")
+    _option(train, "device", default="auto", help="auto, cpu or cuda[:N]")
+    progress = train.add_mutually_exclusive_group()
+    progress.add_argument("--progress", dest="progress", action="store_true", default=None,
+                          help="always show the progress bar (default: only on a terminal)")
+    progress.add_argument("--no-progress", dest="progress", action="store_false")
+
+    sub.add_parser("list", help="list datasets and algorithms")
+    return parser
+
+
+def cmd_list() -> None:
+    from .algorithms import ALGORITHMS
+    from .data import DATASETS
+
+    print("datasets:")
+    for name, (_, text) in DATASETS.items():
+        print(f"  {name:<22} {text}")
+    print("algorithms:")
+    for name, cls in ALGORITHMS.items():
+        print(f"  {name:<22} {(cls.__doc__ or '').strip().splitlines()[0]}")
+
+
+def cmd_train(ns: argparse.Namespace) -> None:
+    from .run import TrainArgs, train
+
+    fields = {k: v for k, v in vars(ns).items() if k != "command"}
+    train(TrainArgs(**fields))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    try:
+        if ns.command == "list":
+            cmd_list()
+        elif ns.command == "train":
+            cmd_train(ns)
+    except NonFiniteLossError as exc:
+        print(f"domaingrad: error: {exc}", file=sys.stderr)
+        return 1
+    except DomainGradError as exc:
+        print(f"domaingrad: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("domaingrad: interrupted; rerun the same command to resume from the last checkpoint",
+              file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,183 @@
+"""Multi-domain datasets, DomainBed's in/out splits, and in-memory minibatch sampling.
+
+A DG dataset is an ordered list of environments (domains); each environment is a
+labelled dataset. For in-memory data an environment holds two tensors, so a minibatch
+is one ``index_select`` on each: no per-sample Python work in the training loop.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from ..errors import DomainGradError
+from ..rng import seed_hash
+
+
+@dataclass
+class TensorEnvironment:
+    """One environment (domain) held in memory.
+
+    Attributes:
+        name: the environment's name (DomainBed's, e.g. ``"+90%"`` or ``"15"``).
+        x: inputs, float32 of shape (N, *input_shape).
+        y: labels, int64 of shape (N,).
+    """
+
+    name: str
+    x: torch.Tensor
+    y: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if len(self.x) != len(self.y):
+            raise ValueError(f"environment {self.name!r}: {len(self.x)} inputs but {len(self.y)} labels")
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+
+class MultipleDomainDataset:
+    """An ordered list of environments with a common input shape and label set.
+
+    Subclasses set ``ENVIRONMENTS`` (names, in DomainBed's order) and fill
+    ``self.environments``, ``self.input_shape`` and ``self.num_classes``. Class
+    attributes give DomainBed's per-dataset defaults.
+
+    Attributes:
+        environments: the environments in order; ``dataset[i]`` is environment i.
+        input_shape: shape of one input, e.g. (2, 28, 28).
+        num_classes: number of classes.
+        source: a human-readable line saying where the data came from (logged by runs).
+    """
+
+    ENVIRONMENTS: ClassVar[list[str]] = []
+    N_STEPS: ClassVar[int] = 5001  # DomainBed's default number of training steps
+    CHECKPOINT_FREQ: ClassVar[int] = 100  # DomainBed's default checkpoint frequency
+    SMALL_IMAGES: ClassVar[bool] = False  # selects the small-image hyperparameter defaults
+
+    environments: list[TensorEnvironment]
+    input_shape: tuple[int, ...]
+    num_classes: int
+    source: str = ""
+
+    def __len__(self) -> int:
+        return len(self.environments)
+
+    def __getitem__(self, index: int) -> TensorEnvironment:
+        return self.environments[index]
+
+    @property
+    def environment_names(self) -> list[str]:
+        return [env.name for env in self.environments]
+
+
+@dataclass
+class Split:
+    """A subset of one environment, given by indices into it.
+
+    Attributes:
+        env: the parent environment.
+        indices: int64 tensor of shape (n,), positions in ``env``.
+    """
+
+    env: TensorEnvironment
+    indices: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    @property
+    def y(self) -> torch.Tensor:
+        """Labels of the split, int64 of shape (n,)."""
+        return self.env.y[self.indices]
+
+    def batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield the split in order as (x, y) batches of at most ``batch_size``."""
+        for start in range(0, len(self.indices), batch_size):
+            idx = self.indices[start:start + batch_size]
+            yield self.env.x[idx], self.env.y[idx]
+
+
+def split_environment(env: TensorEnvironment, holdout_fraction: float, trial_seed: int,
+                      env_index: int) -> tuple[Split, Split]:
+    """DomainBed's in/out split of one environment.
+
+    The environment's positions are shuffled by ``np.random.RandomState(seed_hash(
+    trial_seed, env_index))``; the first ``int(len(env) * holdout_fraction)`` form the
+    *out* split (validation), the rest the *in* split (DomainBed ``train.py`` +
+    ``misc.split_dataset``), so the same trial seed gives DomainBed's split.
+
+    Returns:
+        (out_split, in_split), disjoint and together covering the environment.
+
+    Raises:
+        DomainGradError: if ``holdout_fraction`` is outside [0, 1).
+    """
+    if not 0.0 <= holdout_fraction < 1.0:
+        raise DomainGradError(f"holdout_fraction must be in [0, 1), got {holdout_fraction}")
+    keys = np.arange(len(env))
+    np.random.RandomState(seed_hash(trial_seed, env_index)).shuffle(keys)
+    n_out = int(len(env) * holdout_fraction)
+    keys_t = torch.from_numpy(keys)
+    return Split(env, keys_t[:n_out]), Split(env, keys_t[n_out:])
+
+
+class InfiniteMinibatches:
+    """Endless minibatches, one per training split, drawn from memory.
+
+    Like DomainBed's ``InfiniteDataLoader``, each batch is drawn uniformly *with
+    replacement* (or, with ``class_balanced``, with probability inversely proportional
+    to the class frequency of the split). All randomness comes from one
+    ``torch.Generator`` whose state is saved and restored for exact resume.
+
+    Args:
+        splits: the training splits, one per training environment.
+        batch_size: samples per environment per step.
+        seed: seed of the sampling generator.
+        class_balanced: DomainBed's ``class_balanced`` hyperparameter.
+
+    Each ``next()`` returns a list of (x, y) with x of shape (batch_size, *input_shape).
+    """
+
+    def __init__(self, splits: Sequence[Split], batch_size: int, seed: int,
+                 class_balanced: bool = False):
+        if batch_size < 1:
+            raise DomainGradError(f"batch_size must be a positive integer, got {batch_size}")
+        for split in splits:
+            if len(split) == 0:
+                raise DomainGradError(
+                    f"environment {split.env.name!r} has no training samples; lower holdout_fraction")
+        self.splits = list(splits)
+        self.batch_size = batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+        self.weights: list[torch.Tensor | None] = []
+        for split in self.splits:
+            if class_balanced:
+                y = split.y
+                counts = torch.bincount(y).double()
+                self.weights.append((1.0 / counts)[y])
+            else:
+                self.weights.append(None)
+
+    def __iter__(self) -> "InfiniteMinibatches":
+        return self
+
+    def __next__(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        batches = []
+        for split, weights in zip(self.splits, self.weights):
+            if weights is None:
+                pos = torch.randint(len(split), (self.batch_size,), generator=self.generator)
+            else:
+                pos = torch.multinomial(weights, self.batch_size, replacement=True,
+                                        generator=self.generator)
+            idx = split.indices[pos]
+            batches.append((split.env.x[idx], split.env.y[idx]))
+        return batches
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])

@@ -1,0 +1,26 @@
+"""Errors meant for the user: each says what was expected and what to do."""
+from __future__ import annotations
+
+
+class DomainGradError(Exception):
+    """A problem with the user's input or files; the CLI prints it without a traceback."""
+
+
+class NonFiniteLossError(DomainGradError):
+    """Training produced a NaN or infinite loss.
+
+    Attributes:
+        step: the training step (0-based) whose update returned the non-finite value.
+        values: the values returned by that step's ``update``.
+    """
+
+    def __init__(self, step: int, values: dict[str, float], last_checkpoint_step: int | None):
+        self.step = step
+        self.values = values
+        kept = ("no checkpoint was written yet" if last_checkpoint_step is None
+                else f"the last good checkpoint (step {last_checkpoint_step}) and its results are kept")
+        bad = ", ".join(f"{k}={v}" for k, v in values.items())
+        super().__init__(
+            f"training stopped: a non-finite value at step {step} ({bad}); {kept}. "
+            "Lower the learning rate (--hparams '{\"lr\": ...}') or check the data; "
+            "the run is not marked done.")

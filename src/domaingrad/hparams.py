@@ -1,0 +1,154 @@
+"""The seeded hyperparameter registry, with DomainBed's names, defaults and draws.
+
+Every hyperparameter is an :class:`HParam`: a name, a default, and a function that
+draws a random value from a ``numpy.random.RandomState``. ``hparams_seed`` 0 means the
+defaults; any other seed draws every hyperparameter from *its own* generator, seeded by
+``seed_hash(seed_hash(hparams_seed, trial_seed), name)`` exactly as DomainBed's
+``hparams_registry`` does, so adding a hyperparameter never changes the others and the
+common draws match DomainBed's for the same seeds.
+
+Algorithms declare their own hyperparameters (:meth:`Algorithm.hparam_specs`); the
+common ones below are shared by all.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+from .errors import DomainGradError
+from .rng import seed_hash
+
+
+@dataclass(frozen=True)
+class HParam:
+    """One hyperparameter: its DomainBed name, default value and random-search draw.
+
+    Attributes:
+        name: DomainBed's name (e.g. ``"lr"``).
+        default: value used for ``hparams_seed`` 0; its type is the hyperparameter's type.
+        draw: maps a ``np.random.RandomState`` to a random value (random search).
+        help: one line: meaning and source of the default and distribution.
+    """
+
+    name: str
+    default: Any
+    draw: Callable[[np.random.RandomState], Any]
+    help: str = ""
+
+
+def common_hparams(small_images: bool) -> list[HParam]:
+    """The hyperparameters every algorithm has (DomainBed ``hparams_registry._hparams``).
+
+    ``small_images`` selects DomainBed's values for the MNIST-sized datasets.
+    """
+    specs = [
+        HParam("data_augmentation", True, lambda r: True, "training augmentation (image datasets)"),
+        HParam("resnet18", False, lambda r: False, "ResNet-18 instead of ResNet-50 (image datasets)"),
+        HParam("resnet_dropout", 0.0, lambda r: float(r.choice([0.0, 0.1, 0.5])),
+               "dropout before the classifier (ResNets)"),
+        HParam("class_balanced", False, lambda r: False, "sample minibatches class-balanced"),
+        HParam("nonlinear_classifier", False, lambda r: bool(r.choice([False, False])),
+               "MLP classifier head instead of linear"),
+    ]
+    if small_images:
+        specs += [
+            HParam("lr", 1e-3, lambda r: float(10 ** r.uniform(-4.5, -2.5)), "Adam learning rate"),
+            HParam("weight_decay", 0.0, lambda r: 0.0, "Adam weight decay"),
+            HParam("batch_size", 64, lambda r: int(2 ** r.uniform(3, 9)), "examples per domain per step"),
+        ]
+    else:
+        specs += [
+            HParam("lr", 5e-5, lambda r: float(10 ** r.uniform(-5, -3.5)), "Adam learning rate"),
+            HParam("weight_decay", 0.0, lambda r: float(10 ** r.uniform(-6, -2)), "Adam weight decay"),
+            HParam("batch_size", 32, lambda r: int(2 ** r.uniform(3, 5.5)), "examples per domain per step"),
+        ]
+    return specs
+
+
+def hparam_specs(algorithm: str, dataset: str) -> dict[str, HParam]:
+    """All hyperparameters of ``algorithm`` on ``dataset``, by name.
+
+    Raises:
+        DomainGradError: for an unknown algorithm or dataset.
+    """
+    from .algorithms import algorithm_class
+    from .data import dataset_class
+
+    small = dataset_class(dataset).SMALL_IMAGES
+    specs: dict[str, HParam] = {}
+    for spec in common_hparams(small) + list(algorithm_class(algorithm).hparam_specs(small)):
+        if spec.name in specs:
+            raise AssertionError(f"hyperparameter {spec.name!r} declared twice for {algorithm}")
+        specs[spec.name] = spec
+    return specs
+
+
+def default_hparams(algorithm: str, dataset: str) -> dict[str, Any]:
+    """DomainBed's ``default_hparams``: every hyperparameter at its default."""
+    return {name: spec.default for name, spec in hparam_specs(algorithm, dataset).items()}
+
+
+def random_hparams(algorithm: str, dataset: str, seed: int) -> dict[str, Any]:
+    """DomainBed's ``random_hparams``: each value drawn from
+    ``RandomState(seed_hash(seed, name))``."""
+    return {name: spec.draw(np.random.RandomState(seed_hash(seed, name)))
+            for name, spec in hparam_specs(algorithm, dataset).items()}
+
+
+def _coerce(name: str, value: Any, default: Any) -> Any:
+    """Check ``value`` against the type of ``default``; ints are accepted for floats."""
+    kind = type(default)
+    ok = (isinstance(value, bool) if kind is bool
+          else isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float
+          else isinstance(value, int) and not isinstance(value, bool) if kind is int
+          else isinstance(value, kind))
+    if not ok:
+        raise DomainGradError(
+            f"hyperparameter {name!r} must be of type {kind.__name__} (default {default!r}), "
+            f"got {value!r} of type {type(value).__name__}")
+    return float(value) if kind is float else value
+
+
+def parse_hparams_json(text: str | None) -> dict[str, Any]:
+    """Parse the ``--hparams`` JSON object.
+
+    Raises:
+        DomainGradError: for malformed JSON or a JSON value that is not an object.
+    """
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DomainGradError(f"--hparams is not valid JSON ({exc.msg} at position {exc.pos}): "
+                              f"{text!r}; expected an object such as '{{\"lr\": 1e-3}}'") from exc
+    if not isinstance(value, dict):
+        raise DomainGradError(f"--hparams must be a JSON object such as '{{\"lr\": 1e-3}}', got {text!r}")
+    return value
+
+
+def resolve_hparams(algorithm: str, dataset: str, hparams_seed: int, trial_seed: int,
+                    overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The hyperparameters of one training run, as DomainBed's ``train.py`` computes them.
+
+    ``hparams_seed`` 0 gives the defaults; otherwise
+    ``random_hparams(algorithm, dataset, seed_hash(hparams_seed, trial_seed))``. Then
+    ``overrides`` (from ``--hparams``) replace single values after a type check.
+
+    Raises:
+        DomainGradError: for an unknown or ill-typed override (naming the valid names).
+    """
+    if hparams_seed == 0:
+        hparams = default_hparams(algorithm, dataset)
+    else:
+        hparams = random_hparams(algorithm, dataset, seed_hash(hparams_seed, trial_seed))
+    specs = hparam_specs(algorithm, dataset)
+    for name, value in (overrides or {}).items():
+        if name not in specs:
+            raise DomainGradError(f"unknown hyperparameter {name!r} for {algorithm} on {dataset}; "
+                                  f"valid names: {', '.join(sorted(specs))}")
+        hparams[name] = _coerce(name, value, specs[name].default)
+    return hparams

@@ -1,0 +1,32 @@
+"""Accuracy of an algorithm on a split (DomainBed's ``misc.accuracy``)."""
+from __future__ import annotations
+
+import torch
+
+from ..algorithms import Algorithm
+from ..data import Split
+
+
+@torch.no_grad()
+def accuracy(algorithm: Algorithm, split: Split, batch_size: int = 512,
+             device: torch.device | str = "cpu") -> float:
+    """Fraction of the split's samples whose argmax logit is the label.
+
+    The algorithm is put in eval mode for the pass and restored to its previous mode.
+    A one-logit output is read as binary (logit > 0), as DomainBed does. An empty split
+    has accuracy ``nan``.
+    """
+    if len(split) == 0:
+        return float("nan")
+    was_training = algorithm.training
+    algorithm.eval()
+    correct = 0
+    try:
+        for x, y in split.batches(batch_size):
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            logits = algorithm.predict(x)
+            pred = logits.gt(0).long().squeeze(1) if logits.size(1) == 1 else logits.argmax(1)
+            correct += int((pred == y).sum())
+    finally:
+        algorithm.train(was_training)
+    return correct / len(split)
