@@ -31,12 +31,14 @@ class HParam:
         default: value used for ``hparams_seed`` 0; its type is the hyperparameter's type.
         draw: maps a ``np.random.RandomState`` to a random value (random search).
         help: one line: meaning and source of the default and distribution.
+        choices: the allowed values, for hyperparameters that name an option.
     """
 
     name: str
     default: Any
     draw: Callable[[np.random.RandomState], Any]
     help: str = ""
+    choices: tuple[Any, ...] | None = None
 
 
 def common_hparams(small_images: bool) -> list[HParam]:
@@ -98,8 +100,10 @@ def random_hparams(algorithm: str, dataset: str, seed: int) -> dict[str, Any]:
             for name, spec in hparam_specs(algorithm, dataset).items()}
 
 
-def _coerce(name: str, value: Any, default: Any) -> Any:
-    """Check ``value`` against the type of ``default``; ints are accepted for floats."""
+def _coerce(spec: HParam, value: Any) -> Any:
+    """Check ``value`` against the type of the default (ints are accepted for floats)
+    and against ``spec.choices``."""
+    name, default = spec.name, spec.default
     kind = type(default)
     ok = (isinstance(value, bool) if kind is bool
           else isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float
@@ -109,6 +113,8 @@ def _coerce(name: str, value: Any, default: Any) -> Any:
         raise DomainGradError(
             f"hyperparameter {name!r} must be of type {kind.__name__} (default {default!r}), "
             f"got {value!r} of type {type(value).__name__}")
+    if spec.choices is not None and value not in spec.choices:
+        raise DomainGradError(f"hyperparameter {name!r} must be one of {list(spec.choices)}, got {value!r}")
     return float(value) if kind is float else value
 
 
@@ -150,5 +156,5 @@ def resolve_hparams(algorithm: str, dataset: str, hparams_seed: int, trial_seed:
         if name not in specs:
             raise DomainGradError(f"unknown hyperparameter {name!r} for {algorithm} on {dataset}; "
                                   f"valid names: {', '.join(sorted(specs))}")
-        hparams[name] = _coerce(name, value, specs[name].default)
+        hparams[name] = _coerce(specs[name], value)
     return hparams

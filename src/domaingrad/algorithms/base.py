@@ -39,6 +39,9 @@ class Algorithm(nn.Module):
         self.num_classes = num_classes
         self.num_domains = num_domains
         self.hparams = dict(hparams)
+        #: the run's number of steps, set by the training run before the first update;
+        #: rules with a schedule over training read it (None when unknown)
+        self.total_steps: int | None = None
 
     @classmethod
     def hparam_specs(cls, small_images: bool) -> list[HParam]:

@@ -82,6 +82,7 @@ class TrainingRun:
         self.steps_per_epoch = min(len(s) / hparams["batch_size"] for s in in_splits)
         self.train_envs = [i for i in range(len(dataset)) if i not in args.test_envs]
         self.checkpoint_vals: dict[str, list[float]] = collections.defaultdict(list)
+        algorithm.total_steps = self.steps
 
     @classmethod
     def prepare(cls, args: TrainArgs) -> "TrainingRun":
