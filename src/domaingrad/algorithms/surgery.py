@@ -110,6 +110,9 @@ class CorGrad(GradientSurgery):
     ``corgrad_smoothing`` "two_sided" and ``corgrad_alpha_schedule`` "constant".
     Set ``corgrad_layerwise`` False, ``corgrad_slices`` 1 or ``corgrad_smoothing``
     "none" for the seed's L / L+S / L+S+D ablation.
+
+    With two training domains (ColoredMNIST) smoothing never fires under either rule:
+    the larger of two norms is exactly mean + std, never above it.
     """
 
     @classmethod
@@ -165,7 +168,12 @@ class ANDMask(GradientSurgery):
 
 class SANDMask(GradientSurgery):
     """SAND-mask (Shahtalebi et al. 2021; DomainBed): a smooth AND-mask,
-    tanh(k * (agreement - tau) / variance), clipped at 0."""
+    tanh(k * (agreement - tau) / variance), clipped at 0.
+
+    DomainBed's default ``tau`` 1.0 is kept, and with it the mask is zero everywhere
+    (agreement never exceeds 1), so the default update is zero: set ``tau`` below 1, as
+    the random search does (U(0, 1)), for the method to learn.
+    """
 
     @classmethod
     def hparam_specs(cls, small_images: bool) -> list[HParam]:
