@@ -44,3 +44,23 @@ def run_cli(capsys):
         captured = capsys.readouterr()
         return code, captured.out, captured.err
     return _run
+
+
+@pytest.fixture(scope="session")
+def small_mnist_dir(tmp_path_factory) -> Path:
+    """A --data-dir holding 1,200 real digits (a seeded subset of the embedded ones) as
+    MNIST IDX files: ColoredMNIST/RotatedMNIST runs through the CLI whose evaluation
+    takes a second instead of ten."""
+    from domaingrad.data.digits import load_embedded_mnist
+
+    pool = load_embedded_mnist()
+    pick = np.random.RandomState(0).permutation(len(pool.images))[:1200]
+    images, labels = pool.images.numpy()[pick], pool.labels.numpy()[pick].astype(np.uint8)
+    root = tmp_path_factory.mktemp("small_mnist")
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    write_idx(raw / "train-images-idx3-ubyte", images[:1000])
+    write_idx(raw / "train-labels-idx1-ubyte", labels[:1000])
+    write_idx(raw / "t10k-images-idx3-ubyte", images[1000:])
+    write_idx(raw / "t10k-labels-idx1-ubyte", labels[1000:])
+    return root

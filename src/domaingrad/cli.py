@@ -1,4 +1,4 @@
-"""The ``domaingrad`` command line: ``train`` and ``list``.
+"""The ``domaingrad`` command line: ``train``, ``list`` and ``reproduce``.
 
 DomainBed's underscore spellings (``--test_envs``, ``--output_dir``, ...) are accepted
 beside the dashed ones.
@@ -51,6 +51,15 @@ def build_parser() -> argparse.ArgumentParser:
     progress.add_argument("--no-progress", dest="progress", action="store_false")
 
     sub.add_parser("list", help="list datasets and algorithms")
+
+    reproduce = sub.add_parser("reproduce", help="rerun a published experiment and print it beside the paper")
+    reproduce.add_argument("experiment", help="experiment name (`domaingrad reproduce --list` shows them)",
+                           nargs="?")
+    reproduce.add_argument("--list", action="store_true", help="list the experiments")
+    _option(reproduce, "data_dir", default=None, help="root holding MNIST/raw; omitted: the embedded digits")
+    reproduce.add_argument("--restarts", type=int, default=10, help="independent runs (the papers use 10)")
+    reproduce.add_argument("--steps", type=int, default=501, help="training steps per run")
+    reproduce.add_argument("--seed", type=int, default=0, help="run r uses seed + r")
     return parser
 
 
@@ -63,7 +72,31 @@ def cmd_list() -> None:
         print(f"  {name:<22} {text}")
     print("algorithms:")
     for name, cls in ALGORITHMS.items():
-        print(f"  {name:<22} {(cls.__doc__ or '').strip().splitlines()[0]}")
+        print(f"  {name:<22} {_summary(cls.__doc__ or '')}")
+
+
+def _summary(doc: str, width: int = 96) -> str:
+    """The first paragraph of a docstring on one line, cut at a word boundary."""
+    text = " ".join(doc.strip().split("\n\n")[0].split())
+    return text if len(text) <= width else text[:width].rsplit(" ", 1)[0] + " ..."
+
+
+def cmd_reproduce(ns: argparse.Namespace) -> None:
+    from .errors import DomainGradError
+    from .reproduce import EXPERIMENTS
+
+    if ns.list or not ns.experiment:
+        for name, (_, text) in EXPERIMENTS.items():
+            print(f"  {name:<24} {text}")
+        return
+    if ns.experiment not in EXPERIMENTS:
+        raise DomainGradError(f"unknown experiment {ns.experiment!r}; valid experiments: {', '.join(EXPERIMENTS)}")
+    if ns.restarts < 1 or ns.steps < 1:
+        raise DomainGradError("--restarts and --steps must be positive integers")
+    module = EXPERIMENTS[ns.experiment][0]
+    results = module.run(data_dir=ns.data_dir, restarts=ns.restarts, steps=ns.steps, seed=ns.seed)
+    print()
+    print(module.format_table(results))
 
 
 def cmd_train(ns: argparse.Namespace) -> None:
@@ -81,6 +114,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             cmd_list()
         elif ns.command == "train":
             cmd_train(ns)
+        elif ns.command == "reproduce":
+            cmd_reproduce(ns)
     except NonFiniteLossError as exc:
         print(f"domaingrad: error: {exc}", file=sys.stderr)
         return 1

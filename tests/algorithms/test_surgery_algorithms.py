@@ -86,14 +86,15 @@ def test_option_hparams_are_validated():
 @pytest.mark.slow
 @pytest.mark.parametrize("dataset, test_env", [("ColoredMNIST", 2), ("RotatedMNIST", 0)])
 @pytest.mark.parametrize("name", SURGERY)
-def test_trains_through_the_cli(tmp_path, run_cli, name, dataset, test_env):
+def test_trains_through_the_cli(tmp_path, run_cli, small_mnist_dir, name, dataset, test_env):
+    """Through the CLI on 1,200 real digits given as a --data-dir (quick evaluation)."""
     out = tmp_path / "run"
     code, _, err = run_cli("train", "--dataset", dataset, "--algorithm", name, "--test-envs", test_env,
-                           "--steps", "1", "--hparams", '{"batch_size": 8}',
-                           "--output-dir", out)
+                           "--steps", "3", "--checkpoint-freq", "10", "--hparams", '{"batch_size": 8}',
+                           "--data-dir", small_mnist_dir, "--output-dir", out)
     assert code == 0, err
-    (record,) = read_records(out / "results.jsonl")[0]
-    assert record["step"] == 0 and record["args"]["algorithm"] == name
+    first, record = read_records(out / "results.jsonl")[0]
+    assert (first["step"], record["step"]) == (0, 2) and record["args"]["algorithm"] == name
     stat = {"AgrSum": "agree_frac", "AgrRand": "agree_frac", "PCGrad": "mod_freq", "CorGrad": "mod_freq",
             "ANDMask": "mask_frac", "SANDMask": "mask_frac"}[name]
     assert 0.0 <= record[stat] <= 1.0

@@ -3,7 +3,13 @@ from __future__ import annotations
 
 from ..errors import DomainGradError
 from .base import Algorithm
+from .alignment import CORAL, DANN, MMD
 from .erm import ERM
+from .fishr import Fishr
+from .invariance import IRM, SD, VREx
+from .meta import MLDG, Fish
+from .mixing import Mixup
+from .robust import GroupDRO
 from .surgery import ANDMask, AgrRand, AgrSum, CorGrad, GradientSurgery, PCGrad, SANDMask
 
 #: name -> algorithm class; the first docstring line is its description in `domaingrad list`
@@ -15,6 +21,17 @@ ALGORITHMS: dict[str, type[Algorithm]] = {
     "CorGrad": CorGrad,
     "ANDMask": ANDMask,
     "SANDMask": SANDMask,
+    "Fishr": Fishr,
+    "IRM": IRM,
+    "VREx": VREx,
+    "CORAL": CORAL,
+    "MMD": MMD,
+    "DANN": DANN,
+    "GroupDRO": GroupDRO,
+    "Mixup": Mixup,
+    "MLDG": MLDG,
+    "Fish": Fish,
+    "SD": SD,
 }
 
 
@@ -29,5 +46,4 @@ def algorithm_class(name: str) -> type[Algorithm]:
     return ALGORITHMS[name]
 
 
-__all__ = ["ALGORITHMS", "ANDMask", "AgrRand", "AgrSum", "Algorithm", "CorGrad", "ERM", "GradientSurgery",
-           "PCGrad", "SANDMask", "algorithm_class"]
+__all__ = ["ALGORITHMS", "Algorithm", "algorithm_class", *ALGORITHMS]
