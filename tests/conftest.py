@@ -22,17 +22,23 @@ def write_idx(path: Path, array: np.ndarray, compress: bool = False) -> Path:
     return path
 
 
-def make_idx_folder(folder: Path, n_train: int = 30, n_test: int = 12, seed: int = 0,
-                    compress: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Four IDX files of random digits in ``folder``; returns (images, labels), train then t10k."""
+def write_idx_folder(folder: Path, images: np.ndarray, labels: np.ndarray, n_train: int,
+                     compress: bool = False) -> None:
+    """The four MNIST IDX files in ``folder``: the first ``n_train`` as train, the rest as t10k."""
     folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.RandomState(seed)
-    images = rng.randint(0, 256, size=(n_train + n_test, 28, 28)).astype(np.uint8)
-    labels = rng.randint(0, 10, size=n_train + n_test).astype(np.uint8)
     write_idx(folder / "train-images-idx3-ubyte", images[:n_train], compress)
     write_idx(folder / "train-labels-idx1-ubyte", labels[:n_train], compress)
     write_idx(folder / "t10k-images-idx3-ubyte", images[n_train:], compress)
     write_idx(folder / "t10k-labels-idx1-ubyte", labels[n_train:], compress)
+
+
+def make_idx_folder(folder: Path, n_train: int = 30, n_test: int = 12, seed: int = 0,
+                    compress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Four IDX files of random digits in ``folder``; returns (images, labels), train then t10k."""
+    rng = np.random.RandomState(seed)
+    images = rng.randint(0, 256, size=(n_train + n_test, 28, 28)).astype(np.uint8)
+    labels = rng.randint(0, 10, size=n_train + n_test).astype(np.uint8)
+    write_idx_folder(folder, images, labels, n_train, compress)
     return images, labels
 
 
@@ -57,10 +63,5 @@ def small_mnist_dir(tmp_path_factory) -> Path:
     pick = np.random.RandomState(0).permutation(len(pool.images))[:1200]
     images, labels = pool.images.numpy()[pick], pool.labels.numpy()[pick].astype(np.uint8)
     root = tmp_path_factory.mktemp("small_mnist")
-    raw = root / "MNIST" / "raw"
-    raw.mkdir(parents=True)
-    write_idx(raw / "train-images-idx3-ubyte", images[:1000])
-    write_idx(raw / "train-labels-idx1-ubyte", labels[:1000])
-    write_idx(raw / "t10k-images-idx3-ubyte", images[1000:])
-    write_idx(raw / "t10k-labels-idx1-ubyte", labels[1000:])
+    write_idx_folder(root / "MNIST" / "raw", images, labels, n_train=1000)
     return root

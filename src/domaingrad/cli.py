@@ -82,7 +82,6 @@ def _summary(doc: str, width: int = 96) -> str:
 
 
 def cmd_reproduce(ns: argparse.Namespace) -> None:
-    from .errors import DomainGradError
     from .reproduce import EXPERIMENTS
 
     if ns.list or not ns.experiment:

@@ -27,6 +27,9 @@ MODEL = "model.pkl"
 DONE = "done"
 LOG = "out.txt"
 
+#: arguments that do not change results, so a resume may differ in them
+RESUME_IGNORED_ARGS = frozenset({"progress"})
+
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file and ``os.replace``."""
@@ -151,6 +154,3 @@ class RunDirectory:
         with open(self.file(LOG), "a") as f:
             f.write(line + "\n")
 
-
-#: arguments that do not change results, so a resume may differ in them
-RESUME_IGNORED_ARGS = frozenset({"progress"})
