@@ -32,3 +32,19 @@ def test_featurizer_for_shape_and_classifier():
     assert models.classifier(128, 10)(torch.randn(4, 128)).shape == (4, 10)
     mlp = models.classifier(128, 10, nonlinear=True)
     assert mlp(torch.randn(4, 128)).shape == (4, 10) and len(mlp) == 5
+
+
+def test_stage_fn_sees_every_stage_and_can_replace_it():
+    net = models.MNIST_CNN((2, 28, 28))
+    x = torch.randn(3, 2, 28, 28)
+    seen = {}
+
+    def record(name, out):
+        seen[name] = tuple(out.shape)
+        return out
+
+    assert torch.equal(net(x, stage_fn=record), net(x))
+    assert list(seen) == list(net.stage_names)
+    assert all(shape[1] == net.stage_channels[name] for name, shape in seen.items())
+    zeroed = net(x, stage_fn=lambda name, out: out * 0 if name == "conv4" else out)
+    assert torch.equal(zeroed, torch.zeros(3, 128))

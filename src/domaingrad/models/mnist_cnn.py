@@ -1,6 +1,8 @@
 """DomainBed's MNIST_CNN featurizer (METHODS.md section 9)."""
 from __future__ import annotations
 
+from typing import Callable, Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -11,9 +13,17 @@ class MNIST_CNN(nn.Module):
     GroupNorm(8), then global average pooling (DomainBed ``networks.MNIST_CNN``).
 
     Input (B, C, 28, 28); output (B, 128) features.
+
+    Stages (the featurizer interface of :mod:`domaingrad.models`): ``stage_names`` are
+    the outputs of the four conv blocks (after their GroupNorm), of shapes (B, 64, 28, 28),
+    (B, 128, 14, 14), (B, 128, 14, 14), (B, 128, 14, 14). ``forward(x, stage_fn)`` calls
+    ``stage_fn(name, output)`` on each and continues with what it returns, so methods can
+    read, mask or drop intermediate activations.
     """
 
     n_outputs = 128
+    stage_names: tuple[str, ...] = ("conv1", "conv2", "conv3", "conv4")
+    stage_channels: dict[str, int] = {"conv1": 64, "conv2": 128, "conv3": 128, "conv4": 128}
 
     def __init__(self, input_shape: tuple[int, ...]):
         super().__init__()
@@ -26,9 +36,11 @@ class MNIST_CNN(nn.Module):
         self.bn2 = nn.GroupNorm(8, 128)
         self.bn3 = nn.GroupNorm(8, 128)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.bn0(F.relu(self.conv1(x)))
-        x = self.bn1(F.relu(self.conv2(x)))
-        x = self.bn2(F.relu(self.conv3(x)))
-        x = self.bn3(F.relu(self.conv4(x)))
+    def forward(self, x: torch.Tensor,
+                stage_fn: Optional[Callable[[str, torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
+        for name, conv, norm in (("conv1", self.conv1, self.bn0), ("conv2", self.conv2, self.bn1),
+                                 ("conv3", self.conv3, self.bn2), ("conv4", self.conv4, self.bn3)):
+            x = norm(F.relu(conv(x)))
+            if stage_fn is not None:
+                x = stage_fn(name, x)
         return x.mean(dim=(2, 3))
