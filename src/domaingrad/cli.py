@@ -1,4 +1,4 @@
-"""The ``domaingrad`` command line: ``train``, ``list`` and ``reproduce``.
+"""The ``domaingrad`` command line: ``train``, ``list``, ``reproduce``, ``sweep`` and ``report``.
 
 DomainBed's underscore spellings (``--test_envs``, ``--output_dir``, ...) are accepted
 beside the dashed ones.
@@ -6,10 +6,15 @@ beside the dashed ones.
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from typing import Sequence
 
 from .errors import DomainGradError, NonFiniteLossError
+
+#: commands that live in their own module: name -> module exposing
+#: ``add_parser(subparsers)`` (cheap imports only) and ``run(namespace)``
+MODULE_COMMANDS = {"sweep": "domaingrad.sweep.command", "report": "domaingrad.report.command"}
 
 
 def _option(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:
@@ -60,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     reproduce.add_argument("--restarts", type=int, default=10, help="independent runs (the papers use 10)")
     reproduce.add_argument("--steps", type=int, default=501, help="training steps per run")
     reproduce.add_argument("--seed", type=int, default=0, help="run r uses seed + r")
+    for module in MODULE_COMMANDS.values():
+        importlib.import_module(module).add_parser(sub)
     return parser
 
 
@@ -115,6 +122,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             cmd_train(ns)
         elif ns.command == "reproduce":
             cmd_reproduce(ns)
+        else:
+            code = importlib.import_module(MODULE_COMMANDS[ns.command]).run(ns)
+            return int(code or 0)
     except NonFiniteLossError as exc:
         print(f"domaingrad: error: {exc}", file=sys.stderr)
         return 1
