@@ -48,7 +48,13 @@ def common_hparams(small_images: bool) -> list[HParam]:
     """
     specs = [
         HParam("data_augmentation", True, lambda r: True, "training augmentation (image datasets)"),
+        HParam("backbone", "auto", lambda r: "auto",
+               "featurizer: auto = DomainBed's choice (MNIST_CNN for 28x28, else ResNet-50, or ResNet-18 "
+               "with resnet18), or one of resnet18, resnet50, alexnet, mnist_cnn",
+               choices=("auto", "resnet18", "resnet50", "alexnet", "mnist_cnn")),
         HParam("resnet18", False, lambda r: False, "ResNet-18 instead of ResNet-50 (image datasets)"),
+        HParam("freeze_bn", True, lambda r: True,
+               "keep the ResNets' BatchNorm layers in eval mode while training (DomainBed's freeze_bn)"),
         HParam("resnet_dropout", 0.0, lambda r: float(r.choice([0.0, 0.1, 0.5])),
                "dropout before the classifier (ResNets)"),
         HParam("class_balanced", False, lambda r: False, "sample minibatches class-balanced"),

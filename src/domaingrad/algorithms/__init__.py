@@ -4,6 +4,8 @@ from __future__ import annotations
 from ..errors import DomainGradError
 from .base import Algorithm
 from .alignment import CORAL, DANN, MMD
+from .dmg import DMG, MultiHeaded
+from .dropout import RSC, DropBlock, GSNRDropBlock, MetaGSNR
 from .erm import ERM
 from .fishr import Fishr
 from .invariance import IRM, SD, VREx
@@ -32,6 +34,12 @@ ALGORITHMS: dict[str, type[Algorithm]] = {
     "MLDG": MLDG,
     "Fish": Fish,
     "SD": SD,
+    "DMG": DMG,
+    "MultiHeaded": MultiHeaded,
+    "RSC": RSC,
+    "DropBlock": DropBlock,
+    "GSNRDropBlock": GSNRDropBlock,
+    "MetaGSNR": MetaGSNR,
 }
 
 

@@ -37,6 +37,12 @@ class TensorEnvironment:
     def __len__(self) -> int:
         return len(self.y)
 
+    def batches(self, indices: torch.Tensor, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield the samples at ``indices`` in order as (x, y) batches of at most ``batch_size``."""
+        for start in range(0, len(indices), batch_size):
+            idx = indices[start:start + batch_size]
+            yield self.x[idx], self.y[idx]
+
 
 class MultipleDomainDataset:
     """An ordered list of environments with a common input shape and label set.
@@ -61,6 +67,8 @@ class MultipleDomainDataset:
     input_shape: tuple[int, ...]
     num_classes: int
     source: str = ""
+    #: lines about the data a run should log (e.g. classes missing from a domain)
+    report: tuple[str, ...] = ()
 
     def __len__(self) -> int:
         return len(self.environments)
@@ -71,6 +79,16 @@ class MultipleDomainDataset:
     @property
     def environment_names(self) -> list[str]:
         return [env.name for env in self.environments]
+
+    def minibatches(self, splits: Sequence["Split"], batch_size: int, seed: int, class_balanced: bool = False,
+                    augment: bool = False, pin_memory: bool = False) -> "InfiniteMinibatches":
+        """The endless training stream over ``splits`` (one batch per split per step).
+
+        In-memory datasets draw with :class:`InfiniteMinibatches` (``augment`` and
+        ``pin_memory`` do not apply); image-folder datasets override this to load in
+        DataLoader workers.
+        """
+        return InfiniteMinibatches(splits, batch_size, seed, class_balanced)
 
 
 @dataclass
@@ -94,10 +112,9 @@ class Split:
         return self.env.y[self.indices]
 
     def batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Yield the split in order as (x, y) batches of at most ``batch_size``."""
-        for start in range(0, len(self.indices), batch_size):
-            idx = self.indices[start:start + batch_size]
-            yield self.env.x[idx], self.env.y[idx]
+        """Yield the split in order as (x, y) batches of at most ``batch_size`` (read
+        through the environment's own ``batches``, so image folders load in workers)."""
+        yield from self.env.batches(self.indices, batch_size)
 
 
 def split_environment(env: TensorEnvironment, holdout_fraction: float, trial_seed: int,
@@ -122,6 +139,32 @@ def split_environment(env: TensorEnvironment, holdout_fraction: float, trial_see
     n_out = int(len(env) * holdout_fraction)
     keys_t = torch.from_numpy(keys)
     return Split(env, keys_t[:n_out]), Split(env, keys_t[n_out:])
+
+
+#: how each environment is divided: DomainBed's in/out split, or seed 002's
+#: train/validation/test parts of 70/10/20 per domain
+SPLIT_PROTOCOLS = ("domainbed", "70/10/20")
+
+
+def split_environment_70_10_20(env: TensorEnvironment, trial_seed: int, env_index: int
+                               ) -> tuple[Split, Split, Split]:
+    """Seed 002's split of one domain (Mansilla et al., ICCV 2021, Section 4.1): 70% for
+    training, 10% for validation (model selection), 20% for testing.
+
+    The positions are shuffled as in :func:`split_environment` (same seed), then the
+    first ``int(0.2 n)`` form the test part, the next ``int(0.1 n)`` the validation part
+    and the rest the training part.
+
+    Returns:
+        (in_split (70%), out_split (10%), test_split (20%)), disjoint, together covering
+        the environment; ``in``/``out`` keep DomainBed's record keys.
+    """
+    keys = np.arange(len(env))
+    np.random.RandomState(seed_hash(trial_seed, env_index)).shuffle(keys)
+    n_test, n_val = int(len(env) * 0.2), int(len(env) * 0.1)
+    keys_t = torch.from_numpy(keys)
+    return (Split(env, keys_t[n_test + n_val:]), Split(env, keys_t[n_test:n_test + n_val]),
+            Split(env, keys_t[:n_test]))
 
 
 class InfiniteMinibatches:

@@ -12,8 +12,6 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 import torch
-import torchvision.transforms.functional as TF
-from torchvision.transforms import InterpolationMode
 
 from .base import MultipleDomainDataset, TensorEnvironment
 from .digits import Digits, load_fashion_mnist, load_mnist
@@ -83,6 +81,9 @@ def rotate_digits(images: torch.Tensor, labels: torch.Tensor, angle: float,
     Returns:
         x float32 (n, 1, 28, 28) in [0, 1]; y int64 (n,).
     """
+    import torchvision.transforms.functional as TF  # here: torchvision takes seconds to import
+    from torchvision.transforms import InterpolationMode
+
     rotated = TF.rotate(images.unsqueeze(1), float(angle), interpolation=InterpolationMode.BILINEAR,
                         fill=[0.0])
     return rotated.float().div_(255.0), labels.clone()

@@ -14,19 +14,23 @@ def accuracy(algorithm: Algorithm, split: Split, batch_size: int = 512,
 
     The algorithm is put in eval mode for the pass and restored to its previous mode.
     A one-logit output is read as binary (logit > 0), as DomainBed does. An empty split
-    has accuracy ``nan``.
+    has accuracy ``nan``. Image-folder splits are loaded in DataLoader workers; images
+    skipped because they fail to decode (``--corrupt-images skip``) do not count.
     """
     if len(split) == 0:
         return float("nan")
     was_training = algorithm.training
     algorithm.eval()
-    correct = 0
+    correct = total = 0
     try:
         for x, y in split.batches(batch_size):
+            if len(y) == 0:
+                continue
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             logits = algorithm.predict(x)
             pred = logits.gt(0).long().squeeze(1) if logits.size(1) == 1 else logits.argmax(1)
             correct += int((pred == y).sum())
+            total += len(y)
     finally:
         algorithm.train(was_training)
-    return correct / len(split)
+    return correct / total if total else float("nan")

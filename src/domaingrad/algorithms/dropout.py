@@ -1,0 +1,302 @@
+"""Gradient-guided and structured dropout: RSC, DropBlock, GSNR-guided DropBlock
+("DB+gsnr") and Meta-GSNR (seed 000 and its RSC baseline)."""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import autograd, nn
+from torch.func import functional_call
+
+from ..errors import DomainGradError
+from ..gradients.gsnr import drop_block2d, drop_block2d_gsnr
+from ..hparams import HParam
+from .base import Minibatches
+from .erm import ERM
+
+
+def _concat(minibatches: Minibatches) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.cat([x for x, _ in minibatches]), torch.cat([y for _, y in minibatches])
+
+
+class RSC(ERM):
+    """Representation Self-Challenging, DomainBed's version (Huang et al., "Self-Challenging
+    Improves Cross-Domain Generalization", ECCV 2020; DomainBed ``algorithms.RSC``;
+    METHODS.md section 7).
+
+    One concatenated batch; features f (B, F) and logits; ``g = d sum(logits * onehot(y)) /
+    d f``; per sample, features with ``g`` at or above the ``(1 - rsc_f_drop_factor)``
+    quantile of that sample's g are muted (Eq. 2-3); the drop in true-class probability
+    caused by muting is computed per sample and only samples whose drop is at or above
+    the ``(1 - rsc_b_drop_factor)`` quantile of the batch keep the mask (Section 3.3; the
+    others keep all features); loss = CE of the classifier on ``f * mask`` (Eq. 5).
+    Quantiles interpolate linearly, as ``np.percentile`` does in DomainBed. The official
+    RSC code instead masks layer4 maps, spatially or by channel with probability 1/2 each;
+    that variant is not implemented.
+    """
+
+    @classmethod
+    def hparam_specs(cls, small_images: bool) -> list[HParam]:
+        return [
+            HParam("rsc_f_drop_factor", 1 / 3, lambda r: float(r.uniform(0, 0.5)),
+                   "fraction of features muted per sample (DomainBed: 1/3, search U(0,0.5))"),
+            HParam("rsc_b_drop_factor", 1 / 3, lambda r: float(r.uniform(0, 0.5)),
+                   "fraction of the batch that is muted (DomainBed: 1/3, search U(0,0.5))"),
+        ]
+
+    def update(self, minibatches: Minibatches, unlabeled=None) -> dict[str, float]:
+        all_x, all_y = _concat(minibatches)
+        all_o = F.one_hot(all_y, self.num_classes)
+        all_f = self.featurizer(all_x)
+        all_p = self.classifier(all_f)
+        all_g = autograd.grad((all_p * all_o).sum(), all_f)[0]
+        q_f = torch.quantile(all_g, 1 - self.hparams["rsc_f_drop_factor"], dim=1, keepdim=True)
+        mask_f = all_g.lt(q_f).float()
+        all_p_muted = self.classifier(all_f * mask_f)
+        all_s, all_s_muted = F.softmax(all_p, dim=1), F.softmax(all_p_muted, dim=1)
+        changes = ((all_s * all_o).sum(1) - (all_s_muted * all_o).sum(1)).detach()
+        mask_b = changes.lt(torch.quantile(changes, 1 - self.hparams["rsc_b_drop_factor"])).float().view(-1, 1)
+        mask = torch.logical_or(mask_f, mask_b).float()
+        loss = F.cross_entropy(self.classifier(all_f * mask), all_y)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return {"loss": loss.item()}
+
+
+def resolve_dropout_stages(featurizer: nn.Module, spec: str) -> tuple[tuple[str, ...], bool]:
+    """Parse ``dropblock_stages``: "auto" = every stage whose output is 4-D (checked at run
+    time; flat stages such as AlexNet's pool5 are skipped), or comma-separated stage names
+    (each must then be 4-D). Returns (names, explicit).
+
+    Raises:
+        DomainGradError: for an unknown stage name.
+    """
+    if spec == "auto":
+        return tuple(featurizer.stage_names), False
+    names = tuple(n.strip() for n in spec.split(",") if n.strip())
+    bad = [n for n in names if n not in featurizer.stage_names]
+    if bad or not names:
+        raise DomainGradError(f"dropblock_stages {spec!r}: unknown stage(s) {bad}; expected 'auto' or a "
+                              f"comma-separated list of: {', '.join(featurizer.stage_names)}")
+    return names, True
+
+
+class DropBlock(ERM):
+    """ERM with DropBlock (Ghiasi et al., NeurIPS 2018) on the outputs of chosen featurizer
+    stages during training, torchvision's ``drop_block2d`` with a saved generator
+    (:func:`domaingrad.gradients.gsnr.drop_block2d`; ``p`` = fraction of units dropped,
+    ``block_size`` clamped to the map and kept odd). Prediction uses no dropout.
+
+    Defaults are domaingrad's choice (seed 000 gives none): p 0.1 (DropBlock's keep_prob
+    0.9), block 3 (MNIST-sized) or 5, every 4-D stage (ResNet layer1..layer4, as
+    Listing 1 of seed 000 drops after every ResNet block).
+    """
+
+    @classmethod
+    def hparam_specs(cls, small_images: bool) -> list[HParam]:
+        sizes = [1, 3] if small_images else [1, 3, 5, 7]
+        return [
+            HParam("dropblock_p", 0.1, lambda r: float(r.uniform(0.05, 0.3)),
+                   "DropBlock drop probability p (domaingrad default 0.1, search U(0.05,0.3))"),
+            HParam("dropblock_size", 3 if small_images else 5, lambda r: int(r.choice(sizes)),
+                   f"DropBlock block size, odd (clamped to the map); search {sizes}"),
+            HParam("dropblock_stages", "auto", lambda r: "auto",
+                   "stages whose outputs are dropped: 'auto' (all 4-D stages) or comma-separated names"),
+        ]
+
+    def __init__(self, input_shape: tuple[int, ...], num_classes: int, num_domains: int,
+                 hparams: dict[str, Any]):
+        super().__init__(input_shape, num_classes, num_domains, hparams)
+        if not 0.0 <= self.hparams["dropblock_p"] <= 1.0:
+            raise DomainGradError(f"hyperparameter 'dropblock_p' must be in [0, 1], got {self.hparams['dropblock_p']}")
+        size = self.hparams["dropblock_size"]
+        if size < 1 or size % 2 == 0:
+            raise DomainGradError(f"hyperparameter 'dropblock_size' must be a positive odd integer, got {size}")
+        self.stages, self.stages_explicit = resolve_dropout_stages(self.featurizer, self.hparams["dropblock_stages"])
+        self.generator = torch.Generator().manual_seed(int(torch.randint(2 ** 62, (1,))))
+
+    def stage_hook(self, fn: Callable[[str, torch.Tensor], torch.Tensor]
+                   ) -> Callable[[str, torch.Tensor], torch.Tensor]:
+        """A ``stage_fn`` applying ``fn(name, out)`` to the chosen stages (4-D outputs)."""
+        def stage_fn(name: str, out: torch.Tensor) -> torch.Tensor:
+            if name not in self.stages:
+                return out
+            if out.ndim != 4:
+                if self.stages_explicit:
+                    raise DomainGradError(f"stage {name!r} has output shape {tuple(out.shape)}; DropBlock needs "
+                                          f"(N, C, H, W) maps, choose other dropblock_stages")
+                return out
+            return fn(name, out)
+        return stage_fn
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor,
+                   drop: Callable[[str, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """Forward with ``drop`` applied to the chosen stages, CE, backward, Adam step."""
+        loss = F.cross_entropy(self.classifier(self.featurizer(x, stage_fn=self.stage_hook(drop))), y)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return loss
+
+    def update(self, minibatches: Minibatches, unlabeled=None) -> dict[str, float]:
+        x, y = _concat(minibatches)
+        p, b = self.hparams["dropblock_p"], self.hparams["dropblock_size"]
+        loss = self.train_step(x, y, lambda name, out: drop_block2d(out, p, b, self.generator))
+        return {"loss": loss.item()}
+
+
+class GSNRDropBlock(DropBlock):
+    """GSNR-guided DropBlock, "DB+gsnr" (seed 000, Michalkiewicz et al., ICCV 2023,
+    supplement Listings 1 and 2; METHODS.md section 6).
+
+    Each step (Listing 1): (1) forward the concatenated batch, mean cross-entropy, and its
+    gradients with respect to each chosen stage output (one backward, no parameter
+    gradients); (2) forward again applying
+    :func:`~domaingrad.gradients.gsnr.drop_block2d_gsnr` to each chosen stage output with
+    its gradients (top-GSNR seeds M1 with ``dropblock_p``, kept with probability
+    ``gsnr_p`` (M2), grown to blocks, zeroed, rescaled), backward, Adam step. Samples'
+    activation gradients come from one backward of the mean loss. They are exact
+    per-sample gradients for MNIST_CNN (GroupNorm) and for the ResNets with DomainBed's
+    frozen BatchNorm (``freeze_bn``, the default); with BatchNorm in training mode they
+    are coupled across the batch (see :mod:`domaingrad.gradients.gsnr`), and both forward
+    passes, as in the listing, then update the running statistics (twice per step).
+    """
+
+    @classmethod
+    def hparam_specs(cls, small_images: bool) -> list[HParam]:
+        return super().hparam_specs(small_images) + [
+            HParam("gsnr_p", 0.5, lambda r: float(r.uniform(0.1, 0.9)),
+                   "p_gsnr: probability that a top-GSNR seed is dropped (domaingrad default 0.5, "
+                   "search U(0.1,0.9))"),
+        ]
+
+    def __init__(self, input_shape: tuple[int, ...], num_classes: int, num_domains: int,
+                 hparams: dict[str, Any]):
+        super().__init__(input_shape, num_classes, num_domains, hparams)
+        if not 0.0 <= self.hparams["gsnr_p"] <= 1.0:
+            raise DomainGradError(f"hyperparameter 'gsnr_p' must be in [0, 1], got {self.hparams['gsnr_p']}")
+
+    def stage_gradients(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Listing 1, lines 2-4: gradients of the mean CE with respect to each chosen 4-D
+        stage output, stage -> (N, C, H, W)."""
+        outputs: dict[str, torch.Tensor] = {}
+
+        def keep(name: str, out: torch.Tensor) -> torch.Tensor:
+            outputs[name] = out
+            return out
+        loss = F.cross_entropy(self.classifier(self.featurizer(x, stage_fn=self.stage_hook(keep))), y)
+        grads = autograd.grad(loss, list(outputs.values()))
+        return dict(zip(outputs, grads))
+
+    def gsnr_drop(self, grads: dict[str, torch.Tensor], p_gsnr: dict[str, Any] | None = None,
+                  use_m1: bool = True, use_m2: bool = True) -> Callable[[str, torch.Tensor], torch.Tensor]:
+        """The second pass's ``drop(name, out)``: DB+gsnr with ``grads[name]``."""
+        p, b = self.hparams["dropblock_p"], self.hparams["dropblock_size"]
+
+        def drop(name: str, out: torch.Tensor) -> torch.Tensor:
+            q = self.hparams["gsnr_p"] if p_gsnr is None else p_gsnr[name]
+            return drop_block2d_gsnr(out, grads[name], p, q, b, self.generator, use_m1=use_m1, use_m2=use_m2)
+        return drop
+
+    def update(self, minibatches: Minibatches, unlabeled=None) -> dict[str, float]:
+        x, y = _concat(minibatches)
+        loss = self.train_step(x, y, self.gsnr_drop(self.stage_gradients(x, y)))
+        return {"loss": loss.item()}
+
+
+class MetaGSNR(GSNRDropBlock):
+    """Meta-GSNR: GSNR-guided DropBlock whose drop ratio is meta-learned. domaingrad's
+    reading, NOT the authors' rule: seed 000's main paper is unavailable; its supplement
+    only says that Meta-GSNR combines a top-GSNR mask M1 and a mask M2, that M2 = 1
+    "collapses to DB+gsnr, where the dropout ratios have to be tuned manually", and that
+    M1 = 1 leaves Bernoulli dropout (Table 4); the abstract says the ratio is meta-learned.
+
+    Reading: M2 ~ Bernoulli(r_s) carries the learned ratio, one scalar per chosen stage,
+    ``r_s = sigmoid(rho_s)`` with ``rho_s`` initialised to ``logit(gsnr_p)``. Each step, one
+    training domain, drawn from ``self.generator``, is meta-test, the others meta-train
+    (MLDG-style; with a single training domain both are the same batch):
+
+    1. DB+gsnr on the meta-train batch (GSNR pass, then the dropout pass with M2 through
+       the straight-through estimator): ``L_tr(theta, rho)`` and
+       ``g = d L_tr / d theta`` (kept differentiable in rho);
+    2. a virtual SGD step ``theta' = theta - meta_gsnr_inner_lr * g``; meta-test loss
+       ``L_te(theta')`` without dropout;
+    3. ``rho`` takes an Adam step (``meta_gsnr_lr``) on ``d L_te / d rho`` (through ``g``:
+       the ratio that makes the meta-train step generalise best to the held-out domain);
+       the network takes its Adam step on ``g + meta_gsnr_beta * d L_te / d theta'``
+       (first-order MLDG).
+
+    Switches (Table 4): ``meta_gsnr_m1`` False -> M1 = 1 (Bernoulli block dropout of
+    rate r_s, no GSNR); ``meta_gsnr_m2`` False -> M2 = 1 (DB+gsnr dropping every top-GSNR
+    seed; the ratio is then fixed by ``dropblock_p`` and nothing is meta-learned);
+    ``meta_gsnr_meta`` False -> r_s stays at ``gsnr_p`` and the update is exactly
+    :class:`GSNRDropBlock`'s. ``update`` returns ``loss`` and ``gsnr_ratio_<stage>``.
+    """
+
+    @classmethod
+    def hparam_specs(cls, small_images: bool) -> list[HParam]:
+        return super().hparam_specs(small_images) + [
+            HParam("meta_gsnr_m1", True, lambda r: True, "use the top-GSNR mask M1 (False: M1 = 1)"),
+            HParam("meta_gsnr_m2", True, lambda r: True, "use the Bernoulli mask M2 (False: M2 = 1)"),
+            HParam("meta_gsnr_meta", True, lambda r: True, "meta-learn the M2 ratio (False: fixed gsnr_p)"),
+            HParam("meta_gsnr_lr", 1e-2, lambda r: float(10 ** r.uniform(-3, -1)),
+                   "Adam learning rate of the ratio logits (domaingrad default 1e-2, search 10**U(-3,-1))"),
+            HParam("meta_gsnr_inner_lr", 1e-2, lambda r: float(10 ** r.uniform(-3, -1)),
+                   "step size of the virtual meta-train step (domaingrad default 1e-2, search 10**U(-3,-1))"),
+            HParam("meta_gsnr_beta", 1.0, lambda r: float(10 ** r.uniform(-1, 1)),
+                   "weight of the meta-test gradient in the network update (MLDG's beta; search 10**U(-1,1))"),
+        ]
+
+    def __init__(self, input_shape: tuple[int, ...], num_classes: int, num_domains: int,
+                 hparams: dict[str, Any]):
+        super().__init__(input_shape, num_classes, num_domains, hparams)
+        q = min(max(self.hparams["gsnr_p"], 1e-4), 1 - 1e-4)
+        self.ratio_logits = nn.ParameterDict(
+            {name: nn.Parameter(torch.tensor(math.log(q / (1 - q)))) for name in self.stages})
+        self.ratio_optimizer = torch.optim.Adam(self.ratio_logits.parameters(), lr=self.hparams["meta_gsnr_lr"])
+
+    def ratios(self) -> dict[str, torch.Tensor]:
+        """Stage -> scalar drop ratio ``sigmoid(rho_s)`` (the M2 probability)."""
+        return {name: torch.sigmoid(rho) for name, rho in self.ratio_logits.items()}
+
+    def update(self, minibatches: Minibatches, unlabeled=None) -> dict[str, float]:
+        m1, m2 = self.hparams["meta_gsnr_m1"], self.hparams["meta_gsnr_m2"]
+        if not (self.hparams["meta_gsnr_meta"] and m2):
+            x, y = _concat(minibatches)  # fixed ratio gsnr_p: exactly GSNRDropBlock's update
+            loss = self.train_step(x, y, self.gsnr_drop(self.stage_gradients(x, y), None, m1, m2))
+            return {"loss": loss.item(), **{f"gsnr_ratio_{n}": r.item() for n, r in self.ratios().items()}}
+        loss_tr, loss_te, inner, grads = self.meta_losses(minibatches, m1, m2)
+        rhos = list(self.ratio_logits.values())
+        meta = autograd.grad(loss_te, rhos + list(inner.values()), allow_unused=True)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.ratio_optimizer.zero_grad(set_to_none=True)
+        beta = self.hparams["meta_gsnr_beta"]
+        trainable = [p for p in self.network.parameters() if p.requires_grad]
+        for p, g, g_te in zip(trainable, grads, meta[len(rhos):]):
+            p.grad = g.detach() + (0 if g_te is None else beta * g_te)
+        for rho, g in zip(rhos, meta[:len(rhos)]):
+            rho.grad = torch.zeros_like(rho) if g is None else g
+        self.optimizer.step()
+        self.ratio_optimizer.step()
+        values = {"loss": loss_tr.item(), "meta_test_loss": loss_te.item()}
+        values.update({f"gsnr_ratio_{n}": r.item() for n, r in self.ratios().items()})
+        return values
+
+    def meta_losses(self, minibatches: Minibatches, use_m1: bool, use_m2: bool
+                    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor], tuple[torch.Tensor, ...]]:
+        """Steps 1-2 of the class docstring: (L_tr, L_te, theta' by parameter name,
+        g = dL_tr/dtheta differentiable in rho), theta' ordered as the trainable
+        parameters of ``network``."""
+        test = int(torch.randint(len(minibatches), (1,), generator=self.generator))
+        train = [mb for d, mb in enumerate(minibatches) if d != test] or list(minibatches)
+        x_tr, y_tr = _concat(train)
+        drop = self.gsnr_drop(self.stage_gradients(x_tr, y_tr), self.ratios(), use_m1, use_m2)
+        loss_tr = F.cross_entropy(self.classifier(self.featurizer(x_tr, stage_fn=self.stage_hook(drop))), y_tr)
+        named = {n: p for n, p in self.network.named_parameters() if p.requires_grad}
+        grads = autograd.grad(loss_tr, list(named.values()), create_graph=True)
+        inner = {n: p - self.hparams["meta_gsnr_inner_lr"] * g for (n, p), g in zip(named.items(), grads)}
+        loss_te = F.cross_entropy(functional_call(self.network, inner, (minibatches[test][0],)), minibatches[test][1])
+        return loss_tr, loss_te, inner, grads

@@ -1,0 +1,271 @@
+"""DMG (seed 001) and the Multi-Headed baseline: straight-through masks, the soft-IoU
+penalty, the three predictions against hand-written forwards, mask statistics, resume."""
+from __future__ import annotations
+
+import io
+import itertools
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from domaingrad import models
+from domaingrad.algorithms.dmg import DMG, MultiHeaded, mask_statistics, resolve_layers, soft_iou
+from domaingrad.errors import DomainGradError
+from domaingrad.hparams import common_hparams
+from tests.algorithms.test_dropout import SHAPE, StagedCNN
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small tensors gain nothing from 2 threads, and on the loaded 2-core machine OpenMP
+    oversubscription made a ResNet-18 step 14x slower (9.1 s vs 0.65 s). Restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(autouse=True)
+def staged(monkeypatch, request):
+    """Every test here runs on StagedCNN (stages conv1..conv3), except those on MNIST_CNN,
+    AlexNet or real photographs."""
+    if not any(real in request.node.name for real in ("mnist_cnn", "real_pacs", "alexnet")):
+        monkeypatch.setattr(models, "featurizer_for", lambda input_shape, hparams: StagedCNN(input_shape))
+
+
+def build(cls, num_domains=3, seed=0, num_classes=3, **overrides):
+    hp = {s.name: s.default for s in common_hparams(True) + cls.hparam_specs(True)}
+    assert set(overrides) <= set(hp)
+    hp.update(overrides)
+    torch.manual_seed(seed)
+    return cls(SHAPE, num_classes, num_domains, hp)
+
+
+def batches(num_domains=3, seed=0, n=4, num_classes=3):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(n, *SHAPE, generator=g), torch.randint(0, num_classes, (n,), generator=g))
+            for _ in range(num_domains)]
+
+
+def randomise_masks(algo, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for logits in algo.mask_logits.values():
+            logits.copy_(2 * torch.randn(logits.shape, generator=g))
+
+
+def manual_logits(algo, x, masks):
+    """StagedCNN written out: conv -> ReLU -> GroupNorm x3, masks (per channel) on the
+    conv1 and conv2 outputs (the "auto" placement) and on the pooled features, then the
+    linear classifier."""
+    (_, c1, n1), (_, c2, n2), (_, c3, n3) = algo.featurizer.blocks()
+    h = n1(F.relu(c1(x))) * masks["conv1"][:, :, None, None]
+    h = n2(F.relu(c2(h))) * masks["conv2"][:, :, None, None]
+    h = n3(F.relu(c3(h))).mean(dim=(2, 3)) * masks["features"]
+    return algo.classifier(h)
+
+
+def test_soft_iou_matches_its_formula():
+    m_i, m_j = torch.tensor([0.2, 0.9, 0.5]), torch.tensor([0.6, 0.1, 0.5])
+    inter, union = 0.2 * 0.6 + 0.9 * 0.1 + 0.25, (0.8 - 0.12) + (1.0 - 0.09) + (1.0 - 0.25)
+    assert soft_iou(m_i, m_j).item() == pytest.approx((inter + 1e-6) / (union + 1e-6), rel=1e-6)
+
+
+def test_overlap_penalty_is_the_sum_over_layers_of_the_mean_over_domain_pairs():
+    algo = build(DMG)
+    randomise_masks(algo)
+    probs = algo.soft_masks()
+    expected = 0.0
+    for p in probs.values():
+        pairs = [soft_iou(p[i], p[j]) for i, j in itertools.combinations(range(3), 2)]
+        expected += sum(pairs) / 3
+    assert algo.overlap_penalty(probs).detach().item() == pytest.approx(float(expected.detach()), rel=1e-6)
+
+
+def test_straight_through_gradient_reaches_the_mask_logits():
+    """With dmg_lambda = 0 only the cross-entropy reaches the masks; its gradient equals
+    dCE/dmask (at the sampled hard mask) summed over each domain's samples, times sigmoid'."""
+    algo = build(DMG, dmg_lambda=0.0)
+    randomise_masks(algo)
+    mbs = batches()
+    state = algo.generator.get_state()
+    before = {n: p.detach().clone() for n, p in algo.mask_logits.items()}
+    algo.update(mbs)
+    # the same hard masks, drawn from the same generator state in the same order
+    gen = torch.Generator().set_state(state)
+    domain = torch.arange(3).repeat_interleave(4)
+    probs = {n: torch.sigmoid(v) for n, v in before.items()}
+    hard = {n: torch.bernoulli(p[domain], generator=gen).requires_grad_() for n, p in probs.items()}
+    fresh = build(DMG, dmg_lambda=0.0)  # the network weights before the step (same seed as `algo`)
+    x = torch.cat([x for x, _ in mbs])
+    y = torch.cat([y for _, y in mbs])
+    F.cross_entropy(manual_logits(fresh, x, hard), y).backward()
+    for n, p in probs.items():
+        sums = torch.zeros_like(p).index_add_(0, domain, hard[n].grad)
+        expected = sums * p * (1 - p)
+        assert expected.abs().sum() > 0
+        torch.testing.assert_close(algo.mask_logits[n].grad, expected, rtol=1e-4, atol=1e-7)
+
+
+def test_update_returns_mask_statistics_of_the_current_masks():
+    algo = build(DMG)
+    out = algo.update(batches())
+    assert {"loss", "ce", "siou"} <= set(out)
+    for name, p in algo.soft_masks().items():
+        iou, active = mask_statistics(p)
+        assert out[f"mask_iou_{name}"] == iou and out[f"mask_active_{name}"] == active
+    assert out["loss"] == pytest.approx(out["ce"] + 0.1 * out["siou"], rel=1e-6)
+
+
+def test_mask_statistics_binarise_at_one_half():
+    probs = torch.tensor([[0.9, 0.6, 0.1, 0.2], [0.7, 0.3, 0.8, 0.1], [0.2, 0.1, 0.1, 0.1]])
+    iou, active = mask_statistics(probs)
+    assert iou == pytest.approx((1 / 3 + 0 + 0) / 3) and active == pytest.approx(4 / 12)
+    assert mask_statistics(torch.zeros(2, 3)) == (1.0, 0.0)  # two empty masks are identical
+
+
+def test_pred_ens_mask_ens_and_kd_against_manual_forwards():
+    algo = build(DMG)
+    randomise_masks(algo)
+    algo.eval()
+    x = batches(n=5)[0][0]
+    probs = algo.soft_masks()
+    with torch.no_grad():
+        per_domain = torch.stack([manual_logits(algo, x, {n: p[d].expand(5, -1) for n, p in probs.items()})
+                                  for d in range(3)])
+        mean_mask = manual_logits(algo, x, {n: p.mean(0).expand(5, -1) for n, p in probs.items()})
+        hard_kd = manual_logits(algo, x, {n: (p[1] > 0.5).float().expand(5, -1) for n, p in probs.items()})
+        results = {}
+        for mode in DMG.PREDICT:
+            algo.hparams["dmg_predict"] = mode
+            results[mode] = algo.predict(x)
+        kd = [algo.predict_domain(x, d) for d in range(3)]
+        kd_hard = algo.predict_domain(x, 1, hard=True)
+    for d in range(3):
+        torch.testing.assert_close(kd[d], per_domain[d], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(kd_hard, hard_kd, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(F.softmax(results["pred_ens"], 1), F.softmax(per_domain, 2).mean(0),
+                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(results["pred_ens_logits"], per_domain.mean(0), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(results["mask_ens"], mean_mask, rtol=1e-5, atol=1e-6)
+    outs = [F.softmax(results[m], 1) for m in DMG.PREDICT] + [F.softmax(kd[0], 1), F.softmax(kd_hard, 1)]
+    for a, b in itertools.combinations(outs, 2):  # the five predictions really differ
+        assert not torch.allclose(a, b, atol=1e-4)
+    with pytest.raises(DomainGradError, match="training-domain index"):
+        algo.predict_domain(x, 3)
+
+
+def test_layers_follow_the_official_placement_or_the_hparam():
+    cnn = SimpleNamespace(stage_names=("conv1", "conv2", "conv3", "conv4"))
+    resnet = SimpleNamespace(stage_names=("layer1", "layer2", "layer3", "layer4"))
+    alexnet = SimpleNamespace(stage_names=("conv1", "conv2", "conv3", "conv4", "conv5", "pool5", "fc6"))
+    assert resolve_layers(cnn, "auto") == ("conv2", "conv3", "features")
+    assert resolve_layers(resnet, "auto") == ("layer2", "layer3", "features")
+    assert resolve_layers(alexnet, "auto") == ("pool5", "fc6", "features")
+    assert resolve_layers(resnet, "features, layer4") == ("layer4", "features")
+    with pytest.raises(DomainGradError, match="layer9"):
+        resolve_layers(resnet, "layer9,features")
+    algo = build(DMG, dmg_layers="conv3")
+    assert list(algo.mask_logits) == ["conv3"] and algo.mask_logits["conv3"].shape == (3, 6)
+    algo.update(batches())
+    assert algo.predict(torch.zeros(2, *SHAPE)).shape == (2, 3)
+
+
+def test_mask_logits_start_uniform_in_zero_one_and_train():
+    algo = build(DMG)
+    for logits in algo.mask_logits.values():
+        assert logits.min() >= 0 and logits.max() < 1
+    before = {n: p.detach().clone() for n, p in algo.mask_logits.items()}
+    algo.update(batches())
+    assert all(not torch.equal(before[n], p) for n, p in algo.mask_logits.items())
+
+
+def test_multiheaded_trains_each_head_on_its_domain_and_averages_at_test():
+    algo = build(MultiHeaded, num_domains=2)
+    mbs = batches(num_domains=2)
+    fresh = build(MultiHeaded, num_domains=2)
+    algo.update(mbs)
+    losses = [F.cross_entropy(fresh.heads[d](fresh.featurizer(x)), y, reduction="sum") for d, (x, y) in enumerate(mbs)]
+    (sum(losses) / 8).backward()
+    for mine, ref in zip(algo.parameters(), fresh.parameters()):
+        torch.testing.assert_close(mine.grad, ref.grad, rtol=1e-4, atol=1e-7)
+    algo.eval()
+    x = batches(n=5)[0][0]
+    with torch.no_grad():
+        heads = torch.stack([h(algo.featurizer(x)) for h in algo.heads])
+        torch.testing.assert_close(F.softmax(algo.predict(x), 1), F.softmax(heads, 2).mean(0), rtol=1e-5, atol=1e-6)
+        algo.hparams["multihead_predict"] = "logits"
+        torch.testing.assert_close(algo.predict(x), heads.mean(0), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("cls", [DMG, MultiHeaded], ids=lambda c: c.__name__)
+def test_training_state_round_trip_continues_identically(cls):
+    a = build(cls)
+    for i in range(2):
+        a.update(batches(seed=i))
+    buf = io.BytesIO()
+    torch.save(a.training_state(), buf)
+    buf.seek(0)
+    b = build(cls, seed=99)
+    b.load_training_state(torch.load(buf, weights_only=False))
+    for i in range(2, 4):
+        out_a, out_b = a.update(batches(seed=i)), b.update(batches(seed=i))
+        assert out_a == out_b and all(math.isfinite(v) for v in out_a.values())
+    for p, q in zip(a.state_dict().values(), b.state_dict().values()):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("cls", [DMG, MultiHeaded], ids=lambda c: c.__name__)
+def test_trains_on_mnist_cnn(cls):
+    """DomainBed's MNIST_CNN with ColoredMNIST-shaped inputs (2, 28, 28), 2 per domain;
+    DMG masks conv2, conv3 (128 channels each) and the 128 features."""
+    hp = {s.name: s.default for s in common_hparams(True) + cls.hparam_specs(True)}
+    torch.manual_seed(0)
+    algo = cls((2, 28, 28), 2, 2, hp)
+    g = torch.Generator().manual_seed(0)
+    mbs = [(torch.randn(2, 2, 28, 28, generator=g), torch.randint(0, 2, (2,), generator=g)) for _ in range(2)]
+    before = [p.detach().clone() for p in algo.parameters()]
+    out = algo.update(mbs)
+    assert all(math.isfinite(v) for v in out.values())
+    assert all(not torch.equal(p, q) for p, q in zip(before, algo.parameters()))
+    if cls is DMG:
+        assert {n: tuple(p.shape) for n, p in algo.mask_logits.items()} == {
+            "conv2": (2, 128), "conv3": (2, 128), "features": (2, 128)}
+    assert algo.predict(torch.zeros(3, 2, 28, 28)).shape == (3, 2)
+
+
+@pytest.mark.slow
+def test_dmg_trains_on_real_pacs_photos_with_resnet18(real_photos_dir, run_cli, tmp_path):
+    """A few DMG steps on the PACS sample through ``domaingrad train`` (ResNet-18 at 32x32,
+    from scratch): masks on layer2, layer3 and the features; statistics in the records."""
+    from domaingrad.run.output import read_records
+
+    out = tmp_path / "run"
+    code, _, err = run_cli("train", "--dataset", "PACS", "--data-dir", real_photos_dir, "--algorithm", "DMG",
+                           "--test-envs", "0", "--steps", "2", "--checkpoint-freq", "2", "--image-size", "32",
+                           "--weights", "none", "--num-workers", "0",
+                           "--hparams", '{"resnet18": true, "batch_size": 4}', "--output-dir", out)
+    assert code == 0, err
+    record = read_records(out / "results.jsonl")[0][-1]
+    assert record["step"] == 1 and (out / "done").exists()
+    for layer in ("layer2", "layer3", "features"):
+        assert 0.0 <= record[f"mask_iou_{layer}"] <= 1.0 and 0.0 <= record[f"mask_active_{layer}"] <= 1.0
+
+
+def test_dmg_on_alexnet_masks_fc6_fc7_fc8_inputs_with_dropout_off():
+    """The official AlexNet placement on helper C's featurizer at 64x64: pool5 (fc6 input,
+    9216 units), fc6 (fc7 input) and the features (fc8 input); drop6/drop7 off."""
+    hp = {s.name: s.default for s in common_hparams(False) + DMG.hparam_specs(False)}
+    hp["backbone"] = "alexnet"
+    torch.manual_seed(0)
+    algo = DMG((3, 64, 64), 7, 2, hp)
+    assert algo.layers == ("pool5", "fc6", "features")
+    assert {n: tuple(p.shape) for n, p in algo.mask_logits.items()} == {
+        "pool5": (2, 9216), "fc6": (2, 4096), "features": (2, 4096)}
+    assert algo.featurizer.drop6.p == 0.0 and algo.featurizer.drop7.p == 0.0
+    algo.eval()
+    with torch.no_grad():
+        assert algo.predict(torch.zeros(2, 3, 64, 64)).shape == (2, 7)

@@ -1,0 +1,341 @@
+"""RSC (DomainBed's code), DropBlock, GSNR-guided DropBlock (seed 000's Listing 1 with
+Listing 2) and Meta-GSNR (domaingrad's reading): updates against literal re-implementations,
+the Table 4 switches, bad hyperparameters and exact resume."""
+from __future__ import annotations
+
+import copy
+import io
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import autograd, nn
+from torch.func import functional_call
+
+from domaingrad import models
+from domaingrad.algorithms.dropout import RSC, DropBlock, GSNRDropBlock, MetaGSNR
+from domaingrad.errors import DomainGradError
+from domaingrad.gradients.gsnr import batch_gsnr, drop_block2d, expand_blocks, gsnr_seed_mask
+from domaingrad.hparams import common_hparams
+from tests.gradients.test_gsnr import listing2_drop_block2d_gsnr
+
+SHAPE = (2, 9, 9)  # input shape of StagedCNN
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small tensors gain nothing from 2 threads, and on the loaded 2-core machine OpenMP
+    oversubscription made a ResNet-18 step 14x slower (9.1 s vs 0.65 s). Restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+class StagedCNN(nn.Module):
+    """A small featurizer with the stage interface of MNIST_CNN: three 3x3 convolutions
+    (4, 6 stride 2, 6 channels), each ReLU then GroupNorm(2); stage maps (B, 4, 9, 9),
+    (B, 6, 5, 5), (B, 6, 5, 5); output the spatial mean (B, 6)."""
+
+    n_outputs = 6
+    stage_names = ("conv1", "conv2", "conv3")
+    stage_channels = {"conv1": 4, "conv2": 6, "conv3": 6}
+
+    def __init__(self, input_shape):
+        super().__init__()
+        self.convs = nn.ModuleList([nn.Conv2d(input_shape[0], 4, 3, padding=1), nn.Conv2d(4, 6, 3, 2, padding=1),
+                                    nn.Conv2d(6, 6, 3, padding=1)])
+        self.norms = nn.ModuleList([nn.GroupNorm(2, 4), nn.GroupNorm(2, 6), nn.GroupNorm(2, 6)])
+
+    def blocks(self):
+        return zip(self.stage_names, self.convs, self.norms)
+
+    def forward(self, x, stage_fn=None):
+        for name, conv, norm in self.blocks():
+            x = norm(F.relu(conv(x)))
+            if stage_fn is not None:
+                x = stage_fn(name, x)
+        return x.mean(dim=(2, 3))
+
+
+@pytest.fixture(autouse=True)
+def staged(monkeypatch, request):
+    """Every test here runs on StagedCNN, except those on MNIST_CNN or real photographs."""
+    if not any(real in request.node.name for real in ("mnist_cnn", "real_pacs")):
+        monkeypatch.setattr(models, "featurizer_for", lambda input_shape, hparams: StagedCNN(input_shape))
+
+
+def build(cls, num_domains=2, seed=0, num_classes=3, **overrides):
+    hp = {s.name: s.default for s in common_hparams(True) + cls.hparam_specs(True)}
+    assert set(overrides) <= set(hp)
+    hp.update(overrides)
+    torch.manual_seed(seed)
+    return cls(SHAPE, num_classes, num_domains, hp)
+
+
+def batches(num_domains=2, seed=0, n=3, num_classes=3, shape=SHAPE):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(n, *shape, generator=g), torch.randint(0, num_classes, (n,), generator=g))
+            for _ in range(num_domains)]
+
+
+def concat(mbs):
+    return torch.cat([x for x, _ in mbs]), torch.cat([y for _, y in mbs])
+
+
+# -- RSC ---------------------------------------------------------------------------------
+
+class TinyFeaturizer(nn.Module):
+    n_outputs = 12
+
+    def __init__(self, input_shape):
+        super().__init__()
+        self.lin = nn.Linear(math.prod(input_shape), self.n_outputs)
+
+    def forward(self, x):
+        return torch.tanh(self.lin(x.flatten(1)))
+
+
+def domainbed_rsc_loss(algo, minibatches, f_factor, b_factor):
+    """DomainBed's RSC.update (algorithms.py) up to the loss, with np.percentile."""
+    drop_f, drop_b = (1 - f_factor) * 100, (1 - b_factor) * 100
+    all_x, all_y = concat(minibatches)
+    all_o = torch.nn.functional.one_hot(all_y, algo.num_classes)
+    all_f = algo.featurizer(all_x)
+    all_p = algo.classifier(all_f)
+    all_g = autograd.grad((all_p * all_o).sum(), all_f)[0]
+    percentiles = np.percentile(all_g.cpu(), drop_f, axis=1)
+    percentiles = torch.Tensor(percentiles)
+    percentiles = percentiles.unsqueeze(1).repeat(1, all_g.size(1))
+    mask_f = all_g.lt(percentiles).float()
+    all_f_muted = all_f * mask_f
+    all_p_muted = algo.classifier(all_f_muted)
+    all_s = F.softmax(all_p, dim=1)
+    all_s_muted = F.softmax(all_p_muted, dim=1)
+    changes = (all_s * all_o).sum(1) - (all_s_muted * all_o).sum(1)
+    percentile = np.percentile(changes.detach().cpu(), drop_b)
+    mask_b = changes.lt(percentile).float().view(-1, 1)
+    mask = torch.logical_or(mask_f, mask_b).float()
+    return F.cross_entropy(algo.classifier(all_f * mask), all_y), mask
+
+
+@pytest.mark.parametrize("f_factor,b_factor", [(1 / 3, 1 / 3), (0.1, 0.45)])
+def test_rsc_update_matches_domainbed(monkeypatch, f_factor, b_factor):
+    monkeypatch.setattr(models, "featurizer_for", lambda input_shape, hparams: TinyFeaturizer(input_shape))
+    kw = dict(rsc_f_drop_factor=f_factor, rsc_b_drop_factor=b_factor)
+    algo, ref = build(RSC, **kw), build(RSC, **kw)
+    mbs = batches(n=6, shape=SHAPE)
+    ref_loss, mask = domainbed_rsc_loss(ref, mbs, f_factor, b_factor)
+    assert 0 < mask.mean() < 1 and (mask.sum(1) < 12).any() and (mask.sum(1) == 12).any()
+    ref.optimizer.zero_grad()
+    ref_loss.backward()
+    ref.optimizer.step()
+    assert algo.update(mbs)["loss"] == pytest.approx(ref_loss.item(), rel=1e-6)
+    for p, q in zip(algo.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-7)
+
+
+# -- DropBlock and DB+gsnr -------------------------------------------------------------
+
+def stage_outputs_forward(algo, x, fn):
+    """StagedCNN written out, ``fn(name, out)`` applied to each stage output."""
+    for name, conv, norm in algo.featurizer.blocks():
+        x = fn(name, norm(F.relu(conv(x))))
+    return algo.classifier(x.mean(dim=(2, 3)))
+
+
+def test_dropblock_update_drops_the_chosen_stages_with_its_generator():
+    algo, ref = build(DropBlock, dropblock_p=0.3, dropblock_stages="conv1,conv3"), build(DropBlock)
+    mbs = batches()
+    gen = torch.Generator().set_state(algo.generator.get_state())
+    x, y = concat(mbs)
+    drop = {"conv1", "conv3"}
+    logits = stage_outputs_forward(ref, x, lambda n, o: drop_block2d(o, 0.3, 3, gen) if n in drop else o)
+    assert algo.update(mbs)["loss"] == pytest.approx(F.cross_entropy(logits, y).item(), rel=1e-6)
+
+
+def test_gsnr_dropblock_update_follows_listings_1_and_2():
+    """Listing 1 (one gradient per block output, second forward with the dropout) with
+    Listing 2 copied literally, M2 drawn from the global generator set to the
+    algorithm's generator state."""
+    p, p_gsnr = 0.2, 0.6
+    algo, ref = build(GSNRDropBlock, dropblock_p=p, gsnr_p=p_gsnr), build(GSNRDropBlock)
+    mbs = batches()
+    images, labels = concat(mbs)
+    blocks = []
+
+    def keep(name, out):
+        blocks.append(out)
+        return out
+    loss = F.cross_entropy(stage_outputs_forward(ref, images, keep), labels)
+    grads = [torch.autograd.grad(loss, block, retain_graph=True)[0] for block in blocks]
+    torch.set_rng_state(algo.generator.get_state())
+    it = iter(grads)
+    class_logits = stage_outputs_forward(
+        ref, images, lambda n, o: listing2_drop_block2d_gsnr(o, next(it), p, p_gsnr, 3))
+    loss = F.cross_entropy(class_logits, labels)
+    ref.optimizer.zero_grad()
+    loss.backward()
+    assert algo.update(mbs)["loss"] == pytest.approx(loss.item(), rel=1e-6)
+    for mine, theirs in zip(algo.network.parameters(), ref.network.parameters()):
+        torch.testing.assert_close(mine.grad, theirs.grad, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (dict(dropblock_size=4), "positive odd"), (dict(dropblock_p=1.5), "dropblock_p"),
+    (dict(dropblock_stages="conv2,layer9"), "layer9"), (dict(gsnr_p=-0.1), "gsnr_p")])
+def test_bad_hyperparameters_are_refused(overrides, match):
+    with pytest.raises(DomainGradError, match=match):
+        build(GSNRDropBlock, **overrides)
+
+
+# -- Meta-GSNR ---------------------------------------------------------------------------
+
+def test_meta_gsnr_without_meta_learning_is_db_gsnr():
+    kw = dict(dropblock_p=0.2, gsnr_p=0.7)
+    meta, plain = build(MetaGSNR, meta_gsnr_meta=False, **kw), build(GSNRDropBlock, **kw)
+    for i in range(2):
+        assert meta.update(batches(seed=i))["loss"] == plain.update(batches(seed=i))["loss"]
+    for p, q in zip(meta.network.parameters(), plain.network.parameters()):
+        assert torch.equal(p, q)
+    assert all(r.item() == pytest.approx(0.7) for r in meta.ratios().values())
+
+
+def test_meta_gsnr_m2_off_drops_every_top_gsnr_seed():
+    meta = build(MetaGSNR, meta_gsnr_m2=False, dropblock_p=0.2)
+    plain = build(GSNRDropBlock, dropblock_p=0.2, gsnr_p=1.0)
+    assert meta.update(batches())["loss"] == plain.update(batches())["loss"]
+
+
+def test_meta_gsnr_learns_the_ratio_through_the_meta_test_loss():
+    meta = build(MetaGSNR, meta_gsnr_inner_lr=0.5)
+    out = meta.update(batches())
+    assert {"loss", "meta_test_loss", "gsnr_ratio_conv1"} <= set(out)
+    assert any(r.grad.abs() > 0 for r in meta.ratio_logits.values())
+    assert any(out[f"gsnr_ratio_{n}"] != pytest.approx(0.5, abs=1e-6) for n in meta.stages)
+    # no virtual step, no dependence of the meta-test loss on the ratio
+    frozen = build(MetaGSNR, meta_gsnr_inner_lr=0.0)
+    frozen.update(batches())
+    assert all(r.grad.abs() == 0 for r in frozen.ratio_logits.values())
+
+
+def test_meta_gsnr_ratio_gradient_is_the_meta_test_derivative_through_the_seeds():
+    """d L_te / d rho with the seed mask S = M1 * M2 as a leaf: dL_te/dS summed over the
+    M1 positions, times dr/drho = r (1 - r) (the straight-through estimator)."""
+    p, alpha = 0.3, 0.3
+    meta = build(MetaGSNR, dropblock_stages="conv2", dropblock_p=p, meta_gsnr_inner_lr=alpha)
+    ref = copy.deepcopy(meta)
+    mbs = batches(num_domains=3)
+    meta.update(mbs)
+    test = int(torch.randint(3, (1,), generator=ref.generator))
+    x_tr, y_tr = concat([mb for d, mb in enumerate(mbs) if d != test])
+    gsnr = batch_gsnr(ref.stage_gradients(x_tr, y_tr)["conv2"])  # (6, 5, 5)
+    r = ref.ratios()["conv2"].item()
+    m1 = gsnr_seed_mask(gsnr, p, 1.0, 3, use_m2=False)
+    seeds = (m1 * torch.empty_like(m1).bernoulli_(r, generator=ref.generator)).requires_grad_()
+
+    def drop(name, out):
+        if name != "conv2":
+            return out
+        keep = 1 - expand_blocks(seeds, 3)
+        return out * keep * (keep.numel() / (1e-6 + keep.sum()))
+    loss_tr = F.cross_entropy(ref.classifier(ref.featurizer(x_tr, stage_fn=drop)), y_tr)
+    named = dict(ref.network.named_parameters())
+    grads = autograd.grad(loss_tr, list(named.values()), create_graph=True)
+    inner = {n: w - alpha * g for (n, w), g in zip(named.items(), grads)}
+    loss_te = F.cross_entropy(functional_call(ref.network, inner, (mbs[test][0],)), mbs[test][1])
+    d_seeds = autograd.grad(loss_te, seeds)[0]
+    expected = (d_seeds * m1).sum() * r * (1 - r)
+    assert expected.abs() > 0
+    torch.testing.assert_close(meta.ratio_logits["conv2"].grad, expected, rtol=1e-4, atol=1e-9)
+
+
+def test_meta_gsnr_network_gradient_is_train_plus_beta_meta_test():
+    """With inner_lr 0 (theta' = theta): grad = dL_tr(dropout)/dtheta + beta dL_te/dtheta."""
+    beta = 0.7
+    meta = build(MetaGSNR, meta_gsnr_inner_lr=0.0, meta_gsnr_beta=beta)
+    ref = copy.deepcopy(meta)
+    mbs = batches(num_domains=3)
+    meta.update(mbs)
+    test = int(torch.randint(3, (1,), generator=ref.generator))
+    train = [mb for d, mb in enumerate(mbs) if d != test]
+    x_tr, y_tr = concat(train)
+    drop = ref.gsnr_drop(ref.stage_gradients(x_tr, y_tr), {n: r.item() for n, r in ref.ratios().items()})
+    loss_tr = F.cross_entropy(ref.classifier(ref.featurizer(x_tr, stage_fn=ref.stage_hook(drop))), y_tr)
+    loss_te = F.cross_entropy(ref.network(mbs[test][0]), mbs[test][1])
+    ref.optimizer.zero_grad()
+    (loss_tr + beta * loss_te).backward()
+    for p, q in zip(meta.network.parameters(), ref.network.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-7)
+
+
+# -- every algorithm --------------------------------------------------------------------
+
+@pytest.mark.parametrize("cls", [RSC, DropBlock, GSNRDropBlock, MetaGSNR], ids=lambda c: c.__name__)
+def test_training_state_round_trip_continues_identically(cls):
+    a = build(cls)
+    before = [p.detach().clone() for p in a.network.parameters()]
+    a.update(batches(seed=0))
+    assert all(not torch.equal(p, q) for p, q in zip(before, a.network.parameters()))
+    buf = io.BytesIO()
+    torch.save(a.training_state(), buf)
+    buf.seek(0)
+    b = build(cls, seed=99)
+    b.load_training_state(torch.load(buf, weights_only=False))
+    for i in (1, 2):
+        out_a, out_b = a.update(batches(seed=i)), b.update(batches(seed=i))
+        assert out_a == out_b and all(math.isfinite(v) for v in out_a.values())
+    for p, q in zip(a.state_dict().values(), b.state_dict().values()):
+        assert torch.equal(p, q)
+    a.eval()
+    with torch.no_grad():
+        assert torch.equal(a.predict(batches()[0][0]), a.network(batches()[0][0]))
+
+
+@pytest.mark.parametrize("cls", [RSC, DropBlock, GSNRDropBlock, MetaGSNR], ids=lambda c: c.__name__)
+def test_trains_on_mnist_cnn(cls):
+    """DomainBed's MNIST_CNN with ColoredMNIST-shaped inputs (2, 28, 28), 2 per domain."""
+    hp = {s.name: s.default for s in common_hparams(True) + cls.hparam_specs(True)}
+    torch.manual_seed(0)
+    algo = cls((2, 28, 28), 2, 2, hp)
+    before = [p.detach().clone() for p in algo.network.parameters()]
+    out = algo.update(batches(n=2, num_classes=2, shape=(2, 28, 28)))
+    assert all(math.isfinite(v) for v in out.values())
+    assert all(not torch.equal(p, q) for p, q in zip(before, algo.network.parameters()))
+    assert algo.predict(torch.zeros(3, 2, 28, 28)).shape == (3, 2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["RSC", "GSNRDropBlock"])
+def test_trains_on_real_pacs_photos_with_resnet18(real_photos_dir, run_cli, tmp_path, name):
+    """A few steps on the PACS sample (real photographs) through ``domaingrad train``:
+    ResNet-18 at 32x32 from scratch (stage maps 8x8 .. 1x1, so DB+gsnr's blocks clamp)."""
+    from domaingrad.run.output import read_records
+
+    out = tmp_path / "run"
+    code, _, err = run_cli("train", "--dataset", "PACS", "--data-dir", real_photos_dir, "--algorithm", name,
+                           "--test-envs", "0", "--steps", "2", "--checkpoint-freq", "2", "--image-size", "32",
+                           "--weights", "none", "--num-workers", "0",
+                           "--hparams", '{"resnet18": true, "batch_size": 4}', "--output-dir", out)
+    assert code == 0, err
+    record = read_records(out / "results.jsonl")[0][-1]
+    assert record["step"] == 1 and math.isfinite(record["loss"]) and (out / "done").exists()
+    assert all(0.0 <= record[f"env{i}_in_acc"] <= 1.0 for i in range(4))
+
+
+@pytest.mark.parametrize("name", ["DMG", "MultiHeaded", "RSC", "DropBlock", "GSNRDropBlock", "MetaGSNR"])
+def test_hparams_are_registered_new_names_whose_draws_have_the_default_type(name):
+    from domaingrad.algorithms import algorithm_class
+    from domaingrad.hparams import hparam_specs
+
+    for small, dataset in ((True, "ColoredMNIST"), (False, "PACS")):
+        common = {s.name for s in common_hparams(small)}
+        specs = algorithm_class(name).hparam_specs(small)
+        assert not {s.name for s in specs} & common
+        assert set(hparam_specs(name, dataset)) == common | {s.name for s in specs}
+        for spec in specs:
+            draws = [spec.draw(np.random.RandomState(seed)) for seed in range(10)]
+            assert all(type(d) is type(spec.default) for d in draws), spec.name
+            assert spec.choices is None or (spec.default in spec.choices and set(draws) <= set(spec.choices))
