@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+from pathlib import Path
 from typing import Sequence
 
 from .errors import DomainGradError, NonFiniteLossError
@@ -32,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train one model (one DomainBed job)",
                            description="Train on the non-test environments; evaluate every environment "
                                        "at each checkpoint; resume if killed.")
-    _option(train, "dataset", default="ColoredMNIST", help="dataset name (see `domaingrad list`)")
+    _option(train, "dataset", default="ColoredMNIST",
+            help="dataset name (see `domaingrad list`), or folder:PATH for your own <domain>/<class>/<image> folder")
     _option(train, "algorithm", default="ERM", help="algorithm name (see `domaingrad list`)")
     _option(train, "test_envs", type=int, nargs="+", default=[0], metavar="I", help="held-out environment(s)")
     _option(train, "steps", type=int, default=None, help="training steps (default: the dataset's, 5001)")
@@ -43,13 +46,28 @@ def build_parser() -> argparse.ArgumentParser:
     _option(train, "trial_seed", type=int, default=0, help="seed of the in/out splits and hparam draws")
     _option(train, "seed", type=int, default=0, help="seed of data construction, init and minibatches")
     _option(train, "data_dir", default=None,
-            help="root holding MNIST/raw etc.; omitted: the embedded 10,000 MNIST digits")
+            help="root holding MNIST/raw, PACS/, VLCS/ etc.; omitted: the embedded 10,000 MNIST digits")
     _option(train, "output_dir", default="train_output", help="where results.jsonl etc. go")
     _option(train, "holdout_fraction", type=float, default=0.2, help="fraction of each env held out (out split)")
     _option(train, "skip_model_save", action="store_true", help="do not write model.pkl")
     _option(train, "save_model_every_checkpoint", action="store_true", help="write model_step{N}.pkl")
     _option(train, "eval_batch_size", type=int, default=512, help="batch size of evaluation passes")
     _option(train, "device", default="auto", help="auto, cpu or cuda[:N]")
+    _option(train, "weights", default=None, metavar="none|imagenet|PATH",
+            help="initial featurizer weights: none (from scratch), imagenet (torchvision's file in "
+                 "torch.hub.get_dir()/checkpoints; never downloaded) or a state-dict file; default: "
+                 "imagenet for ResNet/AlexNet (DomainBed), none for MNIST_CNN")
+    _option(train, "image_size", type=int, default=224, help="image datasets: side of the network input "
+                                                             "(DomainBed: 224; e.g. 64 for CPU runs)")
+    _option(train, "num_workers", type=int, default=None,
+            help="image datasets: DataLoader worker processes (default: 8, at most the CPU count; 0 = none)")
+    _option(train, "class_map", default=None, metavar="FILE",
+            help="image folders: JSON mapping 'classfolder' or 'domain/classfolder' to a class name")
+    _option(train, "corrupt_images", default="error", choices=["error", "skip"],
+            help="image folders: stop on unreadable images (error) or leave them out and log them (skip)")
+    _option(train, "split_protocol", default="domainbed", choices=["domainbed", "70/10/20"],
+            help="domainbed: in/out split by --holdout-fraction; 70/10/20: seed 002's train/validation/test "
+                 "parts per domain (records gain env{i}_test_acc)")
     progress = train.add_mutually_exclusive_group()
     progress.add_argument("--progress", dest="progress", action="store_true", default=None,
                           help="always show the progress bar (default: only on a terminal)")
@@ -65,6 +83,14 @@ def build_parser() -> argparse.ArgumentParser:
     reproduce.add_argument("--restarts", type=int, default=10, help="independent runs (the papers use 10)")
     reproduce.add_argument("--steps", type=int, default=501, help="training steps per run")
     reproduce.add_argument("--seed", type=int, default=0, help="run r uses seed + r")
+    reproduce.add_argument("--workers", type=int, default=None,
+                           help="processes running the runs in parallel, one thread each "
+                                "(default: the number of cores); results do not depend on it")
+    _option(reproduce, "label_noise", default=None, choices=("fixed", "per-step"),
+            help="label noise and colours drawn once per restart (the paper's) or afresh at every step; "
+                 "default: fixed on full MNIST, per-step on the embedded 10,000 digits")
+    reproduce.add_argument("--markdown", default=None, metavar="FILE",
+                           help="also write the table to FILE (refuses to overwrite an existing file)")
     for module in MODULE_COMMANDS.values():
         importlib.import_module(module).add_parser(sub)
     return parser
@@ -97,12 +123,19 @@ def cmd_reproduce(ns: argparse.Namespace) -> None:
         return
     if ns.experiment not in EXPERIMENTS:
         raise DomainGradError(f"unknown experiment {ns.experiment!r}; valid experiments: {', '.join(EXPERIMENTS)}")
-    if ns.restarts < 1 or ns.steps < 1:
-        raise DomainGradError("--restarts and --steps must be positive integers")
+    workers = ns.workers if ns.workers is not None else (os.cpu_count() or 1)
+    if ns.restarts < 1 or ns.steps < 1 or workers < 1:
+        raise DomainGradError("--restarts, --steps and --workers must be positive integers")
+    if ns.markdown and Path(ns.markdown).exists():
+        raise DomainGradError(f"--markdown {ns.markdown} exists; choose a new file name (nothing is overwritten)")
     module = EXPERIMENTS[ns.experiment][0]
-    results = module.run(data_dir=ns.data_dir, restarts=ns.restarts, steps=ns.steps, seed=ns.seed)
+    results = module.run(data_dir=ns.data_dir, restarts=ns.restarts, steps=ns.steps, seed=ns.seed,
+                         label_noise=ns.label_noise, workers=workers)
+    table = module.format_table(results)
     print()
-    print(module.format_table(results))
+    print(table)
+    if ns.markdown:
+        Path(ns.markdown).write_text(table + "\n")
 
 
 def cmd_train(ns: argparse.Namespace) -> None:
@@ -131,6 +164,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DomainGradError as exc:
         print(f"domaingrad: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # e.g. `domaingrad list | head`: the reader has gone
+        sys.stdout = open(os.devnull, "w")
+        return 0
     except KeyboardInterrupt:
         print("domaingrad: interrupted; rerun the same command to resume from the last checkpoint",
               file=sys.stderr)

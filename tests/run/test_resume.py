@@ -15,7 +15,7 @@ from domaingrad.run.output import read_records
 
 ARGS = ["train", "--dataset", "Debug28", "--test-envs", "1", "--steps", "24", "--checkpoint-freq", "4",
         "--hparams", '{"batch_size": 6}', "--seed", "3", "--trial-seed", "1", "--no-progress"]
-TIMING_KEYS = {"step_time", "mem_gb"}
+TIMING_KEYS = {"step_time", "mem_gb", "wall_time"}
 
 
 def command(out: Path) -> list[str]:

@@ -1,14 +1,101 @@
-"""``domaingrad report`` (placeholder until the report module lands)."""
+"""``domaingrad report SWEEP_DIR``: model selection, tables, statistics and plots of a finished sweep.
+
+``add_parser`` imports nothing heavy; the work happens in :func:`run`.
+"""
 from __future__ import annotations
 
 import argparse
+import os
+import sys
+from pathlib import Path
 
 from ..errors import DomainGradError
 
+SELECTIONS = ("auto", "all", "iid", "loo", "oracle", "seed002")
+FORMATS = ("markdown", "latex", "csv", "json")
+
+DESCRIPTION = """\
+Read every job's results.jsonl under SWEEP_DIR (DomainBed's layout, also sweeps written by
+DomainBed itself) and print DomainBed's result tables: per dataset, rows = algorithms, columns
+= test environments + Avg, mean +/- standard error over trial seeds of the selected accuracy.
+Unreadable lines are reported (path:line) and skipped; jobs without `done` and jobs listed in
+sweep.json but absent are listed on stderr."""
+
+SELECTION_HELP = ("model selection: iid = training-domain validation, loo = leave-one-domain-out, "
+                  "oracle = test-domain validation (last checkpoint), seed002 = 70/10/20 best source validation, "
+                  "all = iid+loo+oracle (+seed002 for 70/10/20 runs), auto (default) = seed002 for runs with "
+                  "args.split_protocol '70/10/20', else iid+loo+oracle like DomainBed's collect_results")
+
 
 def add_parser(subparsers) -> None:
-    subparsers.add_parser("report", help="(not yet available)")
+    """Register ``report`` on the CLI's subparsers (argparse only)."""
+    p = subparsers.add_parser("report", help="model selection, result tables, Wilcoxon tests and plots of a sweep",
+                              description=DESCRIPTION)
+    p.add_argument("sweep_dir", metavar="SWEEP_DIR", help="sweep directory (one sub-directory per job)")
+    p.add_argument("--selection", choices=SELECTIONS, default="auto", help=SELECTION_HELP)
+    p.add_argument("--format", choices=FORMATS, default="markdown", help="output format (default markdown)")
+    p.add_argument("--output", "-o", metavar="FILE", default=None, help="write the report to FILE (default stdout)")
+    p.add_argument("--baseline", metavar="ALG", default=None,
+                   help="paired Wilcoxon test of every algorithm against ALG per test env; * marks p < 0.05")
+    p.add_argument("--plots", metavar="DIR", default=None,
+                   help="write box plots (seed 002 Fig. 3) and training curves as PNG into DIR")
+    p.add_argument("--in-domain", "--in_domain", dest="in_domain", action="store_true",
+                   help="add DMG's in-domain tables: mean accuracy on the source envs' held-out split")
+    p.add_argument("--latest", action="store_true",
+                   help="also use jobs without `done` (their records up to their latest checkpoint), "
+                        "as DomainBed's collect_results does")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --output file or plot files")
 
 
 def run(ns: argparse.Namespace) -> int:
-    raise DomainGradError("`domaingrad report` is not available yet")
+    """Build and write the report; returns 0. Raises DomainGradError (exit code 2) on bad input."""
+    from .records import load_sweep
+    from .render import render
+    from .summary import build_report
+
+    output = Path(ns.output) if ns.output else None
+    if output is not None:
+        _refuse_overwrite([output], ns.force, "--output")
+        if not output.parent.is_dir():
+            raise DomainGradError(f"--output: directory {output.parent} does not exist; create it first")
+    sweep = load_sweep(ns.sweep_dir, include_incomplete=ns.latest)
+    for line in sweep.status_lines():
+        print(line, file=sys.stderr)
+    report = build_report(sweep, ns.selection, ns.baseline, ns.in_domain)
+    for note in report.notes:
+        print(f"note: {note}", file=sys.stderr)
+    plot_dir = Path(ns.plots) if ns.plots else None
+    if plot_dir is not None and plot_dir.exists() and not plot_dir.is_dir():
+        raise DomainGradError(f"--plots: {plot_dir} is a file, expected a directory (it is created if absent)")
+    if plot_dir is not None:
+        from .plots import planned_files, write_plots  # matplotlib only when plots are asked for
+
+        _refuse_overwrite(planned_files(report, plot_dir), ns.force, "--plots")
+    text = render(report, ns.format)
+    if output is None:
+        sys.stdout.write(text)
+    else:
+        _atomic_write(output, text)
+        print(f"wrote {output}", file=sys.stderr)
+    if plot_dir is not None:
+        for path in write_plots(report, plot_dir):
+            print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+def _refuse_overwrite(paths: list[Path], force: bool, option: str) -> None:
+    existing = [p for p in paths if p.exists()]
+    if existing and not force:
+        shown = ", ".join(str(p) for p in existing[:5]) + (" ..." if len(existing) > 5 else "")
+        verb = "already exists" if len(existing) == 1 else "already exist"
+        raise DomainGradError(f"{option}: {shown} {verb}; nothing was written. Pass --force to overwrite, "
+                              f"or choose another {option} path")
+    for p in existing:
+        if p.is_dir():
+            raise DomainGradError(f"{option}: {p} is a directory, expected a file path")
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)

@@ -27,8 +27,9 @@ MODEL = "model.pkl"
 DONE = "done"
 LOG = "out.txt"
 
-#: arguments that do not change results, so a resume may differ in them
-RESUME_IGNORED_ARGS = frozenset({"progress"})
+#: arguments that do not change results, so a resume may differ in them (``output_dir``:
+#: a moved or re-spelled directory is still the run's own directory)
+RESUME_IGNORED_ARGS = frozenset({"progress", "num_workers", "output_dir"})
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -86,8 +87,12 @@ class RunDirectory:
     def is_done(self) -> bool:
         return self.file(DONE).exists()
 
-    def check_startable(self, args: dict[str, Any]) -> dict[str, Any] | None:
+    def check_startable(self, args: dict[str, Any], defaults: dict[str, Any] | None = None
+                        ) -> dict[str, Any] | None:
         """Decide whether a run with ``args`` may start or resume here.
+
+        An argument missing from a saved run's arguments (a run checkpointed by an older
+        version) matches when the current value equals its entry in ``defaults``.
 
         Returns:
             The saved resume state when there is one with the same arguments, else None
@@ -111,10 +116,12 @@ class RunDirectory:
             except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same advice
                 raise DomainGradError(f"cannot read the resume state {checkpoint} ({exc}); "
                                       "move it away to start the run afresh") from exc
-            differ = sorted(k for k in set(args) | set(state["args"])
-                            if k not in RESUME_IGNORED_ARGS and args.get(k) != state["args"].get(k))
+            saved_args = {**{k: v for k, v in (defaults or {}).items() if k not in state["args"]},
+                          **state["args"]}
+            differ = sorted(k for k in set(args) | set(saved_args)
+                            if k not in RESUME_IGNORED_ARGS and args.get(k) != saved_args.get(k))
             if differ:
-                details = "; ".join(f"{k}: saved {state['args'].get(k)!r}, now {args.get(k)!r}" for k in differ)
+                details = "; ".join(f"{k}: saved {saved_args.get(k)!r}, now {args.get(k)!r}" for k in differ)
                 raise DomainGradError(
                     f"{self.path} holds an unfinished run with other arguments ({details}). "
                     "Rerun the same command to resume it, or choose another --output-dir.")

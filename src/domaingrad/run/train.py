@@ -14,20 +14,23 @@ import random
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from .. import __version__
+from .. import __version__, models
 from ..algorithms import Algorithm, algorithm_class
-from ..data import InfiniteMinibatches, MultipleDomainDataset, Split, dataset_class, get_dataset, split_environment
+from ..data import (SPLIT_PROTOCOLS, MultipleDomainDataset, Split, dataset_class, get_dataset, split_environment,
+                    split_environment_70_10_20)
+from ..data.folders import CORRUPT_POLICIES
 from ..errors import DomainGradError, NonFiniteLossError
 from ..hparams import parse_hparams_json, resolve_hparams
 from ..rng import seed_hash
 from .evaluation import accuracy
 from .output import CHECKPOINT, DONE, MODEL, RunDirectory, atomic_torch_save
+from .provenance import run_provenance
 
 
 @dataclass
@@ -35,7 +38,22 @@ class TrainArgs:
     """Arguments of one run; field names and meaning are DomainBed's ``train.py`` args.
 
     ``steps`` and ``checkpoint_freq`` of None mean the dataset's defaults (5001 and 100
-    for the MNIST datasets). ``hparams`` is the JSON text of ``--hparams``.
+    for the MNIST datasets, 5001 and 300 for image folders). ``hparams`` is the JSON
+    text of ``--hparams``.
+
+    Image datasets (not DomainBed arguments): ``weights`` is the featurizer's initial
+    weights, ``none``, ``imagenet`` (torchvision's cache) or a state-dict path; None
+    means DomainBed's choice, ``imagenet`` for the torchvision backbones (ResNet,
+    AlexNet) and ``none`` for MNIST_CNN (see :mod:`domaingrad.models.weights`).
+    ``image_size`` is the side of the square network input (DomainBed: 224);
+    ``num_workers`` the DataLoader worker processes (None: DomainBed's 8, at most the
+    CPU count); ``class_map`` a class-name mapping file; ``corrupt_images`` ``error`` or
+    ``skip`` (see :mod:`domaingrad.data.folders`).
+
+    ``split_protocol`` (not a DomainBed argument): ``domainbed`` (in/out by
+    ``holdout_fraction``) or ``70/10/20``, seed 002's per-domain train/validation/test
+    parts, recorded as ``env{i}_in_acc`` / ``env{i}_out_acc`` / ``env{i}_test_acc``
+    (``holdout_fraction`` is then unused).
     """
 
     dataset: str = "ColoredMNIST"
@@ -57,6 +75,12 @@ class TrainArgs:
     eval_batch_size: int = 512
     device: str = "auto"
     progress: bool | None = None
+    weights: str | None = None
+    image_size: int = 224
+    num_workers: int | None = None
+    class_map: str | None = None
+    corrupt_images: str = "error"
+    split_protocol: str = "domainbed"
 
 
 class TrainingRun:
@@ -68,12 +92,20 @@ class TrainingRun:
 
     def __init__(self, args: TrainArgs, hparams: dict[str, Any], dataset: MultipleDomainDataset,
                  in_splits: list[Split], out_splits: list[Split], algorithm: Algorithm,
-                 minibatches: InfiniteMinibatches, device: torch.device):
+                 minibatches: Iterator[list[tuple[torch.Tensor, torch.Tensor]]], device: torch.device,
+                 test_splits: Sequence[Split] = ()):
         self.args = args
         self.hparams = hparams
         self.dataset = dataset
         self.in_splits = in_splits
         self.out_splits = out_splits
+        #: the 20% test parts under the 70/10/20 protocol, else empty
+        self.test_splits = list(test_splits)
+        self.provenance = run_provenance(device)
+        #: seconds spent in this process since the run (or its resumption) started
+        self.started = time.perf_counter()
+        #: wall-clock seconds of earlier sessions of this run (set when resuming)
+        self.previous_wall_time = 0.0
         self.algorithm = algorithm
         self.minibatches = minibatches
         self.device = device
@@ -97,28 +129,36 @@ class TrainingRun:
         random.seed(args.seed)
         np.random.seed(args.seed)
         torch.manual_seed(args.seed)
-        dataset = get_dataset(args.dataset, args.data_dir, args.seed)
+        dataset = get_dataset(args.dataset, args.data_dir, args.seed, image_size=args.image_size,
+                              num_workers=args.num_workers, class_map=args.class_map,
+                              corrupt_images=args.corrupt_images)
         for env in args.test_envs:
             if not 0 <= env < len(dataset):
                 raise DomainGradError(
                     f"test env {env} is out of range: {args.dataset} has {len(dataset)} environments, "
                     f"0..{len(dataset) - 1} ({', '.join(dataset.environment_names)})")
-        in_splits, out_splits = [], []
+        in_splits, out_splits, test_splits = [], [], []
         for i, env in enumerate(dataset.environments):
-            out_split, in_split = split_environment(env, args.holdout_fraction, args.trial_seed, i)
+            if args.split_protocol == "70/10/20":
+                in_split, out_split, test_split = split_environment_70_10_20(env, args.trial_seed, i)
+                test_splits.append(test_split)
+            else:
+                out_split, in_split = split_environment(env, args.holdout_fraction, args.trial_seed, i)
             in_splits.append(in_split)
             out_splits.append(out_split)
         device = resolve_device(args.device)
         try:
-            algorithm = algorithm_class(args.algorithm)(
-                dataset.input_shape, dataset.num_classes, len(dataset) - len(args.test_envs), hparams)
+            with models.use_weights(initial_weights(args, dataset.input_shape, hparams)):
+                algorithm = algorithm_class(args.algorithm)(
+                    dataset.input_shape, dataset.num_classes, len(dataset) - len(args.test_envs), hparams)
         except ValueError as exc:  # e.g. torch rejecting a negative learning rate
             raise DomainGradError(f"cannot build {args.algorithm} with these hyperparameters: {exc}") from exc
         algorithm.to(device)
         train_splits = [s for i, s in enumerate(in_splits) if i not in args.test_envs]
-        minibatches = InfiniteMinibatches(train_splits, hparams["batch_size"],
-                                          seed_hash(args.seed, "minibatches"), hparams["class_balanced"])
-        return cls(args, hparams, dataset, in_splits, out_splits, algorithm, minibatches, device)
+        minibatches = dataset.minibatches(train_splits, hparams["batch_size"], seed_hash(args.seed, "minibatches"),
+                                          hparams["class_balanced"], augment=hparams["data_augmentation"],
+                                          pin_memory=device.type == "cuda")
+        return cls(args, hparams, dataset, in_splits, out_splits, algorithm, minibatches, device, test_splits)
 
     def train_step(self) -> dict[str, float]:
         """One step: draw one minibatch per training domain, ``update``, log its values.
@@ -136,9 +176,10 @@ class TrainingRun:
         return values
 
     def evaluate(self) -> dict[str, float]:
-        """``env{i}_in_acc`` and ``env{i}_out_acc`` for every environment."""
+        """``env{i}_in_acc`` and ``env{i}_out_acc`` for every environment (and
+        ``env{i}_test_acc`` under the 70/10/20 protocol)."""
         accs = {}
-        for prefix, splits in (("in", self.in_splits), ("out", self.out_splits)):
+        for prefix, splits in (("in", self.in_splits), ("out", self.out_splits), ("test", self.test_splits)):
             for i, split in enumerate(splits):
                 accs[f"env{i}_{prefix}_acc"] = accuracy(self.algorithm, split, self.args.eval_batch_size,
                                                         self.device)
@@ -154,6 +195,8 @@ class TrainingRun:
                             if self.device.type == "cuda" else 0.0)
         record["hparams"] = self.hparams
         record["args"] = asdict(self.args)
+        record["wall_time"] = self.previous_wall_time + time.perf_counter() - self.started
+        record["provenance"] = self.provenance
         self.checkpoint_vals = collections.defaultdict(list)
         return record
 
@@ -175,6 +218,8 @@ class TrainingRun:
         random.setstate(state["rng"]["python"])
         if state["rng"]["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        self.previous_wall_time = state["record"].get("wall_time", 0.0)
+        self.started = time.perf_counter()
         return state["step"] + 1
 
     def model_file(self) -> dict[str, Any]:
@@ -183,6 +228,14 @@ class TrainingRun:
                 "model_num_classes": self.dataset.num_classes,
                 "model_num_domains": len(self.dataset) - len(self.args.test_envs),
                 "model_hparams": self.hparams, "model_dict": self.algorithm.state_dict()}
+
+
+def initial_weights(args: TrainArgs, input_shape: tuple[int, ...], hparams: dict[str, Any]) -> str:
+    """The weights spec of the run: ``args.weights``, or when None DomainBed's choice:
+    ``imagenet`` for the torchvision backbones, ``none`` for MNIST_CNN."""
+    if args.weights is not None:
+        return args.weights
+    return "none" if models.backbone_name(input_shape, hparams) == "mnist_cnn" else "imagenet"
 
 
 def resolve_device(name: str) -> torch.device:
@@ -220,6 +273,16 @@ def validate_args(args: TrainArgs) -> None:
             raise DomainGradError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
     if args.eval_batch_size < 1:
         raise DomainGradError(f"--eval-batch-size must be a positive integer, got {args.eval_batch_size}")
+    if args.image_size < 1:
+        raise DomainGradError(f"--image-size must be a positive integer, got {args.image_size}")
+    if args.num_workers is not None and args.num_workers < 0:
+        raise DomainGradError(f"--num-workers must be 0 or more, got {args.num_workers}")
+    if args.split_protocol not in SPLIT_PROTOCOLS:
+        raise DomainGradError(f"--split-protocol must be one of {', '.join(SPLIT_PROTOCOLS)}, "
+                              f"got {args.split_protocol!r}")
+    if args.corrupt_images not in CORRUPT_POLICIES:
+        raise DomainGradError(f"--corrupt-images must be one of {', '.join(CORRUPT_POLICIES)}, "
+                              f"got {args.corrupt_images!r}")
 
 
 def _fmt(value: float) -> str:
@@ -230,18 +293,21 @@ def results_table(run: TrainingRun, record: dict[str, Any]) -> str:
     """Per-environment accuracy table of one record, as printed at the end of a run."""
     names = run.dataset.environment_names
     width = max(4, *(len(n) for n in names))
-    lines = [f"{'env':>3}  {'name':<{width}}  {'role':<5}  {'in_acc':>6}  {'out_acc':>7}"]
+    has_test = run.args.split_protocol == "70/10/20"
+    lines = [f"{'env':>3}  {'name':<{width}}  {'role':<5}  {'in_acc':>6}  {'out_acc':>7}"
+             + (f"  {'test_acc':>8}" if has_test else "")]
     for i, name in enumerate(names):
         role = "test" if i in run.args.test_envs else "train"
         lines.append(f"{i:>3}  {name:<{width}}  {role:<5}  {_fmt(record[f'env{i}_in_acc']):>6}  "
-                     f"{_fmt(record[f'env{i}_out_acc']):>7}")
+                     f"{_fmt(record[f'env{i}_out_acc']):>7}"
+                     + (f"  {_fmt(record[f'env{i}_test_acc']):>8}" if has_test else ""))
     return "\n".join(lines)
 
 
 def _checkpoint_line(run: TrainingRun, record: dict[str, Any]) -> str:
     parts = [f"step {record['step']:>5}", f"epoch {record['epoch']:.2f}"]
     parts += [f"{k} {record[k]:.4f}" for k in sorted(record)
-              if k not in ("step", "epoch", "hparams", "args", "mem_gb") and not k.startswith("env")
+              if k not in ("step", "epoch", "hparams", "args", "mem_gb", "wall_time") and not k.startswith("env")
               and isinstance(record[k], float)]
     parts += [f"env{i} {record[f'env{i}_in_acc']:.3f}/{record[f'env{i}_out_acc']:.3f}"
               for i in range(len(run.dataset))]
@@ -272,7 +338,7 @@ def train(args: TrainArgs, stream=None) -> dict[str, Any]:
     stream = stream or sys.stdout
     out = RunDirectory(args.output_dir)
     validate_args(args)
-    saved = out.check_startable(asdict(args))
+    saved = out.check_startable(asdict(args), defaults=asdict(TrainArgs()))
     run = TrainingRun.prepare(args)
     out.path.mkdir(parents=True, exist_ok=True)
 
@@ -288,9 +354,14 @@ def train(args: TrainArgs, stream=None) -> dict[str, Any]:
     say(f"domaingrad {__version__} | {args.algorithm} on {args.dataset} | test envs {args.test_envs} | "
         f"{run.steps} steps on {run.device}")
     say(f"data: {run.dataset.source}")
+    for line in run.dataset.report:
+        say(f"data: {line}")
     say(f"hparams: {run.hparams}")
+    say(f"featurizer: {models.backbone_name(run.dataset.input_shape, run.hparams)}, initial weights: "
+        f"{initial_weights(args, run.dataset.input_shape, run.hparams)}")
 
     last_checkpoint = saved["step"] if saved is not None else None
+    reported_failures = 0
     bar = tqdm(total=run.steps, initial=start_step, disable=None if args.progress is None else not args.progress,
                file=sys.stderr, dynamic_ncols=True, unit="step")
     try:
@@ -312,8 +383,16 @@ def train(args: TrainArgs, stream=None) -> dict[str, Any]:
                 bar.set_postfix_str(f"train-domain acc {summary['train']:.3f} | test-domain acc "
                                     f"{summary['test']:.3f}")
                 say(_checkpoint_line(run, record))
+                failures = getattr(run.dataset, "load_failures", [])
+                if len(failures) > reported_failures:
+                    say(f"data: skipped {len(failures) - reported_failures} image(s) that failed to decode "
+                        f"while loading: {', '.join(failures[reported_failures:])}")
+                    reported_failures = len(failures)
     finally:
         bar.close()
+        close = getattr(run.minibatches, "close", None)
+        if close is not None:
+            close()  # stop DataLoader workers
 
     assert last_record is not None
     if not args.skip_model_save:

@@ -1,14 +1,368 @@
-"""``domaingrad sweep`` (placeholder until the sweep module lands)."""
+"""``domaingrad sweep launch|status|delete-incomplete``: DomainBed's ``scripts/sweep.py``.
+
+``launch`` lists the jobs (from the flags, or from ``SWEEP_DIR/sweep.json`` when no
+job flag is given), records them in the manifest and runs every job that is not done:
+jobs never started start, interrupted or failed ones resume from their last checkpoint.
+``status`` counts the jobs by state and shows the errors of failed ones.
+``delete-incomplete`` deletes the directories of jobs that are neither done nor running.
+
+Only cheap modules are imported at module level (the CLI builds its parser from here).
+"""
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
+import signal
+import sys
+from collections import Counter
 
 from ..errors import DomainGradError
 
+#: the flags that define which jobs a sweep has (any given: jobs from flags, else from the manifest)
+JOB_FLAGS = ("datasets", "algorithms", "test_envs", "single_test_envs", "n_hparams_from", "n_hparams",
+             "hparams_seeds", "n_trials", "trial_seeds", "hparams", "hparams_from", "steps", "checkpoint_freq",
+             "data_dir", "holdout_fraction", "weights", "image_size", "split_protocol", "class_map",
+             "corrupt_images")
+
+
+def _option(parser: argparse.ArgumentParser | argparse._ArgumentGroup, name: str, *extra: str, **kwargs) -> None:
+    """``--name-with-dashes`` plus DomainBed's ``--name_with_underscores``."""
+    flags = [f"--{name.replace('_', '-')}"] + ([f"--{name}"] if "_" in name else []) + list(extra)
+    parser.add_argument(*flags, dest=name, **kwargs)
+
 
 def add_parser(subparsers) -> None:
-    subparsers.add_parser("sweep", help="(not yet available)")
+    """Register ``domaingrad sweep`` (DomainBed ``sweep.py`` flag names, dashed or underscored)."""
+    p = subparsers.add_parser(
+        "sweep", help="launch, inspect or clean a sweep of training runs (DomainBed's sweep.py)",
+        description="A sweep is datasets x algorithms x test environments x hyperparameter draws x trials, one "
+                    "directory per job in --output-dir. Without job flags, status/launch/delete-incomplete use "
+                    "the jobs listed in OUTPUT_DIR/sweep.json.")
+    p.add_argument("action", choices=["launch", "status", "delete-incomplete", "delete_incomplete"],
+                   help="launch (or relaunch) the jobs not done, show their state, or delete unfinished ones")
+    _option(p, "output_dir", required=True, help="the sweep directory")
+    jobs = p.add_argument_group("jobs (DomainBed's defaults: every dataset and algorithm, 20 draws, 3 trials)")
+    _option(jobs, "datasets", nargs="+", default=None, metavar="NAME")
+    _option(jobs, "algorithms", nargs="+", default=None, metavar="NAME")
+    _option(jobs, "test_envs", nargs="+", type=int, default=None, metavar="I",
+            help="only jobs whose test environments include one of these (default: all)")
+    _option(jobs, "single_test_envs", action="store_true", default=None,
+            help="one test environment per job (default: also every pair, for leave-one-domain-out)")
+    _option(jobs, "n_hparams_from", type=int, default=None, help="first hparams_seed (default 0)")
+    _option(jobs, "n_hparams", type=int, default=None, help="hparams_seed runs to N-1 (default 20)")
+    _option(jobs, "hparams_seeds", nargs="+", type=int, default=None, metavar="S",
+            help="exactly these hyperparameter draws, e.g. 3 7 (0 = defaults)")
+    _option(jobs, "n_trials", type=int, default=None, help="trial seeds 0..N-1 (default 3)")
+    _option(jobs, "trial_seeds", nargs="+", type=int, default=None, metavar="T", help="exactly these trial seeds")
+    _option(jobs, "hparams", default=None, help="JSON object of fixed hyperparameters for every job")
+    _option(jobs, "hparams_from", default=None, metavar="RUN_DIR",
+            help="fix every hyperparameter to those of a finished run (its results.jsonl); the draws "
+                 "default to hparams_seed 0 only, so --n-trials reruns that set on more trials")
+    _option(jobs, "steps", type=int, default=None)
+    _option(jobs, "checkpoint_freq", type=int, default=None)
+    _option(jobs, "data_dir", default=None, help="data root (default: the embedded digits)")
+    _option(jobs, "holdout_fraction", type=float, default=None, help="default 0.2")
+    _option(jobs, "weights", default=None, help="as `domaingrad train --weights` (image datasets: none, "
+                                                 "imagenet or a state-dict path)")
+    _option(jobs, "image_size", type=int, default=None, help="as `domaingrad train --image-size`")
+    _option(jobs, "split_protocol", default=None, choices=["domainbed", "70/10/20"],
+            help="as `domaingrad train --split-protocol`")
+    _option(jobs, "class_map", default=None, metavar="FILE", help="as `domaingrad train --class-map`")
+    _option(jobs, "corrupt_images", default=None, choices=["error", "skip"],
+            help="as `domaingrad train --corrupt-images`")
+    run = p.add_argument_group("launching")
+    _option(run, "launcher", "--command-launcher", "--command_launcher", default="local",
+            choices=["sequential", "local", "ray", "slurm"], help="default: local")
+    _option(run, "workers", type=int, default=None, help="parallel jobs (local, and a Ray instance started "
+                                                         "here); default: the number of CPUs")
+    _option(run, "threads_per_job", type=int, default=1, help="torch threads of each job (default 1)")
+    _option(run, "ray_address", default=None, help="connect to this running Ray cluster, e.g. auto or host:6379")
+    _option(run, "skip_confirmation", "--yes", "-y", action="store_true", help="do not ask before launching/deleting")
+    bar = run.add_mutually_exclusive_group()
+    bar.add_argument("--progress", dest="progress", action="store_true", default=None,
+                     help="always show the progress bar (default: only on a terminal)")
+    bar.add_argument("--no-progress", dest="progress", action="store_false")
+    _option(p, "list", action="store_true", help="status: list every job with its state")
+    slurm = p.add_argument_group("slurm launcher (submitit)")
+    _option(slurm, "submitit_cluster", choices=["slurm", "local", "debug"], default=None,
+            help="default: slurm when available, else local processes")
+    _option(slurm, "submitit_folder", default=None, help="submitit logs (default OUTPUT_DIR/.submitit)")
+    _option(slurm, "slurm_partition", default=None)
+    _option(slurm, "slurm_time", type=int, default=None, metavar="MINUTES", help="time limit per job")
+    _option(slurm, "slurm_gpus_per_node", type=int, default=None)
+    _option(slurm, "slurm_cpus_per_task", type=int, default=None, help="default: --threads-per-job")
+    _option(slurm, "slurm_mem_gb", type=int, default=None)
+    _option(slurm, "slurm_array_parallelism", type=int, default=None, help="array tasks running at once")
+    _option(slurm, "slurm_option", action="append", default=[], metavar="KEY=VALUE",
+            help="extra sbatch option (repeatable), e.g. account=myproj")
 
 
 def run(ns: argparse.Namespace) -> int:
-    raise DomainGradError("`domaingrad sweep` is not available yet")
+    """Run ``domaingrad sweep ACTION``; returns the exit code.
+
+    Raises:
+        DomainGradError: bad flags, an unreadable manifest, no confirmation possible.
+    """
+    from .jobs import JobState, iter_states
+
+    if os.path.exists(ns.output_dir) and not os.path.isdir(ns.output_dir):
+        raise DomainGradError(f"--output-dir {ns.output_dir} exists and is not a directory; give a sweep directory")
+    jobs = select_jobs(ns)
+    states = list(iter_states(jobs))
+    print(f"sweep {os.path.abspath(ns.output_dir)}: {summarize(states)}")
+    if ns.action == "status":
+        return show_status(states, ns.list)
+    if ns.action in ("delete-incomplete", "delete_incomplete"):
+        return delete_incomplete([j for j, s in states if s in (JobState.INCOMPLETE, JobState.FAILED)], ns)
+    return launch(jobs, states, ns)
+
+
+def summarize(states) -> str:
+    """``N jobs: a done, b running, ...`` in a fixed order of states."""
+    from .jobs import JobState
+
+    counts = Counter(s for _, s in states)
+    parts = [f"{counts[s]} {s.value}" for s in JobState if counts[s]]
+    return f"{len(states)} jobs" + (": " + ", ".join(parts) if parts else "")
+
+
+def select_jobs(ns: argparse.Namespace):
+    """The sweep's jobs: from the job flags, else from the manifest (rebased to OUTPUT_DIR)."""
+    from .jobs import make_jobs
+    from .manifest import read_manifest
+
+    if any(getattr(ns, name) not in (None, False) for name in JOB_FLAGS):
+        return make_jobs(spec_from_flags(ns), ns.output_dir)
+    listed = read_manifest(ns.output_dir)
+    if listed:
+        for job in listed:
+            job.args["output_dir"] = os.path.join(os.path.abspath(ns.output_dir), job.id)
+        return listed
+    if ns.action == "launch":
+        return make_jobs(spec_from_flags(ns), ns.output_dir)
+    raise DomainGradError(f"{ns.output_dir} has no sweep.json; give the sweep's flags (--datasets, --algorithms, "
+                          "...) to say which jobs it has")
+
+
+def spec_from_flags(ns: argparse.Namespace):
+    """The :class:`SweepSpec` of the flags, DomainBed's defaults for the ones not given.
+
+    Raises:
+        DomainGradError: contradictory or out-of-range flags, hyperparameters refused by
+            an algorithm of the sweep.
+    """
+    from ..algorithms import ALGORITHMS
+    from ..data import DATASETS
+    from .jobs import TRAIN_OPTIONS, SweepSpec
+
+    if ns.hparams_seeds is not None and (ns.n_hparams is not None or ns.n_hparams_from is not None):
+        raise DomainGradError("give either --hparams-seeds or --n-hparams-from/--n-hparams, not both")
+    if ns.trial_seeds is not None and ns.n_trials is not None:
+        raise DomainGradError("give either --trial-seeds or --n-trials, not both")
+    hparams, hparams_seeds = ns.hparams, ns.hparams_seeds
+    if ns.hparams_from is not None:
+        if hparams is not None:
+            raise DomainGradError("give either --hparams or --hparams-from, not both")
+        hparams = hparams_of_run(ns.hparams_from)
+        if hparams_seeds is None and ns.n_hparams is None and ns.n_hparams_from is None:
+            hparams_seeds = [0]
+    spec = SweepSpec(
+        datasets=tuple(ns.datasets or [d for d in DATASETS if "Debug" not in d]),
+        algorithms=tuple(ns.algorithms or ALGORITHMS),
+        test_envs=None if ns.test_envs is None else tuple(ns.test_envs),
+        single_test_envs=bool(ns.single_test_envs),
+        n_hparams_from=0 if ns.n_hparams_from is None else ns.n_hparams_from,
+        n_hparams=20 if ns.n_hparams is None else ns.n_hparams,
+        hparams_seeds=None if hparams_seeds is None else tuple(dict.fromkeys(hparams_seeds)),
+        n_trials=3 if ns.n_trials is None else ns.n_trials,
+        trial_seeds=None if ns.trial_seeds is None else tuple(dict.fromkeys(ns.trial_seeds)),
+        hparams=hparams, steps=ns.steps, checkpoint_freq=ns.checkpoint_freq, data_dir=ns.data_dir,
+        holdout_fraction=0.2 if ns.holdout_fraction is None else ns.holdout_fraction,
+        train_options={name: (os.path.abspath(getattr(ns, name)) if name == "class_map" else getattr(ns, name))
+                       for name in TRAIN_OPTIONS if getattr(ns, name) is not None})
+    check_spec(spec)
+    return spec
+
+
+def check_spec(spec) -> None:
+    """Refuse a spec that would give no job or jobs that cannot start.
+
+    Raises:
+        DomainGradError: naming the flag and what is expected.
+    """
+    from ..hparams import parse_hparams_json, resolve_hparams
+
+    if spec.hparams_seeds is None and not 0 <= spec.n_hparams_from < spec.n_hparams:
+        raise DomainGradError(f"--n-hparams-from {spec.n_hparams_from} --n-hparams {spec.n_hparams} gives no "
+                              "draw; need 0 <= n_hparams_from < n_hparams")
+    if spec.trial_seeds is None and spec.n_trials < 1:
+        raise DomainGradError(f"--n-trials must be at least 1, got {spec.n_trials}")
+    for name in ("hparams_seeds", "trial_seeds"):
+        if any(v < 0 for v in getattr(spec, name) or ()):
+            raise DomainGradError(f"--{name.replace('_', '-')} must be non-negative integers")
+    for name in ("steps", "checkpoint_freq"):
+        if getattr(spec, name) is not None and getattr(spec, name) < 1:
+            raise DomainGradError(f"--{name.replace('_', '-')} must be a positive integer")
+    if not 0 < spec.holdout_fraction < 1:
+        raise DomainGradError(f"--holdout-fraction must be in (0, 1), got {spec.holdout_fraction}")
+    overrides = parse_hparams_json(spec.hparams)
+    for dataset in spec.datasets:
+        for algorithm in spec.algorithms:
+            resolve_hparams(algorithm, dataset, 0, 0, overrides)
+
+
+def hparams_of_run(run_dir: str) -> str:
+    """The hyperparameters of a finished run as JSON text (its last results.jsonl record).
+
+    Raises:
+        DomainGradError: no done run or no readable record there.
+    """
+    import json
+    from pathlib import Path
+
+    from ..run.output import DONE, RESULTS, read_records
+
+    path = Path(run_dir)
+    records, _ = read_records(path / RESULTS)
+    if not (path / DONE).exists() or not records or "hparams" not in records[-1]:
+        raise DomainGradError(f"--hparams-from {run_dir}: expected a finished run directory (with 'done' and "
+                              f"{RESULTS} records holding 'hparams')")
+    return json.dumps(records[-1]["hparams"], sort_keys=True)
+
+
+def show_status(states, list_all: bool) -> int:
+    """Print failed and running jobs (every job with ``list_all``); returns 0."""
+    from .jobs import JobState, err_tail
+
+    for job, state in states:
+        if list_all or state in (JobState.FAILED, JobState.RUNNING):
+            print(f"  {state.value:<12} {job.id} {job.describe()}")
+        if state is JobState.FAILED:
+            tail = err_tail(job.output_dir) or "(err.txt is empty)"
+            print("\n".join("      | " + line for line in tail.splitlines()))
+    return 0
+
+
+def confirm(ns: argparse.Namespace, question: str) -> bool:
+    """Ask ``question`` unless --skip-confirmation; False when the answer is not yes.
+
+    Raises:
+        DomainGradError: no terminal to ask on and no --skip-confirmation.
+    """
+    if ns.skip_confirmation:
+        return True
+    try:
+        answer = input(f"{question} (y/n) ")
+    except EOFError as exc:
+        raise DomainGradError("cannot ask for confirmation (no input); pass --skip-confirmation") from exc
+    if answer.strip().lower()[:1] != "y":
+        print("Nevermind!")
+        return False
+    return True
+
+
+def delete_incomplete(jobs, ns: argparse.Namespace) -> int:
+    """Delete the directories of unfinished jobs, never a done or running one."""
+    from .jobs import DONE
+    from .worker import acquire_lock
+
+    print(f"About to delete {len(jobs)} incomplete or failed jobs.")
+    if not jobs or not confirm(ns, "Are you sure?"):
+        return 0
+    deleted = 0
+    for job in jobs:
+        lock = acquire_lock(job.output_dir, wait=0.0)
+        if lock is None:
+            print(f"  kept {job.id}: it is running")
+            continue
+        try:
+            if (job.output_dir / DONE).exists():
+                print(f"  kept {job.id}: it finished meanwhile")
+                continue
+            shutil.rmtree(job.output_dir)
+            deleted += 1
+        finally:
+            os.close(lock)
+    print(f"Deleted {deleted} job directories.")
+    return 0
+
+
+def launch_options(ns: argparse.Namespace):
+    """The :class:`LaunchOptions` of the flags.
+
+    Raises:
+        DomainGradError: non-positive counts or a malformed --slurm-option.
+    """
+    from .launchers import LaunchOptions
+
+    workers = ns.workers if ns.workers is not None else (os.cpu_count() or 1)
+    if workers < 1 or ns.threads_per_job < 1:
+        raise DomainGradError("--workers and --threads-per-job must be positive integers")
+    extra = {}
+    for item in ns.slurm_option:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise DomainGradError(f"--slurm-option expects KEY=VALUE, got {item!r}")
+        extra[key] = value
+    params = {"slurm_partition": ns.slurm_partition, "timeout_min": ns.slurm_time,
+              "gpus_per_node": ns.slurm_gpus_per_node, "cpus_per_task": ns.slurm_cpus_per_task,
+              "mem_gb": ns.slurm_mem_gb, "slurm_array_parallelism": ns.slurm_array_parallelism,
+              "slurm_additional_parameters": extra or None}
+    submitit = {"folder": ns.submitit_folder or os.path.join(ns.output_dir, ".submitit"),
+                "cluster": ns.submitit_cluster,
+                "parameters": {k: v for k, v in params.items() if v is not None}}
+    return LaunchOptions(ns.threads_per_job, workers, ns.ray_address, submitit)
+
+
+def launch(jobs, states, ns: argparse.Namespace) -> int:
+    """Run every job that is neither done nor running; returns 0, or 1 if a job failed."""
+    from .jobs import JobState
+    from .launchers import get_launcher
+    from .manifest import merge_manifest
+    from .progress import SweepProgress
+
+    options = launch_options(ns)
+    to_run = [j for j, s in states if s not in (JobState.DONE, JobState.RUNNING)]
+    running = sum(s is JobState.RUNNING for _, s in states)
+    print(f"About to launch {len(to_run)} jobs with the {ns.launcher} launcher"
+          + (f" ({running} running elsewhere are left alone)." if running else "."))
+    if not to_run:
+        merge_manifest(ns.output_dir, jobs)
+        return 0
+    if not confirm(ns, "Are you sure?"):
+        return 0
+    merge_manifest(ns.output_dir, jobs)
+    progress = SweepProgress(len(to_run), bar=ns.progress)
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        get_launcher(ns.launcher)(to_run, options, progress)
+    except KeyboardInterrupt:
+        progress.close()
+        print(f"sweep interrupted: {progress.done} jobs finished in this launch; relaunch the same command to "
+              "run the rest (unfinished jobs resume from their last checkpoint)", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        progress.close()
+    return report_launch(progress)
+
+
+def _interrupt(signum, frame):  # SIGTERM: stop the jobs cleanly like Ctrl-C
+    raise KeyboardInterrupt
+
+
+def report_launch(progress) -> int:
+    """Print the end-of-launch summary; 1 when some job failed."""
+    print(f"launch finished: {progress.done} done, {progress.failed} failed"
+          + (f", {progress.elsewhere} running elsewhere" if progress.elsewhere else ""))
+    if progress.failures:
+        print("failed jobs (stderr in each job's err.txt; relaunch to retry them, they resume from "
+              "their last checkpoint):")
+        for job, outcome in progress.failures:
+            print(f"  {job.output_dir}  exit {outcome.returncode}")
+        return 1
+    return 0
+
+
+__all__ = ["add_parser", "run"]

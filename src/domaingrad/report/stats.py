@@ -1,0 +1,101 @@
+"""Paired Wilcoxon signed-rank tests of each algorithm against a baseline, as seed 002 does.
+
+Seed 002 (Mansilla et al. 2021, Sec. 4.4, Fig. 3, Table 1): 20 independent runs per
+(dataset, method, held-out domain); "the paired Wilcoxon test ... in terms of mean
+difference (with a significance level of 0.05)" between Deep-All (ERM) and each other
+method, per held-out domain; an asterisk marks p < 0.05. Here the paired samples are the
+selected accuracies of the algorithm and of the baseline for the same (dataset, test env,
+trial seed): runs with the same trial seed share the in/out splits, as seed 002's runs
+share the 70/10/20 split. Two-sided test, ``scipy.stats.wilcoxon`` with its defaults
+(exact distribution for small samples without ties).
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import asdict, dataclass
+
+from .selection import Selected
+from .tables import Table
+
+#: seed 002's significance level
+ALPHA = 0.05
+
+
+@dataclass(frozen=True)
+class PairedTest:
+    """One Wilcoxon test: ``algorithm`` vs ``baseline`` on one (dataset, test env).
+
+    ``differences`` are algorithm minus baseline accuracies (fractions) in trial-seed
+    order; ``p_value`` is None when there is no pair.
+    """
+
+    dataset: str
+    test_env: int
+    algorithm: str
+    baseline: str
+    metric: str
+    trial_seeds: list[int]
+    differences: list[float]
+    statistic: float | None
+    p_value: float | None
+
+    @property
+    def significant(self) -> bool:
+        return self.p_value is not None and self.p_value < ALPHA
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "significant": self.significant}
+
+
+def smallest_p_value(n_pairs: int) -> float:
+    """Smallest two-sided exact Wilcoxon p-value with ``n_pairs`` non-zero, untied differences: 2 / 2**n."""
+    return 2.0 / 2 ** n_pairs
+
+
+def paired_tests(selected: list[Selected], baseline: str, metric: str = "test_acc") -> list[PairedTest]:
+    """Wilcoxon signed-rank test of every algorithm against ``baseline`` per (dataset, test env),
+    pairing the selected numbers (``metric`` of :class:`Selected`) by trial seed."""
+    from scipy import stats  # imported here: scipy is only needed with --baseline
+
+    table: dict[tuple[str, int, str], dict[int, float]] = {}
+    for s in selected:
+        table.setdefault((s.dataset, s.test_env, s.algorithm), {})[s.trial_seed] = getattr(s, metric)
+    tests = []
+    for (dataset, test_env, algorithm), values in sorted(table.items(), key=lambda kv: repr(kv[0])):
+        reference = table.get((dataset, test_env, baseline))
+        if algorithm == baseline or reference is None:
+            continue
+        seeds = sorted(set(values) & set(reference))
+        diffs = [values[t] - reference[t] for t in seeds]
+        statistic = p_value = None
+        if seeds:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # scipy warns for all-zero differences and tiny samples
+                result = stats.wilcoxon([values[t] for t in seeds], [reference[t] for t in seeds])
+            statistic, p_value = float(result.statistic), float(result.pvalue)
+            p_value = None if math.isnan(p_value) else p_value
+        tests.append(PairedTest(dataset, test_env, algorithm, baseline, metric, seeds, diffs, statistic, p_value))
+    return tests
+
+
+def attach_p_values(tables: list[Table], tests: list[PairedTest]) -> None:
+    """Store each test's p-value in the matching per-dataset table cell (``Cell.p_value``)."""
+    by_key = {(t.dataset, t.test_env, t.algorithm): t.p_value for t in tests}
+    for table in tables:
+        if table.dataset is None:
+            continue
+        for algorithm, row in zip(table.rows, table.cells):
+            for env, cell in enumerate(row):
+                cell.p_value = by_key.get((table.dataset, env, algorithm))
+
+
+def too_few_pairs_note(tests: list[PairedTest]) -> str | None:
+    """A warning when some test cannot reach p < 0.05 because it has fewer than 6 pairs."""
+    small = sorted({len(t.trial_seeds) for t in tests if 0 < len(t.trial_seeds) < 6})
+    if not small:
+        return None
+    n = small[-1]
+    return (f"some tests pair only {', '.join(map(str, small))} trial seed(s): with n pairs the smallest two-sided "
+            f"Wilcoxon p-value is 2/2^n ({smallest_p_value(n):.4f} for n={n}), so p < {ALPHA} needs at least 6 "
+            "trials (seed 002 uses 20 runs)")

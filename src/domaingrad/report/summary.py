@@ -1,0 +1,89 @@
+"""Assemble a report: selection outcomes, tables and tests for every requested selection method."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..errors import DomainGradError
+from .names import order_algorithms
+from .records import Sweep
+from .selection import Selected, SelectionMethod, protocol_of, resolve_methods, select
+from .stats import PairedTest, attach_p_values, paired_tests, too_few_pairs_note
+from .tables import Table, build_tables
+
+
+@dataclass
+class Section:
+    """Everything reported for one selection method."""
+
+    method: type[SelectionMethod]
+    selected: list[Selected]
+    tables: list[Table]
+    tests: list[PairedTest] = field(default_factory=list)
+    in_domain_tables: list[Table] = field(default_factory=list)
+    in_domain_tests: list[PairedTest] = field(default_factory=list)
+
+
+@dataclass
+class Report:
+    """A whole report: the sweep read, its protocol, one section per selection method, notes."""
+
+    sweep: Sweep
+    protocol: str
+    sections: list[Section]
+    baseline: str | None
+    in_domain: bool
+    notes: list[str] = field(default_factory=list)
+
+
+def build_report(sweep: Sweep, selection: str = "auto", baseline: str | None = None, in_domain: bool = False) -> Report:
+    """Select, tabulate and test.
+
+    Args:
+        sweep: the records read by :func:`.records.load_sweep`.
+        selection: ``auto``, ``all``, ``iid``, ``loo``, ``oracle`` or ``seed002`` (see
+            :func:`.selection.resolve_methods`).
+        baseline: algorithm every other one is tested against (paired Wilcoxon), or None.
+        in_domain: also build DMG's in-domain tables (source held-out accuracy).
+
+    Raises:
+        DomainGradError: no usable record, unknown selection, or a baseline absent from the sweep.
+    """
+    records = sweep.records
+    if not records:
+        raise DomainGradError(
+            f"no usable results.jsonl record in {sweep.root}" + _why_empty(sweep)
+            + "; expected one sub-directory per job holding results.jsonl (DomainBed's layout)")
+    algorithms = order_algorithms(r["args"]["algorithm"] for r in records)
+    if baseline is not None and baseline not in algorithms:
+        raise DomainGradError(f"--baseline {baseline!r} has no runs in this sweep; algorithms present: "
+                              f"{', '.join(algorithms)}")
+    report = Report(sweep, protocol_of(records), [], baseline, in_domain)
+    for method in resolve_methods(selection, records):
+        chosen = select(records, method)
+        section = Section(method, chosen, build_tables(records, chosen, method.name, "test_acc"))
+        if in_domain:
+            section.in_domain_tables = build_tables(records, chosen, method.name, "in_domain_acc")
+        if baseline is not None:
+            section.tests = paired_tests(chosen, baseline, "test_acc")
+            attach_p_values(section.tables, section.tests)
+            if in_domain:
+                section.in_domain_tests = paired_tests(chosen, baseline, "in_domain_acc")
+                attach_p_values(section.in_domain_tables, section.in_domain_tests)
+        report.sections.append(section)
+    if baseline is not None:
+        note = too_few_pairs_note([t for s in report.sections for t in s.tests])
+        if note:
+            report.notes.append(note)
+    return report
+
+
+def _why_empty(sweep: Sweep) -> str:
+    incomplete = sweep.jobs_in_state("incomplete")
+    if incomplete and not sweep.include_incomplete:
+        return f" ({len(incomplete)} job(s) have records but no `done` file yet; --latest uses them)"
+    not_started = sweep.jobs_in_state("not started")
+    if not_started:
+        return f" ({len(not_started)} job(s) have no record yet)"
+    if sweep.problems:
+        return f" ({len(sweep.problems)} unreadable entries, e.g. {sweep.problems[0]})"
+    return ""

@@ -1,0 +1,99 @@
+"""The process that runs one sweep job: ``python -m domaingrad.sweep.worker ARGS_JSON --threads N``.
+
+Every launcher starts each job as this fresh Python process, so a job sees the same
+process state (torch thread count, RNGs, imports) whichever launcher ran it, and the
+results are bit-identical across launchers. The process holds an exclusive ``flock`` on
+``JOB_DIR/lock`` while it runs: a second process given the same job (a relaunch while
+an orphan still runs, two launches at once) exits with :data:`EXIT_RUNNING_ELSEWHERE`
+instead of writing into the same directory, and ``domaingrad sweep status`` shows the
+job as running.
+
+Exit codes: 0 done (or already done), 1 crash or non-finite loss, 2 bad arguments
+(DomainGradError), 75 running elsewhere, 130 interrupted.
+"""
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+EXIT_RUNNING_ELSEWHERE = 75
+LOCK_WAIT_SECONDS = 1.0
+
+
+def acquire_lock(job_dir: Path, wait: float = LOCK_WAIT_SECONDS) -> int | None:
+    """Take the job's lock; returns the open descriptor (keep it open), None if held elsewhere.
+
+    Retries for ``wait`` seconds, so a momentary probe by ``sweep status`` is not
+    mistaken for a running job.
+    """
+    from .jobs import LOCK
+
+    job_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(job_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                os.close(fd)
+                return None
+            time.sleep(0.1)
+
+
+def run(args: dict, threads: int) -> int:
+    """Run one job's training in this process; returns the exit code."""
+    from .jobs import DONE, FAILED
+
+    job_dir = Path(args["output_dir"])
+    lock = acquire_lock(job_dir)
+    if lock is None:
+        print(f"domaingrad sweep: job {job_dir.name} is being run by another process (its lock is held); "
+              "not starting it twice", file=sys.stderr)
+        return EXIT_RUNNING_ELSEWHERE
+    if (job_dir / DONE).exists():
+        print(f"domaingrad sweep: job {job_dir.name} is already done", file=sys.stderr)
+        return 0
+    (job_dir / FAILED).unlink(missing_ok=True)
+
+    import torch
+
+    torch.set_num_threads(threads)
+    from ..errors import DomainGradError, NonFiniteLossError
+    from ..run import TrainArgs, train
+
+    try:
+        with open(os.devnull, "w") as quiet:  # out.txt holds the same lines
+            train(TrainArgs(**args), stream=quiet)
+    except KeyboardInterrupt:
+        print("domaingrad: interrupted; relaunch the sweep to resume from the last checkpoint", file=sys.stderr)
+        return 130
+    except NonFiniteLossError as exc:
+        print(f"domaingrad: error: {exc}", file=sys.stderr)
+        return 1
+    except DomainGradError as exc:
+        print(f"domaingrad: error: {exc}", file=sys.stderr)
+        return 2
+    except Exception:  # noqa: BLE001 - any crash is reported by the sweep, with its traceback
+        traceback.print_exc()
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m domaingrad.sweep.worker")
+    parser.add_argument("args_json", help="the job's TrainArgs fields as a JSON object")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    ns = parser.parse_args(argv)
+    return run(json.loads(ns.args_json), ns.threads)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
