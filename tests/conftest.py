@@ -57,13 +57,18 @@ def small_mnist_dir(tmp_path_factory) -> Path:
     """A --data-dir holding 1,200 real digits (a seeded subset of the embedded ones) as
     MNIST IDX files: ColoredMNIST/RotatedMNIST runs through the CLI whose evaluation
     takes a second instead of ten."""
+    return embedded_digits_folder(tmp_path_factory.mktemp("small_mnist"), 1200, seed=0, n_train=1000)
+
+
+def embedded_digits_folder(root: Path, n_digits: int, seed: int, n_train: int) -> Path:
+    """``root`` as a --data-dir holding ``n_digits`` of the embedded digits (a seeded
+    subset) as MNIST IDX files, the first ``n_train`` as train; returns ``root``."""
     from domaingrad.data.digits import load_embedded_mnist
 
     pool = load_embedded_mnist()
-    pick = np.random.RandomState(0).permutation(len(pool.images))[:1200]
+    pick = np.random.RandomState(seed).permutation(len(pool.images))[:n_digits]
     images, labels = pool.images.numpy()[pick], pool.labels.numpy()[pick].astype(np.uint8)
-    root = tmp_path_factory.mktemp("small_mnist")
-    write_idx_folder(root / "MNIST" / "raw", images, labels, n_train=1000)
+    write_idx_folder(root / "MNIST" / "raw", images, labels, n_train=n_train)
     return root
 
 

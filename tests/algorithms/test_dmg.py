@@ -18,14 +18,8 @@ from domaingrad.hparams import common_hparams
 from tests.algorithms.test_dropout import SHAPE, StagedCNN
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors gain nothing from 2 threads, and on the loaded 2-core machine OpenMP
-    oversubscription made a ResNet-18 step 14x slower (9.1 s vs 0.65 s). Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+#: one torch thread (tests/conftest.py): small tensors gain nothing from two
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(autouse=True)

@@ -24,14 +24,8 @@ from tests.gradients.test_gsnr import listing2_drop_block2d_gsnr
 SHAPE = (2, 9, 9)  # input shape of StagedCNN
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors gain nothing from 2 threads, and on the loaded 2-core machine OpenMP
-    oversubscription made a ResNet-18 step 14x slower (9.1 s vs 0.65 s). Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+#: one torch thread (tests/conftest.py): small tensors gain nothing from two
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 class StagedCNN(nn.Module):

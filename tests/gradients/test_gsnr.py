@@ -15,14 +15,8 @@ from domaingrad.gradients.gsnr import (batch_gsnr, drop_block2d, drop_block2d_gs
                                        gsnr_seed_mask, gsnr_threshold_index)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors gain nothing from 2 threads, and on the loaded 2-core machine OpenMP
-    oversubscription made a ResNet-18 step 14x slower (9.1 s vs 0.65 s). Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+#: one torch thread (tests/conftest.py): small tensors gain nothing from two
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def listing2_drop_block2d_gsnr(

@@ -24,15 +24,6 @@ def environments(digits):
     return fcm.build_environments(digits.images, digits.labels, seed=0)
 
 
-@pytest.fixture
-def one_thread():
-    """The machine is shared: one intra-op thread is much faster under contention."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def test_registry():
     module, description = EXPERIMENTS["fishr-colored-mnist"]
     assert module is fcm and "Colored MNIST" in description

@@ -3,24 +3,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from tests.conftest import write_idx_folder
+from tests.conftest import embedded_digits_folder
 
 
 @pytest.fixture(scope="session")
 def tiny_mnist_dir(tmp_path_factory) -> Path:
     """A --data-dir of 240 real digits (80 per ColoredMNIST environment): a 3-step run's
     evaluation takes a fraction of a second, so a job costs little more than its imports."""
-    from domaingrad.data.digits import load_embedded_mnist
-
-    pool = load_embedded_mnist()
-    pick = np.random.RandomState(1).permutation(len(pool.images))[:240]
-    images, labels = pool.images.numpy()[pick], pool.labels.numpy()[pick].astype(np.uint8)
-    root = tmp_path_factory.mktemp("tiny_mnist")
-    write_idx_folder(root / "MNIST" / "raw", images, labels, n_train=200)
-    return root
+    return embedded_digits_folder(tmp_path_factory.mktemp("tiny_mnist"), 240, seed=1, n_train=200)
 
 
 def sweep_flags(data_dir: Path, steps: int = 3, checkpoint_freq: int = 2, test_envs: str = "0 1") -> list[str]:

@@ -167,6 +167,20 @@ def split_environment_70_10_20(env: TensorEnvironment, trial_seed: int, env_inde
             Split(env, keys_t[:n_test]))
 
 
+def check_training_splits(splits: Sequence[Split], batch_size: int) -> None:
+    """The checks every training stream makes before drawing.
+
+    Raises:
+        DomainGradError: a batch size below 1, or a training split without samples.
+    """
+    if batch_size < 1:
+        raise DomainGradError(f"batch_size must be a positive integer, got {batch_size}")
+    for split in splits:
+        if len(split) == 0:
+            raise DomainGradError(
+                f"environment {split.env.name!r} has no training samples; lower holdout_fraction")
+
+
 class InfiniteMinibatches:
     """Endless minibatches, one per training split, drawn from memory.
 
@@ -186,12 +200,7 @@ class InfiniteMinibatches:
 
     def __init__(self, splits: Sequence[Split], batch_size: int, seed: int,
                  class_balanced: bool = False):
-        if batch_size < 1:
-            raise DomainGradError(f"batch_size must be a positive integer, got {batch_size}")
-        for split in splits:
-            if len(split) == 0:
-                raise DomainGradError(
-                    f"environment {split.env.name!r} has no training samples; lower holdout_fraction")
+        check_training_splits(splits, batch_size)
         self.splits = list(splits)
         self.batch_size = batch_size
         self.generator = torch.Generator().manual_seed(seed)

@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..errors import DomainGradError
 from ..rng import seed_hash
-from .base import MultipleDomainDataset, Split
+from .base import MultipleDomainDataset, Split, check_training_splits
 from .folders import DomainImages, FolderSpec, check_images, find_domains, match_classes, read_class_map, scan_domain
 
 log = logging.getLogger(__name__)
@@ -188,12 +188,7 @@ class ImageMinibatches:
 
     def __init__(self, splits: Sequence[Split], batch_size: int, seed: int, class_balanced: bool,
                  augment: bool, num_workers: int, pin_memory: bool = False):
-        if batch_size < 1:
-            raise DomainGradError(f"batch_size must be a positive integer, got {batch_size}")
-        for split in splits:
-            if len(split) == 0:
-                raise DomainGradError(
-                    f"environment {split.env.name!r} has no training samples; lower holdout_fraction")
+        check_training_splits(splits, batch_size)
         self.splits, self.batch_size, self.seed = list(splits), batch_size, seed
         self.weights = [(1.0 / torch.bincount(s.y).double())[s.y] if class_balanced else None for s in self.splits]
         dataset = self.splits[0].env.dataset
