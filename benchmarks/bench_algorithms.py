@@ -15,10 +15,9 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
+from _timing import round_robin_medians
 
 from domaingrad.algorithms import algorithm_class
 from domaingrad.data import InfiniteMinibatches, get_dataset, split_environment
@@ -40,16 +39,7 @@ def bench(dataset_name: str, algorithms: list[str], steps: int, warmup: int) -> 
         algo.total_steps = steps + warmup
         built[name] = algo
     stream = InfiniteMinibatches(splits, default_hparams("ERM", dataset_name)["batch_size"], seed=0)
-    times: dict[str, list[float]] = {name: [] for name in algorithms}
-    for step in range(warmup + steps):
-        batch = next(stream)
-        order = algorithms[step % len(algorithms):] + algorithms[:step % len(algorithms)]
-        for name in order:
-            start = time.perf_counter()
-            built[name].update(batch)
-            if step >= warmup:
-                times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return round_robin_medians(built, lambda step: next(stream), steps, warmup)
 
 
 def main() -> None:

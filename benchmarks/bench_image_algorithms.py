@@ -22,10 +22,9 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
+from _timing import round_robin_medians
 
 from domaingrad.algorithms import algorithm_class
 from domaingrad.hparams import default_hparams
@@ -51,16 +50,7 @@ def bench(setting: str, algorithms: list[str], steps: int, warmup: int, batch_si
         hparams = {**default_hparams(name, dataset), **overrides, "batch_size": batch}
         built[name] = algorithm_class(name)(shape, num_classes, num_domains, hparams)
         built[name].total_steps = steps + warmup
-    times: dict[str, list[float]] = {name: [] for name in algorithms}
-    for step in range(warmup + steps):
-        minibatches = pool[step % num_batches]
-        order = algorithms[step % len(algorithms):] + algorithms[:step % len(algorithms)]
-        for name in order:
-            start = time.perf_counter()
-            built[name].update(minibatches)
-            if step >= warmup:
-                times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return round_robin_medians(built, lambda step: pool[step % num_batches], steps, warmup)
 
 
 def main() -> None:

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from .errors import DomainGradError, NonFiniteLossError
+from .errors import DomainGradError, report_error
 
 #: commands that live in their own module: name -> module exposing
 #: ``add_parser(subparsers)`` (cheap imports only) and ``run(namespace)``
@@ -158,12 +158,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             code = importlib.import_module(MODULE_COMMANDS[ns.command]).run(ns)
             return int(code or 0)
-    except NonFiniteLossError as exc:
-        print(f"domaingrad: error: {exc}", file=sys.stderr)
-        return 1
     except DomainGradError as exc:
-        print(f"domaingrad: error: {exc}", file=sys.stderr)
-        return 2
+        return report_error(exc)
     except BrokenPipeError:  # e.g. `domaingrad list | head`: the reader has gone
         sys.stdout = open(os.devnull, "w")
         return 0

@@ -1,6 +1,8 @@
 """Errors meant for the user: each says what was expected and what to do."""
 from __future__ import annotations
 
+import sys
+
 
 class DomainGradError(Exception):
     """A problem with the user's input or files; the CLI prints it without a traceback."""
@@ -24,3 +26,10 @@ class NonFiniteLossError(DomainGradError):
             f"training stopped: a non-finite value at step {step} ({bad}); {kept}. "
             "Lower the learning rate (--hparams '{\"lr\": ...}') or check the data; "
             "the run is not marked done.")
+
+
+def report_error(exc: DomainGradError) -> int:
+    """Print ``exc`` as the command line does and return its exit code: 1 for a
+    non-finite loss (the run stopped), 2 for any other user error."""
+    print(f"domaingrad: error: {exc}", file=sys.stderr)
+    return 1 if isinstance(exc, NonFiniteLossError) else 2

@@ -16,6 +16,7 @@ from domaingrad.algorithms.dmg import DMG, MultiHeaded, mask_statistics, resolve
 from domaingrad.errors import DomainGradError
 from domaingrad.hparams import common_hparams
 from tests.algorithms.test_dropout import SHAPE, StagedCNN
+from tests.algorithms.test_dropout import build as build_algorithm
 
 
 #: one torch thread (tests/conftest.py): small tensors gain nothing from two
@@ -30,12 +31,9 @@ def staged(monkeypatch, request):
         monkeypatch.setattr(models, "featurizer_for", lambda input_shape, hparams: StagedCNN(input_shape))
 
 
-def build(cls, num_domains=3, seed=0, num_classes=3, **overrides):
-    hp = {s.name: s.default for s in common_hparams(True) + cls.hparam_specs(True)}
-    assert set(overrides) <= set(hp)
-    hp.update(overrides)
-    torch.manual_seed(seed)
-    return cls(SHAPE, num_classes, num_domains, hp)
+def build(cls, num_domains=3, **kwargs):
+    """test_dropout's builder with three training domains by default."""
+    return build_algorithm(cls, num_domains=num_domains, **kwargs)
 
 
 def batches(num_domains=3, seed=0, n=4, num_classes=3):

@@ -172,14 +172,21 @@ def split_indices(n_digits: int) -> tuple[np.ndarray, np.ndarray]:
     return np.flatnonzero(mask), test
 
 
+def _training_pool(images: torch.Tensor, digits: torch.Tensor, seed: int
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Generator]:
+    """The shuffled training digits (images, digits) of restart ``seed`` and the generator
+    that shuffled them, which :func:`build_environments` goes on drawing from."""
+    train_idx, _ = split_indices(len(images))
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.as_tensor(train_idx)[torch.randperm(len(train_idx), generator=g)]
+    return images[perm], digits[perm], g
+
+
 def build_environments(images: torch.Tensor, digits: torch.Tensor, seed: int
                        ) -> tuple[list[Environment], Environment, Environment]:
     """(training environments [e=0.2, e=0.1], test environment e=0.9, gray test)."""
-    train_idx, test_idx = split_indices(len(images))
-    g = torch.Generator().manual_seed(seed)
-    perm = torch.as_tensor(train_idx)[torch.randperm(len(train_idx), generator=g)]
-    tr_images, tr_digits = images[perm], digits[perm]
-    te = torch.as_tensor(test_idx)
+    tr_images, tr_digits, g = _training_pool(images, digits, seed)
+    te = torch.as_tensor(split_indices(len(images))[1])
     te_images, te_digits = images[te], digits[te]
     train = [make_environment(tr_images[0::2], tr_digits[0::2], ENV_FLIPS[0], g),
              make_environment(tr_images[1::2], tr_digits[1::2], ENV_FLIPS[1], g)]
@@ -328,10 +335,7 @@ def environment_redrawer(images: torch.Tensor, digits: torch.Tensor, seed: int
     drawn afresh at each call (``label_noise="per-step"``), from a generator seeded with
     ``seed``. The digits of each environment are the same as in
     :func:`build_environments` for that seed; only the Bernoulli draws change."""
-    train_idx, _ = split_indices(len(images))
-    g = torch.Generator().manual_seed(seed)
-    perm = torch.as_tensor(train_idx)[torch.randperm(len(train_idx), generator=g)]
-    tr_images, tr_digits = images[perm], digits[perm]
+    tr_images, tr_digits, _ = _training_pool(images, digits, seed)
     noise = torch.Generator().manual_seed(seed_hash(seed, "label-noise"))
 
     def redraw() -> list[Environment]:

@@ -18,12 +18,12 @@ import sys
 from collections import Counter
 
 from ..errors import DomainGradError
+from .jobs import TRAIN_OPTIONS
 
 #: the flags that define which jobs a sweep has (any given: jobs from flags, else from the manifest)
 JOB_FLAGS = ("datasets", "algorithms", "test_envs", "single_test_envs", "n_hparams_from", "n_hparams",
              "hparams_seeds", "n_trials", "trial_seeds", "hparams", "hparams_from", "steps", "checkpoint_freq",
-             "data_dir", "holdout_fraction", "weights", "image_size", "split_protocol", "class_map",
-             "corrupt_images")
+             "data_dir", "holdout_fraction", *TRAIN_OPTIONS)
 
 
 def _option(parser: argparse.ArgumentParser | argparse._ArgumentGroup, name: str, *extra: str, **kwargs) -> None:
@@ -154,7 +154,7 @@ def spec_from_flags(ns: argparse.Namespace):
     """
     from ..algorithms import ALGORITHMS
     from ..data import DATASETS
-    from .jobs import TRAIN_OPTIONS, SweepSpec
+    from .jobs import SweepSpec
 
     if ns.hparams_seeds is not None and (ns.n_hparams is not None or ns.n_hparams_from is not None):
         raise DomainGradError("give either --hparams-seeds or --n-hparams-from/--n-hparams, not both")

@@ -66,7 +66,7 @@ def run(args: dict, threads: int) -> int:
     import torch
 
     torch.set_num_threads(threads)
-    from ..errors import DomainGradError, NonFiniteLossError
+    from ..errors import DomainGradError, report_error
     from ..run import TrainArgs, train
 
     try:
@@ -75,12 +75,8 @@ def run(args: dict, threads: int) -> int:
     except KeyboardInterrupt:
         print("domaingrad: interrupted; relaunch the sweep to resume from the last checkpoint", file=sys.stderr)
         return 130
-    except NonFiniteLossError as exc:
-        print(f"domaingrad: error: {exc}", file=sys.stderr)
-        return 1
     except DomainGradError as exc:
-        print(f"domaingrad: error: {exc}", file=sys.stderr)
-        return 2
+        return report_error(exc)
     except Exception:  # noqa: BLE001 - any crash is reported by the sweep, with its traceback
         traceback.print_exc()
         return 1
