@@ -1,6 +1,9 @@
 """The gradient-surgery algorithms: one update equals rule(per-domain autograd) + Adam."""
 from __future__ import annotations
 
+import inspect
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -34,7 +37,8 @@ RULE_CALLS = {
     "AgrSum": lambda a, g: surgery.agr_sum(g),
     "PCGrad": lambda a, g: surgery.pcgrad(g, generator=a.generator),
     "ANDMask": lambda a, g: surgery.and_mask(g, tau=1.0),
-    "CorGrad": lambda a, g: surgery.corgrad(g, slices="auto", alpha=0.75, alpha_schedule="constant"),
+    # the function's defaults are the algorithm's: the same call, nothing else passed
+    "CorGrad": lambda a, g: surgery.corgrad(g, generator=a.generator),
 }
 
 
@@ -64,6 +68,65 @@ def test_agr_rand_is_reproducible_and_resumable():
     c.load_training_state(state)
     assert a.update(minibatches(2)) == c.update(minibatches(2))
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), c.parameters()))
+
+
+def test_corgrad_random_order_is_reproducible_and_resumable():
+    a, b = build("CorGrad"), build("CorGrad")
+    a.total_steps = b.total_steps = 10
+    for step in range(2):
+        assert a.update(minibatches(step)) == b.update(minibatches(step))
+    state = a.training_state()
+    c = build("CorGrad", seed=5)
+    c.total_steps = 10
+    c.load_training_state(state)
+    assert a.update(minibatches(3)) == c.update(minibatches(3))
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), c.parameters()))
+
+
+def test_corgrad_function_and_algorithm_defaults_agree():
+    defaults = {k: v.default for k, v in inspect.signature(surgery.corgrad).parameters.items()}
+    hp = default_hparams("CorGrad", "PACS")
+    assert defaults["projection"] == hp["corgrad_projection"] == "sequential"
+    assert defaults["order"] is None and hp["corgrad_order"] == "random"
+    assert defaults["slices"] == "auto" and hp["corgrad_slices"] == 0
+    assert defaults["min_slice"] == hp["corgrad_min_slice"]
+    assert defaults["alpha"] == hp["corgrad_alpha"]
+    assert defaults["alpha_schedule"] == hp["corgrad_alpha_schedule"] == "decay"
+    for key in ("slicing", "reference", "smoothing", "layerwise"):
+        assert defaults[key] == hp[f"corgrad_{key}"], key
+    assert hp["corgrad_params"] == "all"
+
+
+def test_corgrad_official_hparams_reproduce_the_official_update():
+    # corgrad_params 'conv_linear': Conv/Linear parameters through the official rule,
+    # GroupNorm affine parameters keep the LAST domain's gradient alone
+    official = algorithm_class("CorGrad").OFFICIAL_HPARAMS
+    algo, ref = build("CorGrad", official), build("CorGrad", official)
+    mb = minibatches(4)
+    params, grads = manual_grads(ref, mb)
+    modules = {id(p): type(m) for m in ref.network.modules() for p in m.parameters(recurse=False)}
+    conv_linear = [modules[id(p)] in (torch.nn.Conv2d, torch.nn.Linear) for p in params]
+    assert any(conv_linear) and not all(conv_linear)
+    options = {k: v for k, v in surgery.OFFICIAL_CORGRAD_OPTIONS.items()}
+    combined = iter(surgery.corgrad([g for g, c in zip(grads, conv_linear) if c], **options).grads)
+    expected = [next(combined) if c else g[-1] for g, c in zip(grads, conv_linear)]
+    opt = torch.optim.Adam(params, lr=1e-3)
+    for p, g in zip(params, expected):
+        p.grad = g
+    opt.step()
+    algo.update(mb)
+    for p, q in zip(algo.network.parameters(), ref.network.parameters()):
+        assert torch.allclose(p, q, atol=1e-6)
+    assert algo.hparams["corgrad_order"] == "index" and algo.hparams["corgrad_min_slice"] == 1
+
+
+def test_corgrad_decay_without_a_run_length_is_an_error_not_a_silent_constant():
+    algo = build("CorGrad")
+    algo.update(minibatches(0))  # step 0: alpha is the initial value whatever the length
+    with pytest.raises(ValueError, match="total_steps"):
+        algo.update(minibatches(1))
+    algo.total_steps = 10
+    assert algo.update(minibatches(1))["alpha"] == pytest.approx(0.75 * (1 - math.log(2) / math.log(10)))
 
 
 def test_mean_reduction_divides_the_sum_by_the_number_of_domains():

@@ -66,18 +66,26 @@ SHAPES = st.lists(
 
 
 def naive_project(
-    vecs: list[torch.Tensor], order: list[int], reference: str, eps: float
+    vecs: list[torch.Tensor],
+    order: list[int],
+    reference: str,
+    eps: float,
+    j_orders: list[list[int]] | None = None,
 ) -> list[torch.Tensor]:
-    """Literal PCGrad loop (Yu et al. Alg. 1) on flat vectors."""
+    """Literal PCGrad loop (Yu et al. Alg. 1) on flat vectors.
+
+    Domains ``i`` in ``order``; domain ``i`` against the others in ``j_orders[i]``
+    (default: ``order`` without ``i``). Conflict: ``dot < -1e-10 ||pc_i|| ||ref||`` (the
+    module's documented tie band, with the vectors' own norms as scales).
+    """
     pc = [v.clone() for v in vecs]
     for i in order:
-        for j in order:
-            if j == i:
-                continue
+        others = j_orders[i] if j_orders is not None else [j for j in order if j != i]
+        for j in others:
             ref = pc[j] if reference == "projected" else vecs[j]
             dot = torch.dot(pc[i], ref)
             nrm = torch.dot(ref, ref)
-            if dot < 0 and nrm > 0:
+            if dot < -1e-10 * pc[i].norm() * ref.norm() and nrm > 0:
                 pc[i] = pc[i] - dot / (nrm + eps) * ref
     return pc
 
@@ -91,7 +99,7 @@ def naive_simultaneous(vecs: list[torch.Tensor], eps: float) -> list[torch.Tenso
                 continue
             dot = torch.dot(gi, gj)
             nrm = torch.dot(gj, gj)
-            if dot < 0 and nrm > 0:
+            if dot < -1e-10 * gi.norm() * gj.norm() and nrm > 0:
                 new = new - dot / (nrm + eps) * gj
         out.append(new)
     return out
@@ -117,50 +125,77 @@ def naive_auto(numel: int) -> int:
 
 
 def naive_pieces(
-    grads: list[torch.Tensor], layerwise: bool, slices: int | str, slicing: str
+    grads: list[torch.Tensor], layerwise: bool, slices: int | str, slicing: str, min_slice: int = 1
 ) -> list[list[torch.Tensor]]:
-    """Element indices of every piece of every unit (torch.tensor_split / torch.chunk)."""
+    """Element indices of every piece of every unit (torch.tensor_split / torch.chunk),
+    at most ``numel // min_slice`` pieces; dim0: fewer chunks until the last is long enough."""
     numels = [g[0].numel() for g in grads] if layerwise else [sum(g[0].numel() for g in grads)]
     out = []
     for u, numel in enumerate(numels):
         n = naive_auto(numel) if slices == "auto" else slices
+        n = min(n, max(1, numel // min_slice))
         index = torch.arange(numel)
         if slicing == "dim0" and layerwise and grads[u].dim() > 1:
-            pieces = [c.reshape(-1) for c in torch.chunk(index.view(grads[u].shape[1:]), n, dim=0)]
+            while True:
+                pieces = [c.reshape(-1) for c in torch.chunk(index.view(grads[u].shape[1:]), n, dim=0)]
+                if n == 1 or not pieces or len(pieces[-1]) >= min_slice:
+                    break
+                n -= 1
         else:
             pieces = list(torch.tensor_split(index, min(n, numel))) if numel else []
         out.append(pieces)
     return out
 
 
+def drawn_orders(num_domains: int, seed: int) -> list[list[int]]:
+    """The documented random orders: per domain i (index order), the others permuted by
+    one torch.randperm(D - 1) of a generator seeded with ``seed`` (none when D <= 2)."""
+    gen = torch.Generator().manual_seed(seed)
+    orders = []
+    for i in range(num_domains):
+        others = [j for j in range(num_domains) if j != i]
+        if len(others) > 1:
+            others = [others[k] for k in torch.randperm(len(others), generator=gen).tolist()]
+        orders.append(others)
+    return orders
+
+
 def naive_corgrad(
     grads: list[torch.Tensor],
     *,
     layerwise: bool = True,
-    slices: int | str = 10,
+    slices: int | str = "auto",
+    min_slice: int = 16,
     slicing: str = "flat",
-    projection: str = "simultaneous",
+    projection: str = "sequential",
     reference: str = "original",
     smoothing: str | None = "dominant",
-    alpha: float = 0.6,
+    alpha: float = 0.75,
     eps: float = 1e-12,
     reduction: str = "sum",
+    order: list[int] | None = None,
+    j_orders: list[list[int]] | None = None,
 ) -> list[torch.Tensor]:
-    """CorGrad with explicit loops over units, slices and domain pairs."""
+    """CorGrad with explicit loops over units, slices and domain pairs.
+
+    Sequential projection: domains in ``order`` (default index order), domain ``i``
+    against ``j_orders[i]`` (default: ``order`` without ``i``).
+    """
     num_domains = grads[0].shape[0]
+    order = list(range(num_domains)) if order is None else order
     if layerwise:
         units = [g.reshape(num_domains, -1) for g in grads]
     else:
         units = [torch.cat([g.reshape(num_domains, -1) for g in grads], dim=1)]
     sums = []
-    for unit, pieces in zip(units, naive_pieces(grads, layerwise, slices, slicing)):
+    for unit, pieces in zip(units, naive_pieces(grads, layerwise, slices, slicing, min_slice)):
         corrected = unit.clone()
         for idx in pieces:
             vecs = [unit[d, idx] for d in range(num_domains)]
             if projection == "simultaneous":
                 pc = naive_simultaneous(vecs, eps)
             else:
-                pc = naive_project(vecs, list(range(num_domains)), reference, eps)
+                pc = naive_project(vecs, order, reference, eps, j_orders)
             for d in range(num_domains):
                 corrected[d, idx] = pc[d]
         if smoothing is not None and num_domains > 1:
@@ -457,14 +492,16 @@ def test_corgrad_hand_slicing_reveals_a_hidden_conflict():
     whole = corgrad([g], slices=1, smoothing=None)
     assert close(whole.grads[0], t64([0.0, 1.0, 2.0, 2.0]))
     assert whole.stats["conflict_pairs"] == 0.0
-    sliced = corgrad([g], slices=2, smoothing=None, eps=0.0)
+    sliced = corgrad([g], slices=2, min_slice=1, smoothing=None, eps=0.0)
     assert close(sliced.grads[0], t64([0.5, 1.5, 2.0, 2.0]))
     assert sliced.stats["conflict_pairs"] == 2.0
     assert sliced.stats["pieces"] == 2.0
     # 2 conflicting (i, j, piece) of 2 * 1 * 2 = 4 considered
     assert sliced.stats["mod_freq"] == pytest.approx(0.5)
     assert sliced.stats["mod_ratio"] == pytest.approx(1 / math.sqrt(2))
-    mean = corgrad([g], slices=2, smoothing=None, reduction="mean")
+    mean = corgrad([g], slices=2, min_slice=1, smoothing=None, reduction="mean")
+    # the default min_slice (16) keeps a 4-element unit whole: no hidden conflict found
+    assert corgrad([g], slices=2, smoothing=None).stats["pieces"] == 1.0
     assert close(mean.grads[0], t64([0.25, 0.75, 1.0, 1.0]))
 
 
@@ -474,13 +511,60 @@ def test_corgrad_hand_simultaneous_vs_sequential_three_domains():
     #   = (1/3,-1/3,1/3) + (-1/3,5/6,1/6) + (0,0,1) = (0, 1/2, 3/2)
     # sequential + projected: (-5/3, -5/6, 11/6) as computed for PCGrad.
     g = t64([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [-2.0, -1.0, 1.0]])
-    sim = corgrad([g], slices=1, smoothing=None, eps=0.0)
+    sim = corgrad([g], slices=1, smoothing=None, eps=0.0, projection="simultaneous")
     assert close(sim.grads[0], t64([0.0, 0.5, 1.5]))
     assert sim.stats["conflict_pairs"] == 4.0  # (1,3), (2,3), (3,1), (3,2)
     # mod ratios |cos|: (1,3),(3,1): 2/sqrt(6); (2,3),(3,2): 1/sqrt(6)
     assert sim.stats["mod_ratio"] == pytest.approx((2 * 2 + 2 * 1) / 4 / math.sqrt(6))
-    seq = corgrad([g], slices=1, smoothing=None, projection="sequential", reference="projected", eps=0.0)
+    seq = corgrad([g], slices=1, smoothing=None, order="index", reference="projected", eps=0.0)
     assert close(seq.grads[0], t64([-5 / 3, -5 / 6, 11 / 6]))
+    # the default is sequential against original references: order 2,1,0 gives the PCGrad
+    # hand value (1/3, 5/6, 3/2), which the simultaneous rule cannot give
+    rev = corgrad([g], slices=1, smoothing=None, order=[2, 1, 0], eps=0.0)
+    assert close(rev.grads[0], t64([1 / 3, 5 / 6, 1.5]))
+
+
+def test_corgrad_default_is_a_projection_where_simultaneous_is_not():
+    # One 1-element piece, g = (2, -1, -1) over three domains. Sequential, any order:
+    # g1 = 2 is projected off the first negative other -> 0; each -1 is projected off
+    # 2 -> 0 (its dot with the other -1 is positive). Sum 0 in every order.
+    # Simultaneous: g1 -> 2 - 2 - 2 = -2 (reversed), g2, g3 -> 0: sum -2.
+    g = t64([[2.0], [-1.0], [-1.0]])
+    for seed in range(6):
+        res = corgrad([g], smoothing=None, eps=0.0, generator=torch.Generator().manual_seed(seed))
+        assert res.grads[0].item() == pytest.approx(0.0, abs=1e-12)
+    for perm in ([0, 1, 2], [1, 2, 0], [2, 0, 1]):
+        assert corgrad([g], smoothing=None, eps=0.0, order=perm).grads[0].item() == pytest.approx(0.0, abs=1e-12)
+    sim = corgrad([g], smoothing=None, eps=0.0, projection="simultaneous")
+    assert sim.grads[0].item() == pytest.approx(-2.0)
+
+
+def test_corgrad_random_orders_are_drawn_per_domain_from_the_generator():
+    # Four domains, whole network: the default order (per domain i, the others in the
+    # order of one torch.randperm(3)) matches the loop reference fed the same draws, the
+    # same seed gives the same result, and different seeds reach different results.
+    grads = random_grads(21, 4, [(5,), (3,)])
+    results = set()
+    for seed in range(8):
+        kwargs = dict(layerwise=False, slices=1, smoothing=None)
+        a = corgrad(grads, generator=torch.Generator().manual_seed(seed), **kwargs)
+        b = corgrad(grads, generator=torch.Generator().manual_seed(seed), **kwargs)
+        expected = naive_corgrad(grads, j_orders=drawn_orders(4, seed), **kwargs)
+        for x, y, e in zip(a.grads, b.grads, expected):
+            assert torch.equal(x, y)
+            assert close(x, e, 1e-9)
+        results.add(tuple(round(v, 9) for v in torch.cat([x.reshape(-1) for x in a.grads]).tolist()))
+    assert len(results) > 1
+    # the projected-reference (official aliasing) mode takes random orders too
+    hand = [t64([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [-2.0, -1.0, 1.0]])]  # order-dependent
+    proj = set()
+    for seed in range(8):
+        res = corgrad(hand, slices=1, smoothing=None, reference="projected",
+                      generator=torch.Generator().manual_seed(seed))
+        exp = naive_corgrad(hand, slices=1, smoothing=None, reference="projected", j_orders=drawn_orders(3, seed))
+        assert close(res.grads[0], exp[0])
+        proj.add(tuple(round(v, 9) for v in res.grads[0].tolist()))
+    assert len(proj) > 1
 
 
 def test_corgrad_smoothing_dominant_vs_two_sided_hand():
@@ -502,10 +586,10 @@ def test_corgrad_smoothing_dominant_vs_two_sided_hand():
     # two_sided: |1 - 3| = 2 > 1.414 -> g1 flagged (a LOW outlier); mean of g2, g3 = (2, 2);
     #   g1' = 0.6 (1,0) + 0.4 (2,2) = (1.4, 0.8); sum = (5.4, 4.8)
     g = t64([[1.0, 0.0], [0.0, 4.0], [4.0, 0.0]])
-    dom = corgrad([g], slices=1, smoothing="dominant")
+    dom = corgrad([g], slices=1, smoothing="dominant", alpha=0.6)
     assert close(dom.grads[0], t64([5.0, 4.0]))
     assert dom.stats["smoothed"] == 0.0
-    two = corgrad([g], slices=1, smoothing="two_sided")
+    two = corgrad([g], slices=1, smoothing="two_sided", alpha=0.6)
     assert close(two.grads[0], t64([5.4, 4.8]))
     assert two.stats["smoothed"] == 1.0
     # smoothing is per unit: with layerwise=True each tensor has its own statistics
@@ -527,7 +611,12 @@ def test_corgrad_alpha_decay_schedule():
     for step, expected in ((0, 0.8), (9, 0.4), (99, 0.0), (500, 0.0)):
         res = corgrad(g, slices=1, alpha=0.8, alpha_schedule="decay", step=step, total_steps=100)
         assert res.stats["alpha"] == pytest.approx(expected, abs=1e-12)
-    assert corgrad(g, alpha=0.8, step=50, total_steps=100).stats["alpha"] == 0.8  # constant
+    assert corgrad(g, alpha=0.8, step=50, total_steps=100, alpha_schedule="constant").stats["alpha"] == 0.8
+    # the default schedule is the paper's decay; at step 0 it needs no run length
+    assert corgrad(g, alpha=0.8, step=9, total_steps=100).stats["alpha"] == pytest.approx(0.4)
+    assert corgrad(g, alpha=0.8).stats["alpha"] == 0.8
+    with pytest.raises(ValueError, match="needs total_steps"):
+        corgrad(g, step=3)
     # alpha = 0 replaces the dominant g3 by g_mean = (5/3, 1/3): sum = (1 + 5/3, 1 + 1/3)
     res = corgrad(g, slices=1, alpha=0.8, alpha_schedule="decay", step=99, total_steps=100)
     assert close(res.grads[0], t64([8 / 3, 4 / 3]))
@@ -537,14 +626,14 @@ def test_corgrad_alpha_decay_schedule():
 @given(seed=st.integers(0, 2**31 - 1), num_domains=st.integers(1, 5), shapes=SHAPES)
 def test_corgrad_sequential_whole_network_equals_pcgrad(seed, num_domains, shapes):
     grads = random_grads(seed, num_domains, shapes)
-    a = corgrad(
-        grads, layerwise=False, slices=1, smoothing=None, projection="sequential", reference="original"
-    )
-    b = pcgrad(grads, order=range(num_domains), reference="original")
-    for x, y in zip(a.grads, b.grads):
-        assert close(x, y, 1e-12)
-    for key in ("conflict_pairs", "mod_freq", "mod_ratio"):
-        assert a.stats[key] == pytest.approx(b.stats[key])
+    perm = torch.randperm(num_domains, generator=torch.Generator().manual_seed(seed)).tolist()
+    for order in (list(range(num_domains)), perm):
+        a = corgrad(grads, layerwise=False, slices=1, smoothing=None, order=order)
+        b = pcgrad(grads, order=order, reference="original")
+        for x, y in zip(a.grads, b.grads):
+            assert close(x, y, 1e-12)
+        for key in ("conflict_pairs", "mod_freq", "mod_ratio"):
+            assert a.stats[key] == pytest.approx(b.stats[key])
 
 
 @FAST
@@ -561,8 +650,9 @@ def test_corgrad_simultaneous_is_invariant_to_domain_order(
 ):
     grads = random_grads(seed, num_domains, shapes)
     perm = torch.randperm(num_domains, generator=torch.Generator().manual_seed(seed + 1))
-    a = corgrad(grads, layerwise=layerwise, slices=slices, smoothing=smoothing)
-    b = corgrad([g[perm] for g in grads], layerwise=layerwise, slices=slices, smoothing=smoothing)
+    kwargs = dict(layerwise=layerwise, slices=slices, smoothing=smoothing, projection="simultaneous")
+    a = corgrad(grads, **kwargs)
+    b = corgrad([g[perm] for g in grads], **kwargs)
     for x, y in zip(a.grads, b.grads):
         assert close(x, y, 1e-9)
     assert a.stats == pytest.approx(b.stats)
@@ -575,26 +665,29 @@ def test_corgrad_simultaneous_is_invariant_to_domain_order(
     shapes=SHAPES,
     layerwise=st.booleans(),
     slices=st.sampled_from([1, 2, 3, 4, 10, "auto"]),
+    min_slice=st.sampled_from([1, 2, 5, 16]),
     slicing=st.sampled_from(["flat", "dim0"]),
     mode=st.sampled_from(
         [("simultaneous", "original"), ("sequential", "original"), ("sequential", "projected")]
     ),
+    order=st.sampled_from(["index", "perm", "random"]),
     smoothing=st.sampled_from(["dominant", "two_sided", None]),
     reduction=st.sampled_from(["sum", "mean"]),
 )
 def test_corgrad_matches_the_per_slice_loop_reference(
-    seed, num_domains, shapes, layerwise, slices, slicing, mode, smoothing, reduction
+    seed, num_domains, shapes, layerwise, slices, min_slice, slicing, mode, order, smoothing, reduction
 ):
     grads = random_grads(seed, num_domains, shapes)
     if mode[1] == "projected":
         # In a piece of fewer than D elements sequential projections against projected
         # references drive vectors to (numerically) zero, and which noise-level dot
         # products count as conflicts is arbitrary (the module skips such references).
-        pieces = naive_pieces(grads, layerwise, slices, slicing)
+        pieces = naive_pieces(grads, layerwise, slices, slicing, min_slice)
         assume(all(len(idx) >= num_domains for unit in pieces for idx in unit))
     kwargs = dict(
         layerwise=layerwise,
         slices=slices,
+        min_slice=min_slice,
         slicing=slicing,
         projection=mode[0],
         reference=mode[1],
@@ -602,8 +695,16 @@ def test_corgrad_matches_the_per_slice_loop_reference(
         alpha=0.3,
         reduction=reduction,
     )
-    res = corgrad(grads, **kwargs)
-    expected = naive_corgrad(grads, **kwargs)
+    perm = torch.randperm(num_domains, generator=torch.Generator().manual_seed(seed + 7)).tolist()
+    if order == "index":
+        res = corgrad(grads, order="index", **kwargs)
+        expected = naive_corgrad(grads, **kwargs)
+    elif order == "perm":
+        res = corgrad(grads, order=perm, **kwargs)
+        expected = naive_corgrad(grads, order=perm, **kwargs)
+    else:
+        res = corgrad(grads, generator=torch.Generator().manual_seed(seed), **kwargs)
+        expected = naive_corgrad(grads, j_orders=drawn_orders(num_domains, seed), **kwargs)
     for out, exp, g in zip(res.grads, expected, grads):
         assert out.shape == g.shape[1:]
         # atol: a unit whose corrected gradients are all ~0 (e.g. one element, every
@@ -616,28 +717,46 @@ def test_corgrad_slices_across_tensor_boundaries_when_not_layerwise():
     # 3 tensors of sizes 5, 2, 6 -> 13 elements; slices=4 -> tensor_split sizes 4,3,3,3:
     # pieces [0:4], [4:7], [7:10], [10:13] cross the tensor boundaries 5 and 7.
     grads = random_grads(3, 3, [(5,), (2,), (2, 3)])
-    res = corgrad(grads, layerwise=False, slices=4, smoothing=None)
+    res = corgrad(grads, layerwise=False, slices=4, min_slice=1, smoothing=None, order="index")
     assert res.stats["pieces"] == 4.0
-    for out, exp in zip(res.grads, naive_corgrad(grads, layerwise=False, slices=4, smoothing=None)):
+    expected = naive_corgrad(grads, layerwise=False, slices=4, min_slice=1, smoothing=None)
+    for out, exp in zip(res.grads, expected):
         assert close(out, exp)
 
 
 def test_corgrad_piece_counts_flat_dim0_and_auto():
     g = torch.zeros(2, 7, 3)  # 21 elements, 7 rows
-    assert corgrad([g], slices=10).stats["pieces"] == 10.0  # tensor_split: 10 pieces
+    one = {"min_slice": 1}  # the official code's pieces, down to single elements
+    assert corgrad([g], slices=10, **one).stats["pieces"] == 10.0  # tensor_split: 10 pieces
     # chunk(7 rows, 10) -> chunks of ceil(7/10) = 1 row -> 7 pieces
-    assert corgrad([g], slices=10, slicing="dim0").stats["pieces"] == 7.0
+    assert corgrad([g], slices=10, slicing="dim0", **one).stats["pieces"] == 7.0
     # chunk(7 rows, 3) -> ceil(7/3) = 3 rows -> 3 + 3 + 1 -> 3 pieces
-    assert corgrad([g], slices=3, slicing="dim0").stats["pieces"] == 3.0
+    assert corgrad([g], slices=3, slicing="dim0", **one).stats["pieces"] == 3.0
     # chunk(7 rows, 4) -> 2 rows -> 2+2+2+1 -> 4 pieces
-    assert corgrad([g], slices=4, slicing="dim0").stats["pieces"] == 4.0
+    assert corgrad([g], slices=4, slicing="dim0", **one).stats["pieces"] == 4.0
     # fewer elements than slices -> numel pieces
-    assert corgrad([torch.zeros(2, 3)], slices=10).stats["pieces"] == 3.0
+    assert corgrad([torch.zeros(2, 3)], slices=10, **one).stats["pieces"] == 3.0
     # auto: clamp(round(sqrt(numel)), 5, 100)
-    assert corgrad([g], slices="auto").stats["pieces"] == 5.0  # sqrt(21) = 4.6 -> 5
+    assert corgrad([g], slices="auto", **one).stats["pieces"] == 5.0  # sqrt(21) = 4.6 -> 5
     assert corgrad([torch.zeros(2, 1000)], slices="auto").stats["pieces"] == 32.0  # 31.6 -> 32
     assert corgrad([torch.zeros(2, 10**6)], slices="auto").stats["pieces"] == 100.0
     assert surgery.auto_slices(3) == 5 and surgery.auto_slices(400) == 20
+
+
+def test_corgrad_min_slice_keeps_every_piece_long_enough():
+    # default min_slice = 16: a unit of m elements gets min(n, max(1, m // 16)) pieces
+    assert corgrad([torch.zeros(2, 21)], slices="auto").stats["pieces"] == 1.0  # 21 // 16 = 1
+    assert corgrad([torch.zeros(2, 10)], slices=10).stats["pieces"] == 1.0
+    assert corgrad([torch.zeros(2, 64)], slices="auto").stats["pieces"] == 4.0  # auto 8, 64 // 16 = 4
+    assert corgrad([torch.zeros(2, 1000)], slices=100).stats["pieces"] == 62.0  # 1000 // 16
+    assert corgrad([torch.zeros(2, 64)], slices=10, min_slice=5).stats["pieces"] == 10.0
+    # dim0: 7 rows of 3 (21 elements), min_slice 5 -> at most 4 chunks; chunk(7, 4) ends
+    # with a 1-row (3-element) chunk, chunk(7, 3) with 1 row too, chunk(7, 2) = 4 + 3 rows
+    assert corgrad([torch.zeros(2, 7, 3)], slices=10, slicing="dim0", min_slice=5).stats["pieces"] == 2.0
+    for numel, n in ((21, "auto"), (64, 10), (1000, 100), (5, 3)):
+        for min_slice in (2, 5, 16):
+            pieces = naive_pieces([torch.zeros(2, numel)], True, n, "flat", min_slice)[0]
+            assert min(len(p) for p in pieces) >= min(min_slice, numel)
 
 
 # ----------------------------------------------------------------- AND / SAND masks
@@ -717,11 +836,15 @@ ALL_RULES = {
     "agr_sum_official": lambda g: agr_sum(g, rule="official", reduction="mean"),
     "agr_rand": lambda g: agr_rand(g, generator=torch.Generator().manual_seed(0)),
     "pcgrad": lambda g: pcgrad(g, generator=torch.Generator().manual_seed(0)),
-    "corgrad": lambda g: corgrad(g),
+    "corgrad": lambda g: corgrad(g, generator=torch.Generator().manual_seed(0)),
     "corgrad_dim0_seq": lambda g: corgrad(
-        g, slicing="dim0", projection="sequential", reference="projected", smoothing="two_sided"
+        g, slices=10, min_slice=1, slicing="dim0", order="index", reference="projected", smoothing="two_sided"
     ),
-    "corgrad_global_auto": lambda g: corgrad(g, layerwise=False, slices="auto"),
+    "corgrad_global_auto": lambda g: corgrad(
+        g, layerwise=False, slices="auto", min_slice=2, generator=torch.Generator().manual_seed(1)
+    ),
+    "corgrad_simultaneous": lambda g: corgrad(g, slices=3, min_slice=2, projection="simultaneous"),
+    "corgrad_official": lambda g: corgrad(g, **surgery.OFFICIAL_CORGRAD_OPTIONS),
     "and_mask": lambda g: and_mask(g),
     "sand_mask": lambda g: sand_mask(g, tau=0.3),
 }
@@ -748,7 +871,7 @@ def test_single_domain(name):
     res = ALL_RULES[name](grads)
     for out, g in zip(res.grads, grads):
         assert out.shape == g.shape[1:]
-        if name in ("pcgrad", "corgrad", "corgrad_dim0_seq", "corgrad_global_auto"):
+        if name == "pcgrad" or name.startswith("corgrad"):
             assert close(out, g[0])  # nothing to project or smooth
 
 
@@ -766,7 +889,12 @@ def test_float32_results_agree_with_float64():
 def test_half_precision_inputs_run_and_keep_dtype():
     grads = random_grads(2, 3, [(8,), (3, 4)], dtype=torch.float32)
     half = [g.to(torch.bfloat16) for g in grads]
-    for rule in (agr_sum, lambda g: pcgrad(g, order=[2, 0, 1]), corgrad, and_mask):
+    for rule in (
+        agr_sum,
+        lambda g: pcgrad(g, order=[2, 0, 1]),
+        lambda g: corgrad(g, min_slice=2, generator=torch.Generator().manual_seed(0)),
+        and_mask,
+    ):
         res = rule(half)
         ref = rule([h.float() for h in half])  # same (rounded) inputs in float32
         for a, b in zip(res.grads, ref.grads):
@@ -843,6 +971,12 @@ GOOD = [torch.ones(2, 3)]
         (lambda: corgrad(GOOD, alpha_schedule="decay", total_steps=1), "total_steps >= 2"),
         (lambda: corgrad(GOOD, step=-1), "step"),
         (lambda: corgrad(GOOD, layerwise="yes"), "layerwise"),
+        (lambda: corgrad(GOOD, min_slice=0), "min_slice must be an int >= 1"),
+        (lambda: corgrad(GOOD, min_slice=2.5), "min_slice must be an int >= 1"),
+        (lambda: corgrad(GOOD, order="random"), "order must be one of"),
+        (lambda: corgrad(GOOD, order=[1, 1]), "permutation"),
+        (lambda: corgrad(GOOD, generator=0), "torch.Generator"),
+        (lambda: corgrad(GOOD, step=1), "needs total_steps"),
         (lambda: and_mask(GOOD, tau=float("nan")), "tau"),
         (lambda: sand_mask(GOOD, k="10"), "k must be"),
     ],
@@ -855,8 +989,116 @@ def test_bad_inputs_raise_value_error(call, match):
 def test_numpy_scalars_are_accepted_for_numeric_options():
     np = pytest.importorskip("numpy")
     g = random_grads(8, 3, [(12,)])
-    a = corgrad(g, slices=np.int64(3), alpha=np.float32(0.5), step=np.int64(2), total_steps=np.int64(10),
-                alpha_schedule="decay", eps=np.float64(1e-12))
-    b = corgrad(g, slices=3, alpha=0.5, step=2, total_steps=10, alpha_schedule="decay")
+    a = corgrad(g, slices=np.int64(3), min_slice=np.int64(2), alpha=np.float32(0.5), step=np.int64(2),
+                total_steps=np.int64(10), alpha_schedule="decay", eps=np.float64(1e-12), order="index")
+    b = corgrad(g, slices=3, min_slice=2, alpha=0.5, step=2, total_steps=10, alpha_schedule="decay",
+                order="index")
     assert all(close(x, y) for x, y in zip(a.grads, b.grads))
     assert close(and_mask(g, tau=np.float32(0.5)).grads[0], and_mask(g, tau=0.5).grads[0])
+
+
+# ------------------------------------------------------------ ties and precision
+
+
+def orthogonal_pair(seed: int, n: int, dtype=torch.float32) -> torch.Tensor:
+    """(2, n): a and b = c - <a, c>/<a, a> a, so <a, b> = 0 up to rounding only."""
+    gen = torch.Generator().manual_seed(seed)
+    a, c = torch.randn(2, n, generator=gen, dtype=F64)
+    b = c - (a @ c) / (a @ a) * a
+    return torch.stack([a, b]).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_conflict_decisions_do_not_depend_on_summation_order(dtype):
+    # <a, b> = 0 up to rounding. In float64 it stays inside the tie band: no conflict. In
+    # float32 the cast leaves a real |cos| ~ 1e-8, whose sign a float32 accumulation gets
+    # wrong about half the time; with float64 Gram matrices the decision is the same for
+    # every element order and packing (and, for PCGrad and CorGrad, the same decision).
+    for seed in range(12):
+        g = orthogonal_pair(seed, 3000, dtype)
+        variants = {
+            "plain": [g],
+            "reversed": [g.flip(1)],
+            "split": list(g.split([7, 993, 2000], dim=1)),  # small tensors are packed
+        }
+        counts = set()
+        for name, grads in variants.items():
+            res = pcgrad(grads, order=[0, 1], eps=0.0)
+            cg = corgrad(grads, layerwise=False, slices=1, smoothing=None, order=[0, 1])
+            assert cg.stats["conflict_pairs"] == res.stats["conflict_pairs"], (seed, name)
+            counts.add(res.stats["conflict_pairs"])
+        assert len(counts) == 1, seed
+        if dtype == torch.float64:
+            assert counts == {0.0}, seed
+
+
+def test_a_conflict_needs_a_dot_product_beyond_the_tie_band():
+    # cos = -1e-12: inside the 1e-10 band, no projection (the official code projects);
+    # cos = -1e-6: a conflict, projected exactly as PCGrad says.
+    for cos, conflicts in ((-1e-12, 0.0), (-1e-6, 2.0)):
+        g = t64([[1.0, 0.0], [cos, math.sqrt(1 - cos * cos)]])
+        res = pcgrad([g], order=[0, 1], eps=0.0)
+        assert res.stats["conflict_pairs"] == conflicts
+        assert corgrad([g], slices=1, smoothing=None, order=[0, 1], eps=0.0).stats["conflict_pairs"] == conflicts
+        assert corgrad([g], slices=1, smoothing=None, projection="simultaneous").stats["conflict_pairs"] == conflicts
+
+
+def test_gram_matrices_are_float64_whatever_the_input_dtype_or_packing():
+    # float32 inputs: products and sums in float64, so the Gram equals the float64 Gram of
+    # the same (upcast) values to float64 rounding, packed (segment path) or not (BLAS)
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(3, 200_000, generator=gen) * torch.rand(200_000, generator=gen) * 100).float()
+    exact = x.double() @ x.double().T
+    scale = x.double().norm(dim=1)
+    bound = 1e-12 * scale[:, None] * scale[None, :]
+    run = surgery._gram_run(x.unsqueeze(1))[0]
+    assert run.dtype == F64
+    assert torch.all((run - exact).abs() <= bound)
+    packed = torch.zeros(1, 3, 3, dtype=F64)
+    surgery._segment_gram(x, torch.zeros(x.shape[1], dtype=torch.int64), packed)
+    assert torch.all((packed[0] - exact).abs() <= bound)
+    pieces = surgery._gram_run(x.reshape(3, 50, 4000))  # many pieces: batched path
+    exact_p = torch.einsum("dpk,epk->pde", x.double().reshape(3, 50, 4000), x.double().reshape(3, 50, 4000))
+    assert torch.allclose(pieces, exact_p, rtol=1e-12, atol=0.0)
+
+
+def official_corgrad_loop(grads: list[torch.Tensor], n_parts: int = 10, alpha: float = 0.6) -> list[torch.Tensor]:
+    """The authors' correct_grad (libzwo/CorGrad, domainbed/gradient.py) re-expressed:
+    per tensor, torch.chunk(dim 0) views of per-domain copies, projected IN PLACE in index
+    order (later domains see projected references), no epsilon; two-sided outliers of the
+    tensor norms replaced by alpha g + (1 - alpha) mean(non-outliers); summed."""
+    out = []
+    for g in grads:
+        num_domains = g.shape[0]
+        bufs = [g[d].clone() for d in range(num_domains)]
+        chunks = [torch.chunk(b, n_parts) for b in bufs]
+        for i in range(num_domains):
+            for c in range(len(chunks[i])):
+                gi = chunks[i][c]
+                for p in range(num_domains):
+                    if p == i:
+                        continue
+                    gj = chunks[p][c]
+                    dot = torch.dot(gi.flatten(), gj.flatten())
+                    if dot < 0:
+                        gi -= dot / (gj**2).sum() * gj
+        norms = torch.stack([b.norm() for b in bufs])
+        mean, std = norms.mean(), ((norms - norms.mean()) ** 2).mean().sqrt()
+        outliers = [d for d in range(num_domains) if (norms[d] - mean).abs() > std]
+        inliers = torch.stack([bufs[d] for d in range(num_domains) if d not in outliers]).mean(0)
+        for d in outliers:
+            bufs[d] = alpha * bufs[d] + (1 - alpha) * inliers
+        out.append(torch.stack(bufs).sum(0))
+    return out
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("num_domains", [3, 4])
+def test_official_options_reproduce_the_authors_loop(seed, num_domains):
+    # Every chunk holds at least D elements: in shorter ones the authors' code projects
+    # on references that earlier projections reduced to rounding noise, which domaingrad
+    # treats as zero vectors (documented), so the two legitimately differ there.
+    grads = random_grads(seed, num_domains, [(20, 3, 2, 2), (40,), (7, 5), (10, 4)])
+    res = corgrad(grads, **surgery.OFFICIAL_CORGRAD_OPTIONS)
+    for out, exp in zip(res.grads, official_corgrad_loop(grads)):
+        assert close(out, exp, 1e-9, atol=1e-12)

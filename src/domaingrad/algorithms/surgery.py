@@ -1,8 +1,8 @@
 """Gradient-surgery algorithms: one gradient per training domain, combined by a rule.
 
 Each step computes the gradient of every training domain's mean loss, each domain's
-batch forwarded and backpropagated separately (seed 002, Mansilla et al. ICCV 2021,
-Sec. 3), combines them with a rule of :mod:`domaingrad.gradients.surgery`, writes the
+batch forwarded and backpropagated separately (Mansilla, Echeveste, Milone, Ferrante,
+"Domain Generalization via Gradient Surgery", ICCV 2021, Sec. 3), combines them with a rule of :mod:`domaingrad.gradients.surgery`, writes the
 result into ``.grad`` and takes one Adam step. The rule's statistics (agreement
 fraction, conflicting pairs, modification frequency and ratio) are returned by
 ``update`` and so land in every results.jsonl record.
@@ -97,23 +97,51 @@ class PCGrad(GradientSurgery):
                       reduction=self.hparams["surgery_reduction"])
 
 
-class CorGrad(GradientSurgery):
-    """CorGrad (seed 004): per-layer (L), per-slice (S) conflict projection against the
-    original gradients, then smoothing of dominant domain gradients (D), summed.
+#: Module types whose parameters the authors' CorGrad code sends through the surgery
+#: (``get_conv_grads``: ``torch.nn.Conv2d`` and ``torch.nn.Linear``, weights and biases).
+_CONV_LINEAR = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.Linear)
 
-    Defaults are the paper's rule: layers on, slices chosen automatically inside
-    [5, 100] (``corgrad_slices`` 0), one-sided smoothing of dominant domains with alpha
-    decaying from ``corgrad_alpha`` (paper: initially in [0.5, 1]) to 0 over the run,
-    and order-free simultaneous projections. The official code's behaviour is
-    reachable: ``corgrad_slices`` 10, ``corgrad_slicing`` "dim0",
-    ``corgrad_projection`` "sequential" with ``corgrad_reference`` "projected",
-    ``corgrad_smoothing`` "two_sided" and ``corgrad_alpha_schedule`` "constant".
-    Set ``corgrad_layerwise`` False, ``corgrad_slices`` 1 or ``corgrad_smoothing``
-    "none" for the seed's L / L+S / L+S+D ablation.
+
+class CorGrad(GradientSurgery):
+    """CorGrad (Zhou, Hu, Zhou, Guan, Jiang, "Rethinking Domain Generalization from
+    Perspective of Gradient Granularity"; sections 3.4-3.7, Algorithm 1): per-layer (L),
+    per-slice (S) projection of conflicting domain gradients, then smoothing of dominant
+    domain gradients (D), summed. See :func:`domaingrad.gradients.surgery.corgrad`.
+
+    Defaults are the paper's rule, and the same as the function's: every parameter
+    tensor is a unit, slices chosen from each unit's size inside the paper's [5, 100]
+    (``corgrad_slices`` 0) with at least ``corgrad_min_slice`` (16) elements a slice,
+    sequential PCGrad projections against the ORIGINAL gradients with the other domains
+    in a random order per domain and step (``corgrad_order`` "random", drawn from the
+    algorithm's generator, which is seeded by ``--seed`` and saved in checkpoints, so
+    runs are reproducible and resume exactly), one-sided smoothing of dominant domains
+    with alpha decaying from ``corgrad_alpha`` (paper: initially in [0.5, 1]) to 0 over
+    the run.
+
+    The authors' code (libzwo/CorGrad) is reachable option by option, and all at once with
+    ``--hparams`` set to :data:`OFFICIAL_HPARAMS`: ``corgrad_slices`` 10 with
+    ``corgrad_min_slice`` 1 and ``corgrad_slicing`` "dim0" (``torch.chunk`` along dim 0),
+    ``corgrad_order`` "index" with ``corgrad_reference`` "projected" (its aliasing
+    slice views), ``corgrad_smoothing`` "two_sided" (outliers on both sides, mixed with
+    the mean of the others), ``corgrad_alpha`` 0.6 with ``corgrad_alpha_schedule``
+    "constant", and ``corgrad_params`` "conv_linear": only Conv and Linear parameters
+    (weights and biases) go through the surgery, every other parameter (BatchNorm and
+    GroupNorm affine parameters) takes the LAST training domain's gradient alone.
+    ``corgrad_projection`` "simultaneous" is neither rule (see the function) and never
+    a default. Set ``corgrad_layerwise`` False, ``corgrad_slices`` 1 or
+    ``corgrad_smoothing`` "none" for the paper's L / L+S / L+S+D ablation.
 
     With two training domains (ColoredMNIST) smoothing never fires under either rule:
     the larger of two norms is exactly mean + std, never above it.
     """
+
+    #: hyperparameters reproducing the authors' code (pass as ``--hparams``)
+    OFFICIAL_HPARAMS: dict[str, Any] = {
+        "corgrad_slices": 10, "corgrad_min_slice": 1, "corgrad_slicing": "dim0",
+        "corgrad_order": "index", "corgrad_reference": "projected",
+        "corgrad_smoothing": "two_sided", "corgrad_alpha": 0.6,
+        "corgrad_alpha_schedule": "constant", "corgrad_params": "conv_linear",
+    }
 
     @classmethod
     def hparam_specs(cls, small_images: bool) -> list[HParam]:
@@ -122,14 +150,20 @@ class CorGrad(GradientSurgery):
             HParam("corgrad_layerwise", True, lambda r: True, "L: one unit per parameter tensor"),
             HParam("corgrad_slices", 0, lambda r: int(r.choice([0, 5, 10, 20, 50, 100])),
                    "S: slices per unit; 0 = automatic inside the paper's [5, 100], 1 = no slicing"),
+            HParam("corgrad_min_slice", 16, lambda r: 16,
+                   "fewest elements a slice may hold (small tensors get fewer slices; 1 = official)"),
             HParam("corgrad_slicing", "flat", lambda r: "flat",
-                   "'flat': equal pieces of the flattened unit; 'dim0': torch.chunk (official)",
+                   "'flat': equal pieces of the flattened unit (paper); 'dim0': torch.chunk (official)",
                    choices=("flat", "dim0")),
-            HParam("corgrad_projection", "simultaneous", lambda r: "simultaneous",
-                   "'simultaneous' (order-free) or 'sequential' (official, index order)",
-                   choices=("simultaneous", "sequential")),
+            HParam("corgrad_projection", "sequential", lambda r: "sequential",
+                   "'sequential' PCGrad projections (paper, official); 'simultaneous' is "
+                   "neither and not a projection (domaingrad's option, never a default)",
+                   choices=("sequential", "simultaneous")),
+            HParam("corgrad_order", "random", lambda r: "random",
+                   "order of the other domains: 'random' per domain and step (paper) or "
+                   "'index' (official)", choices=("random", "index")),
             HParam("corgrad_reference", "original", lambda r: "original",
-                   "references of sequential projections: 'original' or 'projected' (official aliasing)",
+                   "references of the projections: 'original' (paper) or 'projected' (official aliasing)",
                    choices=("original", "projected")),
             HParam("corgrad_smoothing", "dominant", lambda r: "dominant",
                    "D: 'dominant' (paper), 'two_sided' (official) or 'none'",
@@ -139,19 +173,52 @@ class CorGrad(GradientSurgery):
             HParam("corgrad_alpha_schedule", "decay", lambda r: "decay",
                    "'decay': alpha * (1 - log(t+1)/log(T)) down to 0 (paper); 'constant' (official)",
                    choices=("decay", "constant")),
+            HParam("corgrad_params", "all", lambda r: "all",
+                   "'all' parameters go through the surgery (paper); 'conv_linear': only Conv/Linear "
+                   "ones, the others take the last domain's gradient (official)",
+                   choices=("all", "conv_linear")),
         ]
+
+    def __init__(self, input_shape: tuple[int, ...], num_classes: int, num_domains: int,
+                 hparams: dict[str, Any]):
+        super().__init__(input_shape, num_classes, num_domains, hparams)
+        if self.hparams["corgrad_params"] == "conv_linear":
+            chosen = {id(p) for m in self.network.modules() if isinstance(m, _CONV_LINEAR)
+                      for p in m.parameters(recurse=False)}
+        else:
+            chosen = {id(p) for p in self.surgery_params}
+        self.in_surgery = [id(p) in chosen for p in self.surgery_params]
+        if not any(self.in_surgery):
+            raise ValueError("corgrad_params='conv_linear' needs Conv or Linear layers with trainable "
+                             "parameters in the network; use corgrad_params='all'")
 
     def combine(self, grads):
         hp = self.hparams
-        schedule = hp["corgrad_alpha_schedule"] if self.total_steps else "constant"
-        return corgrad(
-            grads, layerwise=hp["corgrad_layerwise"],
+        step = int(self.update_count)
+        schedule = hp["corgrad_alpha_schedule"]
+        if schedule == "decay" and self.total_steps is None and step > 0:
+            raise ValueError(
+                "CorGrad's corgrad_alpha_schedule 'decay' needs the run length: set "
+                "algorithm.total_steps (domaingrad train does), or use 'constant'")
+        chosen = [g for g, keep in zip(grads, self.in_surgery) if keep]
+        result = corgrad(
+            chosen, generator=self.generator,
+            order="index" if hp["corgrad_order"] == "index" else None,
+            layerwise=hp["corgrad_layerwise"],
             slices="auto" if hp["corgrad_slices"] == 0 else hp["corgrad_slices"],
+            min_slice=hp["corgrad_min_slice"],
             slicing=hp["corgrad_slicing"], projection=hp["corgrad_projection"],
             reference=hp["corgrad_reference"],
             smoothing=None if hp["corgrad_smoothing"] == "none" else hp["corgrad_smoothing"],
-            alpha=hp["corgrad_alpha"], alpha_schedule=schedule, step=int(self.update_count),
-            total_steps=max(self.total_steps or 1, 2), reduction=hp["surgery_reduction"])
+            alpha=hp["corgrad_alpha"], alpha_schedule=schedule, step=step,
+            total_steps=None if self.total_steps is None else max(self.total_steps, 2),
+            reduction=hp["surgery_reduction"])
+        if len(chosen) == len(grads):
+            return result
+        combined = iter(result.grads)
+        # the official code leaves these parameters with the last domain's backward pass
+        out = [next(combined) if keep else g[-1].clone() for g, keep in zip(grads, self.in_surgery)]
+        return SurgeryResult(out, result.stats)
 
 
 class ANDMask(GradientSurgery):

@@ -16,9 +16,10 @@ Rules (source in brackets)
   Mansilla et al., "Domain Generalization via Gradient Surgery", ICCV 2021, eqs. (2)-(4).
 * :func:`pcgrad` -- Yu et al., "Gradient Surgery for Multi-Task Learning", NeurIPS
   2020, Alg. 1, in the domain version of Mansilla et al. (sec. 4, eq. (5)).
-* :func:`corgrad` -- CorGrad (seed 004): layering + slicing (sec. 3.4), conflict
-  elimination (sec. 3.6, eqs. (12)-(13)), adaptive smoothing of dominant gradients
-  (sec. 3.5, eq. (11)), Algorithm 1; statistics of eq. (3) and secs. 4.2-4.3.
+* :func:`corgrad` -- Zhou, Hu, Zhou, Guan, Jiang, "Rethinking Domain Generalization from
+  Perspective of Gradient Granularity" (CorGrad): layering + slicing (sec. 3.4), conflict
+  elimination (sec. 3.6, eqs. (12)-(13)), smoothing of dominant gradients (sec. 3.5,
+  eq. (11)), Algorithm 1; statistics of eq. (3) and secs. 4.2-4.3.
 * :func:`and_mask` -- Parascandolo et al., "Learning explanations that are hard to vary",
   ICLR 2021, as implemented in DomainBed (``ANDMask``).
 * :func:`sand_mask` -- Shahtalebi et al., "SAND-mask", 2021, as implemented in DomainBed
@@ -35,18 +36,22 @@ Paper rule (default) versus official-code behaviour (option)
 * PCGrad: ``reference="original"`` (default, paper: project on unprojected gradients);
   ``reference="projected"``: implementations whose buffers alias see already projected
   references. ``eps=1e-12`` is added to ``||g_j||^2``; ``eps=0`` is the official code.
-* CorGrad slicing: ``slicing="flat"`` (default, paper: n equal pieces of the flattened
-  layer); ``slicing="dim0"``: the official ``torch.chunk(param, n, dim=0)`` (ceil-sized,
-  may give fewer than n pieces; official n = 10).
-* CorGrad projection: ``projection="simultaneous"`` (default, domaingrad's deviation:
-  every conflict resolved against the ORIGINAL gradients, result independent of the
-  domain order); ``projection="sequential", reference="projected"`` reproduces the
-  official code's aliasing (result depends on the domain order).
-* CorGrad smoothing: ``smoothing="dominant"`` (default, paper: norm > mean + std, mixed
-  with the mean of all D); ``smoothing="two_sided"`` (official: |norm - mean| > std,
-  mixed with the mean of the non-outliers). ``alpha_schedule="decay"`` is the official
-  code's unused ``1 - log(t+1)/log(T)`` scaled by alpha (the paper: alpha decays to 0);
-  ``"constant"`` (default) is what the official code runs.
+* CorGrad: every default is the paper's rule; :data:`OFFICIAL_CORGRAD_OPTIONS` gives the
+  authors' code. Slicing: ``slicing="flat"`` (paper: n equal pieces of the flattened
+  layer, n from the layer's size, ``slices="auto"``) or ``"dim0"`` (official
+  ``torch.chunk(param, 10, dim=0)``); no piece below ``min_slice`` elements (16;
+  official: 1). Projection: sequential PCGrad per piece against the ORIGINAL gradients,
+  the other domains in a random order per domain (paper, sec. 3.7 and Algorithm 1);
+  ``order="index", reference="projected"`` reproduces the official code's index order
+  and aliasing; ``projection="simultaneous"`` is a labelled non-default option that is
+  not a projection. Smoothing: ``"dominant"`` (paper: norm > mean + std, mixed with the
+  mean of all D) or ``"two_sided"`` (official: |norm - mean| > std, mixed with the mean
+  of the non-outliers); alpha ``"decay"`` (paper: from alpha to 0 over the run) or
+  ``"constant"`` (official).
+* Ties (PCGrad, CorGrad): a dot product within ``1e-10`` of the scales of its two
+  vectors is no conflict (the official codes test ``dot < 0`` and count rounding
+  ties); Gram matrices are float64 whatever the input dtype, so no conflict decision
+  depends on summation order, tensor sizes or the torch version.
 * ANDMask / SANDMask: DomainBed's definitions (SANDMask with DomainBed's default
   ``tau = 1`` is a zero update; see :func:`sand_mask`).
 
@@ -59,8 +64,9 @@ Implementation notes
 --------------------
 * PCGrad and CorGrad never materialise projected copies: every projected gradient is a
   linear combination of the original ones, so the rules run on small ``D x D`` Gram and
-  coefficient matrices (float64; the Gram products themselves run in the input dtype,
-  float32 for half types) and the output comes from one weighted combination pass.
+  coefficient matrices (float64 products and sums, blocked, for every input dtype and
+  for packed and unpacked tensors alike) and the output comes from one weighted
+  combination pass in the input dtype (float32 for half types).
 * The elementwise rules run in blocks of ``_CHUNK`` elements with reused temporaries,
   and tensors smaller than ``_SMALL`` elements are concatenated and processed together.
   Consequently the output tensors of small parameters are non-overlapping views of one
@@ -89,6 +95,7 @@ __all__ = [
     "agr_rand",
     "pcgrad",
     "corgrad",
+    "OFFICIAL_CORGRAD_OPTIONS",
     "and_mask",
     "sand_mask",
     "auto_slices",
@@ -511,43 +518,43 @@ def _add_noise(out: Tensor, noise: Tensor, keep: Tensor, sigma: float, scratch: 
 # ------------------------------------------------------ Gram-matrix machinery (PCGrad)
 
 
+def _gram_block(v: Tensor, buf: Tensor | None = None) -> Tensor:
+    """``v v^T`` in float64 for a ``(D, K)`` block (copied into ``buf`` when given)."""
+    if v.dtype != torch.float64:
+        if buf is None:
+            v = v.to(torch.float64)
+        else:
+            buf = buf[:, : v.shape[1]]
+            buf.copy_(v)
+            v = buf
+    return v @ v.T
+
+
 def _gram_run(x: Tensor) -> Tensor:
     """Per-piece Gram matrices of a uniform run. ``x: (D, P, K) -> (P, D, D)`` float64.
 
-    Products run in the input dtype (float32 for half types) with BLAS accumulation;
-    the small per-block results are accumulated in float64.
+    Every product and every sum is formed in float64, whatever the input dtype (the
+    products of float32 or half values are then exact), in blocks of at most ``_CHUNK``
+    elements per domain. Packed small tensors (:func:`_segment_gram`) use the same
+    precision, so a Gram matrix -- and every conflict decision taken on it -- does not
+    depend on the size of a tensor or on how it is blocked, beyond float64 rounding.
     """
-    if x.dtype in (torch.float16, torch.bfloat16):
-        x = x.float()
-    if x.shape[1] == 1:
-        v = x[:, 0, :]
-        n = v.shape[1]
-        if n <= _CHUNK:
-            return (v @ v.T).double().unsqueeze(0)
-        num_domains = v.shape[0]
-        acc = torch.zeros(num_domains, num_domains, dtype=torch.float64, device=v.device)
-        for a in range(0, n, _CHUNK):  # blocked: the block stays in cache
-            blk = v[:, a : a + _CHUNK]
-            if num_domains <= 4:
-                # upper triangle by matrix-vector products: ~25 % faster than the GEMM
-                # for a handful of rows (measured on CPU)
-                for i in range(num_domains):
-                    acc[i, i:] += torch.mv(blk[i:], blk[i]).double()
-            else:
-                acc += (blk @ blk.T).double()
-        if num_domains <= 4:
-            acc = torch.triu(acc) + torch.triu(acc, diagonal=1).T
-        return acc.unsqueeze(0)
-    xb = x.transpose(0, 1)  # (P, D, K)
-    num_domains = xb.shape[1]
-    if num_domains > 4:
-        return torch.bmm(xb, xb.transpose(1, 2)).double()
-    # upper triangle by batched row-times-rows products (faster for a handful of rows)
-    out = torch.zeros(xb.shape[0], num_domains, num_domains, dtype=torch.float64, device=x.device)
-    for i in range(num_domains):
-        row = torch.bmm(xb[:, i : i + 1, :], xb[:, i:, :].transpose(1, 2))[:, 0, :].double()
-        out[:, i, i:] = row
-        out[:, i:, i] = row
+    num_domains, num_pieces, k = x.shape
+    out = torch.zeros(num_pieces, num_domains, num_domains, dtype=torch.float64, device=x.device)
+    if k == 0 or num_pieces == 0:
+        return out
+    if k >= _CHUNK or num_pieces == 1:
+        buf = None if x.dtype == torch.float64 else torch.empty(
+            num_domains, min(k, _CHUNK), dtype=torch.float64, device=x.device)
+        for p in range(num_pieces):  # one piece at a time, blocked: the block stays in cache
+            v = x[:, p, :]
+            for a in range(0, k, _CHUNK):
+                out[p] += _gram_block(v[:, a : a + _CHUNK], buf)
+        return out
+    per_block = max(1, _CHUNK // k)  # whole pieces per block
+    for p0 in range(0, num_pieces, per_block):
+        xb = x[:, p0 : p0 + per_block, :].to(torch.float64).transpose(0, 1)  # (P', D, K)
+        out[p0 : p0 + xb.shape[0]] = torch.bmm(xb, xb.transpose(1, 2))
     return out
 
 
@@ -571,29 +578,42 @@ def _quad(a: Tensor, gram: Tensor, b: Tensor) -> Tensor:
     return torch.einsum("pi,pij,pj->p", a, gram, b)
 
 
-def _gram_tol(tensors: list[Tensor]) -> float:
-    """Relative size below which a (projected) reference counts as the zero vector.
+# Relative tolerances of the Gram-matrix rules. The Gram matrices are float64 (see
+# _gram_run), so the rounding of a quadratic form w^T G r built from them is of order
+# 1e-16 * s_w * s_r, with s_v = sum_k |V_k| ||g_k|| the scale of a vector v = sum_k V_k g_k
+# given by its coefficients on the original gradients (s_v >= ||v||).
+#: a conflict needs <w, r> < -_CONFLICT_RTOL * s_w * s_r: a dot product within this band of
+#: zero (an exact tie such as a pair made orthogonal by an earlier projection, or a
+#: |cos| below 1e-10, whose projection would change w by less than 1e-10 of its scale)
+#: is no conflict, so no decision depends on summation order.
+_CONFLICT_RTOL = 1e-10
+#: a (projected) vector with ||v||^2 <= _ZERO_RTOL * s_v^2 is rounding noise: it counts as
+#: the zero vector (no direction to project on; zero norm in the smoothing).
+_ZERO_RTOL = 1e-10
 
-    The Gram matrix carries the rounding of the input dtype (float32 BLAS sums), so a
-    projected reference ``g_j^pc = sum_k W_jk g_k`` whose squared norm is below
-    ``tol * (sum_k |W_jk| ||g_k||)^2`` is rounding noise: its direction is meaningless
-    (e.g. after projections inside a piece of fewer than D elements).
-    """
-    return 1e-10 if all(g.dtype == torch.float64 for g in tensors) else 1e-5
+
+def _scales(coefs: Tensor, norms: Tensor) -> Tensor:
+    """``s_v = sum_k |V_k| ||g_k||`` for coefficient rows ``coefs (P, D)``, ``norms (P, D)``."""
+    return (coefs.abs() * norms).sum(-1)
 
 
 def _project_sequential(
-    gram: Tensor, order: Sequence[int], reference: str, eps: float, tol: float
+    gram: Tensor, i_order: Sequence[int], j_orders: Sequence[Sequence[int]], reference: str, eps: float
 ) -> tuple[Tensor, int, float]:
     """Sequential PCGrad on coefficient matrices, batched over pieces.
 
     Args:
         gram: ``(P, D, D)`` float64 Gram matrices of the original gradients.
-        order: processing order of the domains (a permutation of ``range(D)``).
+        i_order: order in which the domains are projected (matters only with
+            ``reference="projected"``).
+        j_orders: ``j_orders[i]``: the other domains, in the order domain ``i`` is
+            projected against them.
         reference: ``"original"`` (g_j unprojected) or ``"projected"`` (g_j's current,
             possibly already projected, value).
-        tol: see :func:`_gram_tol`; a reference of (numerically) zero norm is skipped,
-            as an exactly zero one (which cannot conflict) would be.
+
+    A pair conflicts when ``<g_i^pc, r> < -_CONFLICT_RTOL * s_i * s_r`` (see the
+    constant); a reference of rounding-level norm (``_ZERO_RTOL``) is skipped, as an
+    exactly zero one would be.
 
     Returns:
         W ``(P, D, D)`` with ``g_i^pc = sum_k W[p, i, k] g_k`` on piece ``p``, the number
@@ -606,17 +626,16 @@ def _project_sequential(
     norms = torch.diagonal(gram, dim1=-2, dim2=-1).clamp_min(0).sqrt()  # (P, D)
     count = torch.zeros((), dtype=torch.int64, device=gram.device)
     ratio = torch.zeros((), dtype=gram.dtype, device=gram.device)
-    for i in order:
+    for i in i_order:
         w = weights[:, i, :].clone()
-        for j in order:
-            if j == i:
-                continue
+        for j in j_orders[i]:
             r = weights[:, j, :] if reference == "projected" else eye[j].expand(num_pieces, -1)
             dot = _quad(w, gram, r)
             rr = _quad(r, gram, r)
             ww = _quad(w, gram, w)
-            scale_r = (r.abs() * norms).sum(1)
-            conflict = (dot < 0) & (rr > tol * scale_r * scale_r)
+            scale_r = _scales(r, norms)
+            conflict = (dot < -_CONFLICT_RTOL * _scales(w, norms) * scale_r) & (
+                rr > _ZERO_RTOL * scale_r * scale_r)
             coef = torch.where(conflict, dot / (rr + eps), torch.zeros_like(dot))
             # ||coef * g_j|| / ||g_i^pc|| (= |cos| when eps = 0)
             proj_ratio = coef.abs() * rr.clamp_min(0).sqrt() / ww.clamp_min(1e-300).sqrt()
@@ -628,17 +647,19 @@ def _project_sequential(
 
 
 def _project_simultaneous(gram: Tensor, eps: float) -> tuple[Tensor, int, float]:
-    """Order-free PCGrad on coefficient matrices: every conflict uses ORIGINAL gradients.
+    """Order-free variant (NOT a projection): every conflict uses ORIGINAL gradients.
 
-    ``g_i^pc = g_i - sum_{j != i, <g_i, g_j> < 0} <g_i, g_j> / (||g_j||^2 + eps) g_j``.
-    Same returns as :func:`_project_sequential`.
+    ``g_i^pc = g_i - sum_{j != i, <g_i, g_j> < -tol} <g_i, g_j> / (||g_j||^2 + eps) g_j``,
+    ``tol = _CONFLICT_RTOL ||g_i|| ||g_j||``. Same returns as :func:`_project_sequential`.
     """
     num_domains = gram.shape[-1]
     eye = torch.eye(num_domains, dtype=gram.dtype, device=gram.device)
     diag = torch.diagonal(gram, dim1=-2, dim2=-1)  # (P, D): ||g_j||^2
+    norms = diag.clamp_min(0).sqrt()
     norm_j = diag.unsqueeze(1)  # broadcast over i: [p, i, j] -> ||g_j||^2
     off = ~torch.eye(num_domains, dtype=torch.bool, device=gram.device)
-    conflict = (gram < 0) & off & (norm_j > 0)
+    tol = _CONFLICT_RTOL * norms.unsqueeze(2) * norms.unsqueeze(1)
+    conflict = (gram < -tol) & off & (norm_j > 0)
     coef = torch.where(conflict, gram / (norm_j + eps), torch.zeros_like(gram))
     weights = eye - coef
     norm_i = diag.unsqueeze(2).clamp_min(1e-300)
@@ -691,6 +712,15 @@ def pcgrad(
     For each ``i`` in that order and each ``j != i`` in that order: if
     ``<g_i^pc, g_j> < 0`` then ``g_i^pc -= <g_i^pc, g_j> / (||g_j||^2 + eps) g_j``.
     Dot products run over ALL parameters flattened together (whole network).
+
+    Tie tolerance (domaingrad's; the official code tests ``dot < 0``): a pair conflicts
+    only when ``<g_i^pc, g_j> < -1e-10 * s_i * s_j``, ``s_v = sum_k |V_k| ||g_k||`` the
+    scale of ``v = sum_k V_k g_k`` (``s_v = ||g_v||`` for an unprojected gradient). A dot
+    product inside that band is zero up to rounding (e.g. a pair made orthogonal by an
+    earlier projection), its sign an artefact of the summation order; its projection
+    would move ``g_i^pc`` by less than 1e-10 of its scale. So neither the result nor
+    ``conflict_pairs``, ``mod_freq`` and ``mod_ratio`` depend on summation order,
+    tensor sizes or the torch version.
     Result ``= sum_i g_i^pc`` (``reduction="mean"``, domaingrad's option, divides by D).
 
     Args:
@@ -698,12 +728,11 @@ def pcgrad(
         reference: ``"original"`` (paper, default): ``g_j`` is the unprojected gradient.
             ``"projected"``: ``g_j`` is its current value, already projected if processed
             earlier in the order (implementations that alias their buffers). A projected
-            reference whose squared norm is at rounding level (below ``1e-10`` (float64
-            inputs) or ``1e-5`` (otherwise) times ``(sum_k |W_jk| ||g_k||)^2``, W its
-            coefficients on the original gradients) is treated as zero: no projection.
+            reference whose squared norm is at rounding level (at most ``1e-10 s_j^2``)
+            is treated as zero: no projection.
         eps: added to ``||g_j||^2``; ``eps=0`` reproduces the official code.
 
-    Implementation: one pass builds the ``D x D`` Gram matrix (float64 accumulation),
+    Implementation: one pass builds the ``D x D`` Gram matrix (float64 products and sums),
     the projections run on coefficient matrices, one pass forms ``(1^T W) g``. When no
     pair conflicts the result is exactly ``g.sum(0)``.
 
@@ -723,7 +752,8 @@ def pcgrad(
         gram = torch.zeros(1, num_domains, num_domains, dtype=torch.float64, device=device)
         for grp in groups:
             gram += _gram_run(grp.flat.unsqueeze(1))
-        weights, count, ratio_sum = _project_sequential(gram, resolved, reference, eps, _gram_tol(tensors))
+        others = [[j for j in resolved if j != i] for i in range(num_domains)]
+        weights, count, ratio_sum = _project_sequential(gram, resolved, others, reference, eps)
         coef = weights.sum(1)  # (1, D): 1^T W
         exact_sum = bool((coef == 1).all())
         coef = coef * scale
@@ -826,7 +856,7 @@ def _runs(piecing: _Piecing, lo: int, hi: int) -> list[tuple[int, int, int, int]
 def auto_slices(numel: int) -> int:
     """domaingrad's rule for ``slices="auto"``: ``clamp(round(sqrt(numel)), 5, 100)``.
 
-    Reasoning: CorGrad's argument (seed 004, sec. 3.2, eq. (9)) is that the angle between
+    Reasoning: CorGrad's argument (Zhou et al., sec. 3.2, eq. (9)) is that the angle between
     random m-dimensional vectors concentrates at pi/2 with spread ~ 1/sqrt(m), so the
     modification ratio |cos| of a piece of length m is ~ 1/sqrt(m): coarse pieces (n = 1)
     give a tiny ratio, fine-grained ones (n = numel, Agr-/AND-mask) lose the context of
@@ -834,7 +864,8 @@ def auto_slices(numel: int) -> int:
     of pieces equal to their length, the geometric middle between the two extremes, and
     the clamp keeps n inside the paper's range [5, 100] (n = 100 for every layer above
     10,000 parameters, i.e. pieces of >= 100 elements; small layers such as BatchNorm
-    get 5 to 100). Units with fewer than n elements still get ``numel`` pieces.
+    get 5 to 100). :func:`corgrad` then caps the count so that no piece holds fewer
+    than ``min_slice`` elements.
     """
     if numel < 0:
         raise ValueError(f"numel must be >= 0, got {numel}")
@@ -923,97 +954,197 @@ def _segment_gram(flat: Tensor, elem_piece: Tensor, gram: Tensor) -> None:
                 gram[:, j, i] += seg
 
 
+def _piecing(shape: torch.Size, n: int, slicing: str, min_slice: int) -> _Piecing:
+    """Pieces of one unit: at most ``n``, none below ``min_slice`` elements (see corgrad)."""
+    numel = math.prod(shape)
+    n = min(n, max(1, numel // min_slice))
+    if slicing == "flat":
+        return _flat_piecing(numel, n)
+    while True:  # torch.chunk: the last chunk may be short; use fewer chunks until it is not
+        piecing = _dim0_piecing(shape, n)
+        smallest = piecing.size_b if piecing.count_b else piecing.size_a
+        if n == 1 or smallest >= min_slice:
+            return piecing
+        n -= 1
+
+
+def _corgrad_orders(
+    num_domains: int, generator: torch.Generator | None, order: Sequence[int] | None
+) -> tuple[list[int], list[list[int]]]:
+    """Processing order of the domains and, per domain, the order of the others."""
+    if order is not None:
+        resolved = _resolve_order(num_domains, None, order)
+        return resolved, [[j for j in resolved if j != i] for i in range(num_domains)]
+    j_orders = []
+    for i in range(num_domains):
+        others = [j for j in range(num_domains) if j != i]
+        if len(others) > 1:
+            device = generator.device if generator is not None else "cpu"
+            perm = torch.randperm(len(others), generator=generator, device=device).tolist()
+            others = [others[k] for k in perm]
+        j_orders.append(others)
+    return list(range(num_domains)), j_orders
+
+
+#: Keyword options of :func:`corgrad` that reproduce the authors' code (libzwo/CorGrad,
+#: ``domainbed/gradient.py::correct_grad``): ``torch.chunk`` into 10 parts along dim 0,
+#: domains projected in index order against references that alias the projected
+#: gradients, no epsilon, two-sided outliers mixed with the mean of the others, constant
+#: alpha 0.6 (its README). Its restriction of the surgery to Conv/Linear parameters is a
+#: property of the training loop: ``corgrad_params="conv_linear"`` of the CorGrad algorithm.
+#: Two guards stay on: rounding-level ties are no conflicts, and a reference that earlier
+#: projections reduced to rounding noise (pieces shorter than D) is a zero vector, where
+#: the authors' code projects on the noise.
+OFFICIAL_CORGRAD_OPTIONS: dict[str, object] = {
+    "slices": 10, "min_slice": 1, "slicing": "dim0", "order": "index", "reference": "projected",
+    "eps": 0.0, "smoothing": "two_sided", "alpha": 0.6, "alpha_schedule": "constant",
+}
+
+
 def corgrad(
     grads: Sequence[Tensor],
     *,
+    generator: torch.Generator | None = None,
+    order: Sequence[int] | Literal["index"] | None = None,
     layerwise: bool = True,
-    slices: int | Literal["auto"] = 10,
+    slices: int | Literal["auto"] = "auto",
+    min_slice: int = 16,
     slicing: Literal["flat", "dim0"] = "flat",
-    projection: Literal["simultaneous", "sequential"] = "simultaneous",
+    projection: Literal["sequential", "simultaneous"] = "sequential",
     reference: Reference = "original",
     smoothing: Literal["dominant", "two_sided"] | None = "dominant",
-    alpha: float = 0.6,
-    alpha_schedule: Literal["constant", "decay"] = "constant",
+    alpha: float = 0.75,
+    alpha_schedule: Literal["decay", "constant"] = "decay",
     step: int = 0,
-    total_steps: int = 1,
+    total_steps: int | None = None,
     eps: float = 1e-12,
     reduction: Reduction = "sum",
 ) -> SurgeryResult:
-    """CorGrad (seed 004): layering, slicing, conflict projection, dominant smoothing.
+    """CorGrad: layering, slicing, conflict projection and smoothing of dominant gradients.
 
-    1. Units (sec. 3.4 (i), "L"): ``layerwise=True`` makes every parameter tensor a unit;
-       ``layerwise=False`` makes the whole network one unit (all tensors flattened and
-       concatenated; dot products over everything).
-    2. Slicing (sec. 3.4 (ii), "S"): each unit is cut into ``n = slices`` pieces.
-       ``slicing="flat"`` (paper: "split it equally into n vectors"): n contiguous pieces
-       of the flattened unit with ``torch.tensor_split`` sizes (differ by at most one);
-       a unit with fewer than n elements gets ``numel`` pieces of one element.
-       ``slicing="dim0"`` (official code): ``torch.chunk(param, n, dim=0)``, ceil-sized
-       rows, so fewer than n pieces may result; with ``layerwise=False`` flat slicing is
-       used. ``slices=1``: no slicing. ``slices="auto"``: see :func:`auto_slices`,
-       computed from each unit's size.
-    3. Projection (sec. 3.6, eqs. (12)-(13), Algorithm 1), per piece, conflict = dot < 0
-       (standard PCGrad, as the official code; the paper's sec. 3.3 text has the sign
-       reversed). ``projection="simultaneous"`` (default, domaingrad's deviation):
-       ``g_i^pc = g_i - sum_{j != i: <g_i,g_j> < 0} <g_i,g_j>/(||g_j||^2 + eps) g_j``, all
-       from ORIGINAL gradients, so the result does not depend on the domain order (the
-       paper's "random order" is then moot). ``projection="sequential"``: for each i
-       and j in index order, the conflict is checked on the current ``g_i^pc`` against
-       ``g_j`` -- the original (``reference="original"``) or its current, already
-       projected if ``j < i``, value (``reference="projected"``: the official code,
-       whose slice views alias, making the result depend on domain order). As in
-       :func:`pcgrad`, a projected reference of rounding-level norm (e.g. inside a
-       piece of fewer than D elements, where sequential projections drive vectors to
-       zero) is treated as zero.
-    4. Smoothing (sec. 3.5, eq. (11), "D"), after projection, per unit, on the L2 norms of
-       the D corrected unit gradients (mean and POPULATION std across domains):
-       ``smoothing="dominant"`` (paper): ``norm_i > mean + std`` makes
-       ``g_i <- alpha g_i + (1 - alpha) g_mean``, ``g_mean`` the mean of all D corrected
-       gradients of the unit. ``smoothing="two_sided"`` (official): ``|norm_i - mean| >
-       std``, mixed with the mean of the non-outlier domains. ``None``: off. A norm must
-       exceed the threshold by ``1e-9 * max norm`` to count (ties are rounding noise);
-       in particular with D = 2 the larger norm equals mean + std exactly, so smoothing
-       never fires for two domains. A corrected piece whose squared norm is at rounding
-       level (the :func:`pcgrad` threshold) counts as zero. ``alpha_schedule="constant"``: ``alpha``;
-       ``"decay"``: ``alpha * (1 - log(step + 1) / log(total_steps))`` clipped to
-       ``[0, alpha]`` (the official code's unused log schedule scaled by the initial
-       value; reaches 0 at ``step = total_steps - 1``, as the paper's "decays to 0").
-    5. Result: sum over domains of the corrected gradients (Algorithm 1 line 12);
+    Source: Zhou, Hu, Zhou, Guan, Jiang, "Rethinking Domain Generalization from
+    Perspective of Gradient Granularity" (CorGrad), sections 3.4-3.7 and Algorithm 1.
+    Every default is the paper's rule; :data:`OFFICIAL_CORGRAD_OPTIONS` gives the authors'
+    code.
+
+    1. Units (sec. 3.4 (i), "L"; Algorithm 1 line 2): ``layerwise=True`` makes every
+       parameter tensor a unit; ``layerwise=False`` makes the whole network one unit
+       (all tensors flattened and concatenated; dot products over everything).
+    2. Slicing (sec. 3.4 (ii), "S"): each unit is cut into at most ``n`` pieces.
+       ``slices="auto"`` (default; the paper sets n "dynamically" in [5, 100], sec. 4.1):
+       ``n`` from the unit's size, see :func:`auto_slices`; an int fixes ``n``;
+       ``slices=1``: no slicing. ``slicing="flat"`` (paper: "split it equally into n
+       vectors"): contiguous pieces of the flattened unit, ``torch.tensor_split`` sizes
+       (differ by at most one). ``slicing="dim0"`` (official code): ``torch.chunk(param,
+       n, dim=0)``, ceil-sized rows, so fewer than n pieces may result (with
+       ``layerwise=False`` flat slicing is used).
+       Tiny tensors (domaingrad's rule, the paper is silent): no piece holds fewer than
+       ``min_slice`` elements (default 16). A unit of ``m`` elements gets
+       ``min(n, max(1, m // min_slice))`` pieces, so units below ``2 * min_slice``
+       elements (biases of small heads, say) are not sliced; with ``"dim0"`` the number
+       of chunks is lowered until the last chunk also holds ``min_slice`` elements (or
+       one chunk is left). Reason: the angle between two random m-vectors has density
+       ``~ sin^(m-2)(theta)`` (the paper's eq. (9)); for small m it is spread over most
+       of [0, pi], and a 1-element piece turns the projection into a sign test
+       (mod ratio always 1). ``min_slice=1`` is the official code's behaviour.
+    3. Projection (sec. 3.6, eqs. (12)-(13); sec. 3.7 steps (2)-(3); Algorithm 1 lines
+       3-7), per piece, PCGrad-style: ``projection="sequential"`` (default): for each
+       domain ``i`` and each other domain ``j`` in turn, if ``<g_i^pc, g_j> < 0`` then
+       ``g_i^pc -= <g_i^pc, g_j> / (||g_j||^2 + eps) g_j`` (eq. (13) divides by the norm,
+       not its square; the squared norm of PCGrad is what makes eq. (12) the projection
+       onto the normal plane the text describes, and what the official code uses).
+       Conflict = dot < 0, as the official code; the criterion listed in sec. 3.3 has the
+       sign reversed. Order (Algorithm 1 line 4, "in random order"): with ``order=None``
+       (default) the domains ``i`` are taken in index order and, for each ``i``, the
+       others in a fresh random order, one ``torch.randperm(D - 1, generator=generator)``
+       per ``i`` when ``D > 2`` (global RNG when ``generator`` is None); the same order is
+       used for every piece. ``order=[...]`` (a permutation) fixes both orders, as
+       :func:`pcgrad`; ``order="index"`` is ``range(D)`` (official code).
+       ``reference="original"`` (default, paper: project on the ORIGINAL ``g_j``) or
+       ``"projected"`` (the official code, whose slice views alias: ``g_j`` already
+       projected when ``j`` came earlier). ``projection="simultaneous"`` is NOT the
+       paper's rule and not a projection, kept only as a labelled non-default option:
+       ``g_i^pc = g_i - sum_{j: <g_i,g_j> < 0} <g_i,g_j>/(||g_j||^2 + eps) g_j`` from the
+       original gradients at once; it can grow or reverse a gradient (g = [2, -1, -1]
+       on a 1-element piece gives -2 where every sequential order gives 0).
+       Ties: a dot product within ``1e-10`` of the scales of the two vectors (see
+       :func:`pcgrad`) is no conflict, and a projected reference or corrected piece of
+       rounding-level norm counts as zero, so no decision depends on summation order.
+    4. Smoothing (sec. 3.5, eq. (11); sec. 3.7 steps (4)-(6); Algorithm 1 lines 8-11,
+       "D"), after projection, per unit, on the L2 norms of the D corrected unit
+       gradients (mean and POPULATION std across domains): ``smoothing="dominant"``
+       (paper): ``norm_i - mean > std`` makes ``g_i <- alpha g_i + (1 - alpha) g_mean``,
+       ``g_mean`` the mean of all D corrected gradients of the unit.
+       ``smoothing="two_sided"`` (official): ``|norm_i - mean| > std``, mixed with the
+       mean of the non-outlier domains. ``None``: off. A norm must exceed the threshold
+       by ``1e-9 * max norm`` to count (ties are rounding noise); in particular with
+       D = 2 the larger norm equals mean + std exactly, so smoothing never fires for
+       two domains. ``alpha_schedule="decay"`` (default, paper sec. 4.1: alpha
+       "initially ... in [0.5, 1] and gradually decays to 0"): ``alpha * (1 - log(step +
+       1) / log(total_steps))`` clipped to ``[0, alpha]`` (the official code's unused
+       log schedule scaled by the initial value; 0 at ``step = total_steps - 1``);
+       ``"constant"`` (official code): ``alpha`` throughout.
+    5. Result: sum over domains of the corrected gradients (Algorithm 1, last line);
        ``reduction="mean"`` (domaingrad's option) divides by D.
 
-    With ``layerwise=False, slices=1, smoothing=None, projection="sequential",
-    reference="original"`` this is exactly :func:`pcgrad` with ``order=range(D)``.
+    With ``layerwise=False, slices=1, smoothing=None, order=p`` this is exactly
+    :func:`pcgrad` with ``order=p``.
 
     Args:
         grads: tensor ``t`` of shape ``(D, *param_t.shape)``.
+        generator: source of the random domain orders (``order=None``); must be on CPU
+            or the tensors' device.
+        step, total_steps: position in the run and its length, for
+            ``alpha_schedule="decay"``; ``total_steps`` may be None only at ``step = 0``
+            (where the schedule gives ``alpha`` whatever the length).
         eps: added to ``||g_j||^2`` in the projection (``0`` = official code).
 
     Returns:
         grads of shapes ``param_t.shape``; stats ``conflict_pairs`` (projected
-        (i, j, piece) triples), ``mod_freq`` (conflict_pairs / (D (D-1) #pieces), seed 004
-        eq. (3)), ``mod_ratio`` (mean ``||projection|| / ||g_i||`` = ``|cos|`` over the
-        projections, 0.0 if none), ``smoothed`` ((domain, unit) pairs smoothed),
+        (i, j, piece) triples), ``mod_freq`` (conflict_pairs / (D (D-1) #pieces), the
+        paper's eq. (3)), ``mod_ratio`` (mean ``||projection|| / ||g_i^pc||`` = ``|cos|``
+        over the projections, 0.0 if none), ``smoothed`` ((domain, unit) pairs smoothed),
         ``alpha`` (value used) and ``pieces`` (total number of pieces).
+
+    Raises:
+        ValueError: for malformed ``grads`` or an option outside its documented values,
+            and for ``alpha_schedule="decay"`` at ``step > 0`` without ``total_steps``.
     """
     tensors, num_domains = _validate(grads)
     if not isinstance(layerwise, bool):
         raise ValueError(f"layerwise must be a bool, got {layerwise!r}")
     if slices != "auto" and not (_is_int(slices) and int(slices) >= 1):
         raise ValueError(f"slices must be an int >= 1 or 'auto', got {slices!r}")
+    if not (_is_int(min_slice) and int(min_slice) >= 1):
+        raise ValueError(f"min_slice must be an int >= 1, got {min_slice!r}")
     _check_option(slicing, ("flat", "dim0"), "slicing")
-    _check_option(projection, ("simultaneous", "sequential"), "projection")
+    _check_option(projection, ("sequential", "simultaneous"), "projection")
     _check_option(reference, ("original", "projected"), "reference")
     _check_option(smoothing, ("dominant", "two_sided", None), "smoothing")
-    _check_option(alpha_schedule, ("constant", "decay"), "alpha_schedule")
+    _check_option(alpha_schedule, ("decay", "constant"), "alpha_schedule")
     if not (_is_real(alpha) and 0.0 <= float(alpha) <= 1.0):
         raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
     if not (_is_int(step) and int(step) >= 0):
         raise ValueError(f"step must be an int >= 0, got {step!r}")
-    if not (_is_int(total_steps) and int(total_steps) >= 1):
-        raise ValueError(f"total_steps must be an int >= 1, got {total_steps!r}")
+    if total_steps is not None and not (_is_int(total_steps) and int(total_steps) >= 1):
+        raise ValueError(f"total_steps must be an int >= 1 or None, got {total_steps!r}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ValueError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    if isinstance(order, str):
+        _check_option(order, ("index",), "order")
+        order = range(num_domains)
     eps = _check_eps(eps)
     scale = _scale(reduction, num_domains)
-    alpha_t = _alpha_at(float(alpha), alpha_schedule, int(step), int(total_steps))
+    if alpha_schedule == "decay" and total_steps is None:
+        if int(step) > 0:
+            raise ValueError(
+                "alpha_schedule='decay' (the default, the paper's rule) needs total_steps, the "
+                f"length of the run in steps, at step {step} > 0; pass total_steps=T, or "
+                "alpha_schedule='constant' for a fixed alpha")
+        alpha_t = float(alpha)
+    else:
+        alpha_t = _alpha_at(float(alpha), alpha_schedule, int(step), int(total_steps or 1))
+    min_slice = int(min_slice)
 
     def n_slices(numel: int) -> int:
         return auto_slices(numel) if slices == "auto" else int(slices)
@@ -1027,15 +1158,14 @@ def corgrad(
     if layerwise:
         offset = 0
         for u, (g, numel) in enumerate(zip(tensors, numels)):
-            n = n_slices(numel)
-            piecing = _dim0_piecing(g.shape[1:], n) if slicing == "dim0" else _flat_piecing(numel, n)
+            piecing = _piecing(g.shape[1:], n_slices(numel), slicing, min_slice)
             segments.append([(s, c, k, p + offset) for s, c, k, p in _runs(piecing, 0, numel)])
             unit_of_piece.append(torch.full((piecing.num_pieces,), u, dtype=torch.int64))
             offset += piecing.num_pieces
         num_units = len(tensors)
     else:
         total = sum(numels)
-        piecing = _flat_piecing(total, n_slices(total))
+        piecing = _piecing(torch.Size([total]), n_slices(total), "flat", min_slice)
         start = 0
         for numel in numels:
             segments.append([(s - start, c, k, p) for s, c, k, p in _runs(piecing, start, start + numel)])
@@ -1044,6 +1174,7 @@ def corgrad(
         num_units = 1
     units = torch.cat(unit_of_piece).to(device)
     num_pieces = int(units.numel())
+    i_order, j_orders = _corgrad_orders(num_domains, generator, order)
 
     with torch.no_grad():
         gram = torch.zeros(num_pieces, num_domains, num_domains, dtype=torch.float64, device=device)
@@ -1062,16 +1193,14 @@ def corgrad(
         if projection == "simultaneous":
             weights, count, ratio_sum = _project_simultaneous(gram, eps)
         else:
-            weights, count, ratio_sum = _project_sequential(
-                gram, range(num_domains), reference, eps, _gram_tol(tensors)
-            )
+            weights, count, ratio_sum = _project_sequential(gram, i_order, j_orders, reference, eps)
 
         # squared norms of the corrected gradients per piece, summed per unit; a norm at
-        # rounding level (see _gram_tol; e.g. a 1-element piece projected to zero) is 0
+        # rounding level (_ZERO_RTOL; e.g. a 1-element piece projected to zero) is 0
         sq = torch.einsum("pik,pkl,pil->pi", weights, gram, weights)
         orig_norms = torch.diagonal(gram, dim1=-2, dim2=-1).clamp_min(0).sqrt()
         scale_sq = torch.einsum("pik,pk->pi", weights.abs(), orig_norms) ** 2
-        sq = torch.where(sq > _gram_tol(tensors) * scale_sq, sq, torch.zeros_like(sq))
+        sq = torch.where(sq > _ZERO_RTOL * scale_sq, sq, torch.zeros_like(sq))
         unit_sq = torch.zeros(num_units, num_domains, dtype=torch.float64, device=device)
         unit_sq.index_add_(0, units, sq)
         smooth_a, smoothed = _smoothing_coefficients(unit_sq.sqrt(), smoothing, alpha_t)
