@@ -149,8 +149,9 @@ def main() -> None:
         ("and_mask", lambda g: surgery.and_mask(g)),
         ("sand_mask", lambda g: surgery.sand_mask(g)),
         ("pcgrad", lambda g: surgery.pcgrad(g, generator=torch.Generator().manual_seed(0))),
-        ("corgrad (defaults)", lambda g: surgery.corgrad(g)),
+        ("corgrad (defaults)", lambda g: surgery.corgrad(g, generator=torch.Generator().manual_seed(0))),
         ("corgrad (slices=1, smoothing off)", lambda g: surgery.corgrad(g, slices=1, smoothing=None)),
+        ("corgrad (official options)", lambda g: surgery.corgrad(g, **surgery.OFFICIAL_CORGRAD_OPTIONS)),
     ]
     results: dict[int, tuple[dict[str, float], dict[str, float]]] = {}
     for num_domains in args.domains:

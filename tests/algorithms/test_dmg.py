@@ -1,5 +1,8 @@
-"""DMG (seed 001) and the Multi-Headed baseline: straight-through masks, the soft-IoU
-penalty, the three predictions against hand-written forwards, mask statistics, resume."""
+"""DMG and the Multi-Headed baseline (Chattopadhyay, Balaji, Hoffman, "Learning to Balance
+Specificity and Invariance for In and Out of Domain Generalization", ECCV 2020):
+straight-through masks, the soft-IoU penalty (summed or averaged over domain pairs), the
+three predictions and the own-domain hard-mask source evaluation against hand-written
+forwards, mask statistics, resume."""
 from __future__ import annotations
 
 import io
@@ -66,15 +69,81 @@ def test_soft_iou_matches_its_formula():
     assert soft_iou(m_i, m_j).item() == pytest.approx((inter + 1e-6) / (union + 1e-6), rel=1e-6)
 
 
-def test_overlap_penalty_is_the_sum_over_layers_of_the_mean_over_domain_pairs():
-    algo = build(DMG)
-    randomise_masks(algo)
-    probs = algo.soft_masks()
-    expected = 0.0
+def hand_overlap(probs, reduce):
+    """Sum over layers of ``reduce`` over the three domain pairs of soft_iou, in Python."""
+    total = 0.0
     for p in probs.values():
-        pairs = [soft_iou(p[i], p[j]) for i, j in itertools.combinations(range(3), 2)]
-        expected += sum(pairs) / 3
-    assert algo.overlap_penalty(probs).detach().item() == pytest.approx(float(expected.detach()), rel=1e-6)
+        pairs = [float(soft_iou(p[i], p[j]).detach()) for i, j in itertools.combinations(range(3), 2)]
+        assert len(pairs) == 3
+        total += reduce(pairs)
+    return total
+
+
+def test_overlap_penalty_sums_over_pairs_paper_or_averages_them_official():
+    """Eq. (2) sums the soft IoU over domain pairs ("sum"); the official code divides by
+    the number of pairs ("mean"). Both sum over layers. With D = 3 there are 3 pairs."""
+    paper, official = build(DMG, dmg_overlap_reduction="sum"), build(DMG, dmg_overlap_reduction="mean")
+    for algo in (paper, official):
+        randomise_masks(algo)
+    probs = paper.soft_masks()
+    summed = paper.overlap_penalty(probs).detach().item()
+    averaged = official.overlap_penalty(official.soft_masks()).detach().item()
+    assert summed == pytest.approx(hand_overlap(probs, sum), rel=1e-6)
+    assert averaged == pytest.approx(hand_overlap(probs, lambda v: sum(v) / 3), rel=1e-6)
+    assert summed == pytest.approx(3 * averaged, rel=1e-6)
+
+
+def test_overlap_reduction_defaults_to_the_papers_sum():
+    specs = {s.name: s for s in DMG.hparam_specs(True) + DMG.hparam_specs(False)}
+    assert specs["dmg_overlap_reduction"].default == "sum"
+    assert set(specs["dmg_overlap_reduction"].choices) == {"sum", "mean"}
+    algo = build(DMG)  # every hyperparameter at its default
+    assert algo.hparams["dmg_overlap_reduction"] == "sum"
+    randomise_masks(algo)
+    probs = {n: p.detach() for n, p in algo.soft_masks().items()}  # the masks the update's penalty sees
+    out = algo.update(batches())
+    assert out["siou"] == pytest.approx(hand_overlap(probs, sum), rel=1e-6)
+    assert out["loss"] == pytest.approx(out["ce"] + 0.1 * out["siou"], rel=1e-6)
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (dict(dmg_overlap_reduction="max"), "dmg_overlap_reduction"),
+    (dict(dmg_source_predict="soft"), "dmg_source_predict"), (dict(dmg_predict="vote"), "dmg_predict")])
+def test_bad_hyperparameters_are_refused(overrides, match):
+    with pytest.raises(DomainGradError, match=match):
+        build(DMG, **overrides)
+
+
+def test_source_evaluation_uses_each_domains_own_hard_mask_or_the_test_rule():
+    """``dmg_source_predict`` "own_hard" (official validation): a sample of training
+    domain d is classified with the hard mask m^d > 0.5 of its own domain; "test_rule"
+    (default) is ``predict``, which the test environments always use."""
+    algo = build(DMG, dmg_source_predict="own_hard")
+    randomise_masks(algo)
+    algo.eval()
+    probs = algo.soft_masks()
+    hard = {n: (p > 0.5).float() for n, p in probs.items()}
+    assert not torch.equal(hard["conv1"][0], hard["conv1"][1])  # domains 0 and 1 really differ
+    x = batches(n=5)[0][0]
+    with torch.no_grad():
+        own = [algo.predict_source(x, d) for d in range(3)]
+        expected = [manual_logits(algo, x, {n: h[d].expand(5, -1) for n, h in hard.items()}) for d in range(3)]
+        test_rule = algo.predict(x)
+        per_domain = torch.stack([manual_logits(algo, x, {n: p[d].expand(5, -1) for n, p in probs.items()})
+                                  for d in range(3)])
+    for d in range(3):
+        torch.testing.assert_close(own[d], expected[d], rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(own[0], own[1], atol=1e-4)
+    assert not torch.allclose(F.softmax(own[0], 1), F.softmax(test_rule, 1), atol=1e-4)
+    torch.testing.assert_close(F.softmax(test_rule, 1), F.softmax(per_domain, 2).mean(0), rtol=1e-5, atol=1e-6)
+    with pytest.raises(DomainGradError, match="training-domain index"):
+        algo.predict_source(x, 3)
+    assert {s.name: s.default for s in DMG.hparam_specs(True)}["dmg_source_predict"] == "test_rule"
+    algo.hparams["dmg_source_predict"] = "test_rule"
+    with torch.no_grad():
+        torch.testing.assert_close(algo.predict_source(x, 1), test_rule, rtol=0, atol=0)
+        heads = build(MultiHeaded)  # the Algorithm default: predict_source is predict
+        torch.testing.assert_close(heads.predict_source(x, 2), heads.predict(x), rtol=0, atol=0)
 
 
 def test_straight_through_gradient_reaches_the_mask_logits():

@@ -1,4 +1,6 @@
-"""Batch-wise GSNR and the (GSNR-guided) DropBlock masks against seed 000's Listing 2 and
+"""Batch-wise GSNR and the (GSNR-guided) DropBlock masks against Listing 2 of the
+supplementary material of Michalkiewicz, Faraki, Yu, Chandraker, Baktashmotlagh, "Domain
+Generalization Guided by Gradient Signal to Noise Ratio of Parameters" (ICCV 2023) and
 torchvision, plus the drop fractions and the guard of the listing's unchecked index."""
 from __future__ import annotations
 
@@ -23,7 +25,8 @@ def listing2_drop_block2d_gsnr(
     input: Tensor, grads: Tensor, p: float, p_gsnr: float, block_size: int,
     inplace: bool = False, eps: float = 1e-06, training: bool = True
 ) -> Tensor:
-    """Seed 000, supplement Listing 2, copied literally (docstring removed)."""
+    """Listing 2 of the supplementary material of Michalkiewicz et al. (ICCV 2023),
+    copied literally (docstring removed)."""
     def calc_gsnr(grads, eps=10**-7):
         ''' computes batch-wise gsnr '''
         grads_mean = grads.reshape(grads.shape[0], -1).mean(dim=0)

@@ -1,7 +1,7 @@
 """Tests for domaingrad.gradients.per_domain.
 
 Reference: plain per-domain autograd (model.zero_grad(); loss_d.backward(); copy .grad),
-one domain at a time, as in seed 002 (Mansilla et al. ICCV 2021, Sec. 3).
+one domain at a time, as in Mansilla et al., "Domain Generalization via Gradient Surgery" (ICCV 2021, Sec. 3).
 """
 
 from __future__ import annotations

@@ -4,7 +4,10 @@ From facebookresearch/DomainBed (MIT licence): ``domainbed/lib/query.py`` (the p
 ``domainbed/model_selection.py``, ``domainbed/lib/reporting.py`` (get_grouped_records) and
 ``domainbed/scripts/collect_results.py`` (format_mean, print_results_tables, returning the
 table texts instead of printing them). Kept close to the original line by line so that a
-reader can compare; the report package shares no code with it.
+reader can compare; the report package shares no code with it. Transcribed from commit
+b93c22a: ``Q.group`` returns its groups sorted by key, ``Q.sorted`` ranks a NaN key as minus
+infinity and ``Q.argmax`` is Python's ``max`` -- together they decide ties and NaN, which
+``test_domainbed_parity.py`` exercises.
 """
 from __future__ import annotations
 
@@ -17,9 +20,11 @@ import numpy as np
 
 
 def hashable(obj):
-    if isinstance(obj, collections.abc.Hashable):
+    try:
+        hash(obj)
         return obj
-    return json.dumps(obj)
+    except TypeError:
+        return json.dumps({"_": obj}, sort_keys=True)
 
 
 def make_selector_fn(selector):
@@ -63,7 +68,7 @@ class Q:
             if group_key not in groups:
                 groups[group_key] = (group, Q([]))
             groups[group_key][1].append(x)
-        return Q([groups[key] for key in groups])
+        return Q([groups[key] for key in sorted(groups.keys())])
 
     def map(self, fn):
         if len(inspect.signature(fn).parameters) > 1:
@@ -102,7 +107,12 @@ class Q:
     def sorted(self, key=None):
         if key is None:
             key = lambda x: x
-        return Q(sorted(self._list, key=key))
+        def key2(x):
+            x = key(x)
+            if isinstance(x, (np.floating, float)) and np.isnan(x):
+                return float("-inf")
+            return x
+        return Q(sorted(self._list, key=key2))
 
 
 def get_test_records(records):

@@ -65,7 +65,7 @@ def test_cli_report_to_file_and_refusal_to_overwrite(sweep, tmp_path, run_cli):
 @pytest.mark.parametrize("args, message", [
     (["missing_dir"], "does not exist or is not a directory"),
     (["{sweep}", "--baseline", "EMR"], "--baseline 'EMR' has no runs in this sweep; algorithms present: ERM, AgrSum"),
-    (["{sweep}", "--selection", "seed002"], "--selection seed002 needs runs"),
+    (["{sweep}", "--selection", "70/10/20"], "--selection 70/10/20 needs runs"),
     (["{sweep}", "--plots", "{sweep}/job/done"], "is a file, expected a directory"),
     (["{sweep}", "--output", "{sweep}/nowhere/r.md"], "does not exist; create it first"),
 ])
@@ -83,15 +83,19 @@ def test_cli_empty_sweep_explains(tmp_path, run_cli):
     assert code == 0 and "| ERM | 90.0 +/- 0.0 | X | X | X |" in out
 
 
-def test_cli_seed002_protocol_is_chosen_automatically(tmp_path, run_cli):
+def test_cli_70_10_20_protocol_is_chosen_automatically(tmp_path, run_cli):
     # test env 1; checkpoint 0 has the best source validation (.8, .8) -> env1_test_acc .40 (not env1_in .95);
     # in-domain = the source envs' test parts at that checkpoint: (.7 + .9) / 2 = 80.0
     write_job(tmp_path / "s", "job", [
         make_record(0, [.9, .95, .9], [.8, .1, .8], test_envs=[1], test_accs=[.7, .40, .9]),
         make_record(100, [.9, .95, .9], [.6, .1, .6], test_envs=[1], test_accs=[.7, .60, .9])])
-    code, out, err = run_cli("report", tmp_path / "s", "--in-domain")
+    code, out, err = run_cli("report", tmp_path / "s", "--in-domain", "--plots", tmp_path / "plots")
     assert code == 0, err
-    assert "## Model selection: source-domain validation, held-out domain test split (seed 002, 70/10/20)" in out
+    # the selection's name has slashes; the box plot's file name does not
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["box_70_10_20_ColoredMNIST.png",
+                                                                      "curves_ColoredMNIST.png"]
+    assert ("## Model selection: source-domain validation, held-out domain test split (70/10/20, Mansilla et al. "
+            "2021)") in out
     assert "Protocol: 70/10/20" in out and "## Model selection: training-domain" not in out
     assert "| ERM | X | 40.0 +/- 0.0 | X | X |" in out
     in_domain = out[out.index("### ColoredMNIST, in-domain"):]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -43,6 +44,19 @@ def test_records_that_would_break_grouping_are_refused(sweep_dir, change, messag
     sweep = load_sweep(sweep_dir)
     assert len(sweep.records) == 1 and [p.line for p in sweep.problems] == [2, 3]
     assert message in sweep.problems[0].message and "env1_in_acc" in sweep.problems[1].message
+
+
+def test_step_must_be_finite_accuracies_may_be_nan(sweep_dir):
+    # checkpoints are ordered by step, so a NaN or infinite step is refused; a NaN accuracy (an
+    # empty split) is kept, and model selection ranks it as DomainBed does
+    nan_acc = make_record(200, [.9] * 3, [float("nan"), .8, .8])
+    write_job(sweep_dir, "job", [make_record(float("nan"), [.9] * 3, [.8] * 3),
+                                 make_record(float("inf"), [.9] * 3, [.8] * 3), nan_acc])
+    sweep = load_sweep(sweep_dir)
+    assert [r["step"] for r in sweep.records] == [200] and math.isnan(sweep.records[0]["env0_out_acc"])
+    why = "expected a finite number (the runs' checkpoints are ordered by step)"
+    assert [(p.line, p.message) for p in sweep.problems] == [(1, f"not a results record: 'step' is nan, {why}"),
+                                                             (2, f"not a results record: 'step' is inf, {why}")]
 
 
 def test_unreadable_results_file_is_a_problem_not_a_crash(sweep_dir):

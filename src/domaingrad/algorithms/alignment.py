@@ -3,7 +3,7 @@
 Definitions, hyperparameter names, defaults and random-search distributions follow
 DomainBed (``domainbed/algorithms.py``: ``AbstractMMD``, ``AbstractDANN``;
 ``domainbed/networks.py``: ``MLP``; ``domainbed/hparams_registry.py``; Gulrajani &
-Lopez-Paz, ICLR 2021); METHODS.md section 8.
+Lopez-Paz, ICLR 2021).
 """
 from __future__ import annotations
 

@@ -66,6 +66,14 @@ class Algorithm(nn.Module):
         """Logits of shape (B, num_classes) for inputs of shape (B, *input_shape)."""
         raise NotImplementedError
 
+    def predict_source(self, x: torch.Tensor, domain: int) -> torch.Tensor:
+        """Logits (B, num_classes) for inputs (B, *input_shape) known to come from training
+        domain ``domain`` (its index among the training domains, the order of
+        ``update``'s minibatches), for the accuracies of training environments. By
+        default :meth:`predict`; a method with a source-domain rule (DMG's own-domain
+        mask) overrides it."""
+        return self.predict(x)
+
     # -- exact resume -------------------------------------------------------------------
     def _stateful_attributes(self) -> dict[str, Any]:
         return {name: value for name, value in vars(self).items()

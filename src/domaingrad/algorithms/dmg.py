@@ -1,4 +1,8 @@
-"""DMG, domain-specific masks (seed 001), and the Multi-Headed baseline of that paper."""
+"""DMG, domain-specific masks, and the Multi-Headed baseline of that paper.
+
+Chattopadhyay, Balaji, Hoffman, "Learning to Balance Specificity and Invariance for In
+and Out of Domain Generalization", ECCV 2020 (official code: github.com/prithv1/DMG).
+"""
 from __future__ import annotations
 
 import itertools
@@ -20,7 +24,8 @@ FEATURES = "features"
 
 def soft_iou(m_i: torch.Tensor, m_j: torch.Tensor) -> torch.Tensor:
     """DMG's soft IoU, ``(m_i . m_j + 1e-6) / (sum(m_i + m_j - m_i * m_j) + 1e-6)``
-    (seed 001, Eq. 2, with the official code's 1e-6 terms; METHODS.md section 5).
+    (Chattopadhyay et al., ECCV 2020, Eq. (1), with the 1e-6 smoothing terms of the
+    official code, ``models/supermasks.py``).
 
     Args:
         m_i, m_j: (..., k) mask probabilities in [0, 1]; the sums run over the last axis.
@@ -34,8 +39,9 @@ def soft_iou(m_i: torch.Tensor, m_j: torch.Tensor) -> torch.Tensor:
 
 
 def mask_statistics(probs: torch.Tensor) -> tuple[float, float]:
-    """DMG's mask diagnostic (seed 001, Section 7.1): binarise at 0.5, then the mean
-    pairwise IoU over domain pairs and the mean fraction of active units.
+    """DMG's mask diagnostic (Chattopadhyay et al., ECCV 2020, appendix Section 7.1):
+    binarise at 0.5 (``m^d > 0.5``), then the mean pairwise IoU over domain pairs and the
+    mean fraction of active units.
 
     Args:
         probs: (D, k) soft masks of D >= 1 domains.
@@ -94,70 +100,105 @@ def resolve_layers(featurizer: nn.Module, spec: str) -> tuple[str, ...]:
 
 
 class DMG(ERM):
-    """DMG (seed 001, Chattopadhyay et al., "Learning to Balance Specificity and
-    Invariance for In and Out of Domain Generalization", ECCV 2020; METHODS.md section 5).
+    """DMG: Chattopadhyay, Balaji, Hoffman, "Learning to Balance Specificity and
+    Invariance for In and Out of Domain Generalization", ECCV 2020, Section 3.2.
 
     For each training domain d and masked layer, mask logits ``m~^d`` (one per channel of
     a conv map, broadcast over H x W; one per unit of a flat layer), initialised
-    U(0, 1); probabilities ``m^d = sigmoid(m~^d)``. Training: all domains' minibatches in
-    one batch; every sample draws its own hard mask ~ Bernoulli(m^d) of its domain d from
-    ``self.generator``; straight-through estimator (forward the hard mask, backward as if
-    the probabilities had been used); ``activation * mask`` without rescaling. Loss =
-    mean cross-entropy + ``dmg_lambda`` * sum over layers of the mean over domain pairs
-    of :func:`soft_iou` of the soft probabilities (the paper's Eq. 3 sums over pairs;
-    METHODS.md and this class take the mean, which is the sum divided by D(D-1)/2). One
-    Adam (lr, weight_decay) over the network and the masks, as in the paper.
+    U(0, 1) (appendix Section 7.5); probabilities ``m^d = sigmoid(m~^d)``. Training: all
+    domains' minibatches in one batch; every sample draws its own hard mask
+    ~ Bernoulli(m^d) of its domain d from ``self.generator``; straight-through estimator
+    (forward the hard mask, backward as if the probabilities had been used);
+    ``activation * mask`` without rescaling. Loss = mean cross-entropy (the official
+    code; Eq. (2) writes a sum over samples) + ``dmg_lambda`` * sum over masked layers of
+    the soft-IoU overlap of Eq. (1) (:func:`soft_iou`, on the soft probabilities) over the
+    D(D-1)/2 domain pairs, reduced by ``dmg_overlap_reduction``:
+
+    * "sum" (default): the sum over pairs, as in the paper's Eq. (2).
+    * "mean": the mean over pairs, i.e. the sum divided by D(D-1)/2, as in the official
+      code (``SuperMask.overlap_penalty`` in ``models/supermasks.py``).
+
+    One Adam (lr, weight_decay) over the network and the masks (appendix Section 7.5).
 
     ``dmg_layers`` "auto" masks the official placement (:func:`default_dmg_layers`):
     ResNet layer3, layer4 and fc inputs; AlexNet fc6, fc7, fc8 inputs; MNIST_CNN conv3,
     conv4 and classifier inputs. As in the official code, AlexNet's dropout (``drop6``,
     ``drop7``) is switched off; other featurizer options (``resnet_dropout``) stay as set.
 
-    Prediction (``predict``, unseen domain), chosen by ``dmg_predict``:
+    Prediction (``predict``, unseen domain; the test rule), chosen by ``dmg_predict``:
 
-    * "pred_ens" (the paper's Pred-Ens, default): scale the activations by each
-      domain's soft mask ``m^d``, average the D predictions. The paper does not say
-      whether probabilities or logits; here the softmax *probabilities* are averaged and
-      the returned logits are the log of that average (same argmax, softmax gives the
-      average back).
+    * "pred_ens" (the paper's Pred-Ens, Section 3.2 "Prediction at Test-time",
+      default): scale the activations by each domain's soft mask ``m^d``, average the D
+      predictions. The paper does not say whether probabilities or logits; here the
+      softmax *probabilities* are averaged and the returned logits are the log of that
+      average (same argmax, softmax gives the average back).
     * "pred_ens_logits": the same, but averaging raw logits (the official code).
-    * "mask_ens" (Mask-Ens, Section 7.3): average the soft masks, one prediction.
+    * "mask_ens" (Mask-Ens, appendix Section 7.3, Table 5): average the soft masks, one
+      prediction.
 
-    DMG-KD (known source domain d): :meth:`predict_domain` with that domain's soft mask,
-    or its hard mask ``m^d > 0.5`` (``hard=True``, the official source validation).
-    domaingrad's evaluation calls ``predict`` on every split, so training-domain
-    validation accuracy (model selection) uses ``dmg_predict`` too, not the official
-    hard own-domain mask.
+    DMG-KD (known source domain d, Table 3): :meth:`predict_domain` with that domain's
+    soft mask, or its hard mask ``m^d > 0.5`` (``hard=True``).
 
-    ``update`` returns ``loss``, ``ce``, ``siou`` (the unweighted penalty) and per masked
-    layer ``mask_iou_<layer>`` (mean pairwise IoU of the masks binarised at 0.5) and
-    ``mask_active_<layer>`` (fraction of units with ``m^d > 0.5``), so every results
-    record carries the mask statistics.
+    Source-domain evaluation (:meth:`predict_source`, the in/out accuracies of the
+    training environments, i.e. training-domain model selection), chosen by
+    ``dmg_source_predict``:
+
+    * "test_rule" (default): the ``dmg_predict`` rule, as for an unseen domain. The
+      paper selects "based on overall in-domain validation accuracy" (appendix
+      Section 7.5) without naming a different rule, so its test rule is the default.
+    * "own_hard": a sample of training domain d is classified with the hard mask
+      ``m^d > 0.5`` of its own domain d, as the official validation does
+      (``SuperMask.forward`` mode "greedy" with the sample's domain, in
+      ``SubNetwork_SuperMask_Trainer.evaluate("val")``).
+
+    The test environments always use ``predict`` (the test rule).
+
+    ``update`` returns ``loss``, ``ce``, ``siou`` (the unweighted penalty, reduced by
+    ``dmg_overlap_reduction``) and per masked layer ``mask_iou_<layer>`` (mean pairwise
+    IoU of the masks binarised at 0.5) and ``mask_active_<layer>`` (fraction of units
+    with ``m^d > 0.5``), so every results record carries the mask statistics.
 
     Attributes (besides ERM's): ``mask_logits`` (ParameterDict layer -> (D, k)),
     ``layers`` (masked layer names in network order), ``generator``.
+
+    Raises (construction):
+        DomainGradError: for a ``dmg_predict``, ``dmg_overlap_reduction`` or
+            ``dmg_source_predict`` outside its choices, or a bad ``dmg_layers``.
     """
 
     PREDICT = ("pred_ens", "pred_ens_logits", "mask_ens")
+    #: ``dmg_overlap_reduction``: the paper's sum over domain pairs, the official mean
+    OVERLAP_REDUCTION = ("sum", "mean")
+    #: ``dmg_source_predict``: the test rule, or each source domain's own hard mask
+    SOURCE_PREDICT = ("test_rule", "own_hard")
 
     @classmethod
     def hparam_specs(cls, small_images: bool) -> list[HParam]:
         return [
             HParam("dmg_lambda", 0.1, lambda r: float(10 ** r.uniform(-5, 0)),
-                   "lambda_O, weight of the soft-IoU overlap penalty (seed 001: 0.1, swept 0 and 1e-5..1)"),
+                   "lambda_O, weight of the soft-IoU overlap penalty (Chattopadhyay et al., ECCV 2020: 0.1, "
+                   "swept 0 and 1e-5..1)"),
+            HParam("dmg_overlap_reduction", "sum", lambda r: "sum",
+                   "overlap penalty over domain pairs: 'sum' (the paper's Eq. (2)) or 'mean' (official code)",
+                   choices=cls.OVERLAP_REDUCTION),
             HParam("dmg_layers", "auto", lambda r: "auto",
                    "masked layers: 'auto' (official placement) or comma-separated stage names / 'features'"),
             HParam("dmg_predict", "pred_ens", lambda r: "pred_ens",
                    "predict(): 'pred_ens' (average probabilities), 'pred_ens_logits' (official code), "
                    "'mask_ens'", choices=cls.PREDICT),
+            HParam("dmg_source_predict", "test_rule", lambda r: "test_rule",
+                   "training-environment accuracies: 'test_rule' (dmg_predict) or 'own_hard' (each domain's "
+                   "own mask m^d > 0.5, the official validation)", choices=cls.SOURCE_PREDICT),
         ]
 
     def __init__(self, input_shape: tuple[int, ...], num_classes: int, num_domains: int,
                  hparams: dict[str, Any]):
         super().__init__(input_shape, num_classes, num_domains, hparams)
-        if self.hparams["dmg_predict"] not in self.PREDICT:
-            raise DomainGradError(f"hyperparameter 'dmg_predict' must be one of {list(self.PREDICT)}, "
-                                  f"got {self.hparams['dmg_predict']!r}")
+        for name, choices in (("dmg_predict", self.PREDICT), ("dmg_overlap_reduction", self.OVERLAP_REDUCTION),
+                              ("dmg_source_predict", self.SOURCE_PREDICT)):
+            if self.hparams[name] not in choices:
+                raise DomainGradError(f"hyperparameter {name!r} must be one of {list(choices)}, "
+                                      f"got {self.hparams[name]!r}")
         for name in ("drop6", "drop7"):  # AlexNet's dropout, off for DMG (official code)
             if isinstance(getattr(self.featurizer, name, None), nn.Dropout):
                 getattr(self.featurizer, name).p = 0.0
@@ -204,12 +245,23 @@ class DMG(ERM):
         return values
 
     def overlap_penalty(self, probs: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Sum over layers of the mean over domain pairs of :func:`soft_iou` (0 for one domain)."""
+        """The overlap term of Eq. (2) without ``lambda_O``: the sum over layers of the
+        :func:`soft_iou` of every domain pair, summed over the D(D-1)/2 pairs
+        (``dmg_overlap_reduction`` "sum", the paper) or averaged over them ("mean", the
+        official code).
+
+        Args:
+            probs: layer -> (D, k) soft masks, as from :meth:`soft_masks`.
+
+        Returns:
+            () scalar; 0 with one training domain (no pairs).
+        """
         pairs = list(itertools.combinations(range(self.num_domains), 2))
         if not pairs:
             return torch.zeros(())
         i, j = torch.tensor(pairs).T
-        return torch.stack([soft_iou(p[i], p[j]).mean() for p in probs.values()]).sum()
+        reduce = torch.sum if self.hparams["dmg_overlap_reduction"] == "sum" else torch.mean
+        return torch.stack([reduce(soft_iou(p[i], p[j])) for p in probs.values()]).sum()
 
     def predict_domain(self, x: torch.Tensor, domain: int, hard: bool = False) -> torch.Tensor:
         """DMG-KD: logits (B, num_classes) with training domain ``domain``'s mask, soft
@@ -256,14 +308,32 @@ class DMG(ERM):
             return logits.mean(0)
         return torch.logsumexp(F.log_softmax(logits, dim=-1), dim=0) - math.log(self.num_domains)
 
+    def predict_source(self, x: torch.Tensor, domain: int) -> torch.Tensor:
+        """Logits (B, num_classes) for inputs x (B, *input_shape) of training domain
+        ``domain`` (its index among the training domains, the order of ``update``'s
+        minibatches): with ``dmg_source_predict`` "own_hard", the network with that
+        domain's hard mask ``m^d > 0.5`` at every masked layer (the official validation);
+        with "test_rule", :meth:`predict`.
+
+        Raises:
+            DomainGradError: for a domain index outside [0, num_domains).
+        """
+        if not 0 <= domain < self.num_domains:
+            raise DomainGradError(f"domain must be a training-domain index in [0, {self.num_domains}), got {domain}")
+        if self.hparams["dmg_source_predict"] == "own_hard":
+            return self.predict_domain(x, domain, hard=True)
+        return self.predict(x)
+
 
 class MultiHeaded(ERM):
-    """The Multi-Headed baseline of seed 001 (Chattopadhyay et al., ECCV 2020, Section 4;
-    METHODS.md section 5): a shared featurizer and one classifier head per training
-    domain. Training: each domain's samples go through their own head; loss = mean
-    cross-entropy over all samples (one concatenated batch). Prediction: the heads'
-    softmax probabilities averaged (returned as their log, so argmax and softmax are
-    those of the average); ``multihead_predict`` "logits" averages raw logits instead.
+    """The Multi-Headed baseline of Chattopadhyay, Balaji, Hoffman, "Learning to Balance
+    Specificity and Invariance for In and Out of Domain Generalization", ECCV 2020
+    (Section 4, "Baselines and Points of Comparison"): a shared featurizer and one
+    classifier head per training domain. Training: each domain's samples go through
+    their own head; loss = mean cross-entropy over all samples (one concatenated batch).
+    Prediction: the heads' softmax probabilities averaged (returned as their log, so
+    argmax and softmax are those of the average); ``multihead_predict`` "logits" averages
+    raw logits instead.
 
     Attributes (besides ERM's): ``heads`` (ModuleList of D classifiers); ``classifier``
     and ``network`` are ERM's unused single head, kept out of the optimizer.

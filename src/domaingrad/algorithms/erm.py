@@ -13,7 +13,7 @@ from .base import Algorithm, Minibatches
 
 class ERM(Algorithm):
     """ERM as in DomainBed: concatenate the per-domain minibatches, mean cross-entropy,
-    one Adam step (METHODS.md section 1).
+    one Adam step (DomainBed's ``ERM``).
 
     Attributes:
         featurizer: (B, *input_shape) -> (B, n_outputs) features.

@@ -15,9 +15,8 @@ from .erm import ERM
 
 
 class Fishr(ERM):
-    """Fishr (seed 003, Rame et al., "Fishr: Invariant Gradient Variances for
-    Out-of-Distribution Generalization", ICML 2022), as DomainBed runs it
-    (METHODS.md section 4).
+    """Fishr (Rame, Dancette, Cord, "Fishr: Invariant Gradient Variances for
+    Out-of-Distribution Generalization", ICML 2022), as DomainBed runs it.
 
     Every step: one forward pass of all training domains' minibatches concatenated;
     per-sample gradients, with respect to the classifier's parameters only (weight and

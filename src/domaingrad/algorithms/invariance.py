@@ -2,7 +2,7 @@
 
 Definitions, hyperparameter names, defaults and random-search distributions follow
 DomainBed (``domainbed/algorithms.py`` and ``domainbed/hparams_registry.py``,
-Gulrajani & Lopez-Paz, ICLR 2021); METHODS.md section 8.
+Gulrajani & Lopez-Paz, ICLR 2021).
 
 Like DomainBed, IRM and V-REx forward all domains in one concatenated batch and slice
 the logits per domain (the MNIST featurizer uses GroupNorm, so this equals per-domain

@@ -3,7 +3,7 @@
 Definitions, hyperparameter names, defaults and random-search distributions follow
 DomainBed (``domainbed/algorithms.py`` ``MLDG`` and ``Fish``, ``domainbed/lib/misc.py``
 ``split_meta_train_test``, ``domainbed/hparams_registry.py``; Gulrajani & Lopez-Paz,
-ICLR 2021); METHODS.md section 8.
+ICLR 2021).
 """
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 Definition, hyperparameter name, default and random-search distribution follow
 DomainBed (``domainbed/algorithms.py`` ``Mixup``, ``domainbed/lib/misc.py``
 ``random_pairs_of_minibatches``, ``domainbed/hparams_registry.py``; Gulrajani &
-Lopez-Paz, ICLR 2021); METHODS.md section 8.
+Lopez-Paz, ICLR 2021).
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 Definition, hyperparameter name, default and random-search distribution follow
 DomainBed (``domainbed/algorithms.py`` ``GroupDRO``, ``domainbed/hparams_registry.py``;
-Gulrajani & Lopez-Paz, ICLR 2021); METHODS.md section 8.
+Gulrajani & Lopez-Paz, ICLR 2021).
 """
 from __future__ import annotations
 

@@ -1,10 +1,10 @@
 """Batch-wise GSNR of activation gradients and the (GSNR-guided) DropBlock masks.
 
-Pure functions for the dropout methods of seed 000 (Michalkiewicz et al., "Domain
-Generalization Guided by Gradient Signal to Noise Ratio of Parameters", ICCV 2023,
-supplement Section 5, Listings 1 and 2; METHODS.md section 6) and for DropBlock
-(Ghiasi et al., NeurIPS 2018) as torchvision implements it
-(``torchvision.ops.drop_block2d``).
+Pure functions for the dropout methods of Michalkiewicz, Faraki, Yu, Chandraker and
+Baktashmotlagh, "Domain Generalization Guided by Gradient Signal to Noise Ratio of
+Parameters", ICCV 2023 (supplementary material, Section 5, Listings 1 and 2, and the
+Table 4 ablation), and for DropBlock (Ghiasi, Lin, Le, NeurIPS 2018) as torchvision
+implements it (``torchvision.ops.drop_block2d``).
 
 Differences from the code they follow, all guarded or documented:
 
@@ -190,7 +190,9 @@ def gsnr_seed_mask(gsnr: Tensor, p: float, p_gsnr: float | Tensor, block_size: i
 def drop_block2d_gsnr(input: Tensor, grads: Tensor, p: float, p_gsnr: float | Tensor, block_size: int,
                       generator: torch.Generator | None = None, eps: float = 1e-6, training: bool = True,
                       use_m1: bool = True, use_m2: bool = True) -> Tensor:
-    """GSNR-guided DropBlock, "DB+gsnr" (seed 000, supplement Listing 2), guarded.
+    """GSNR-guided DropBlock (Michalkiewicz et al., ICCV 2023, supplementary material,
+    Listing 2), guarded; with ``p_gsnr = 1`` (or ``use_m2=False``, which skips the draw),
+    M2 = 1: the supplement's Table 4 "DB+gsnr".
 
     The units of highest batch-wise GSNR (:func:`batch_gsnr` of ``grads``, eps 1e-7)
     become block seeds (M1), each kept as a seed with probability ``p_gsnr`` (M2, one

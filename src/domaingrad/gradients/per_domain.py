@@ -2,13 +2,14 @@
 to every trainable parameter, stacked on a leading domain axis.
 
 This is the Jacobian that gradient surgery methods aggregate (Agr-Sum, Agr-Rand, PCGrad,
-CorGrad; METHODS.md sections 2-3 of the project reference).
+CorGrad).
 
-Source: seed 002, Mansilla et al., "Domain Generalization via Gradient Surgery",
+Source: Mansilla, Echeveste, Milone, Ferrante, "Domain Generalization via Gradient Surgery",
 ICCV 2021, Sec. 3: at every step one minibatch per source domain is drawn, and each is
 forwarded and backpropagated *separately* (so BatchNorm sees one domain at a time);
-the resulting per-domain gradients g_1, ..., g_D are then combined. CorGrad (seed 004)
-uses the same per-domain gradients, split by parameter tensor.
+the resulting per-domain gradients g_1, ..., g_D are then combined. CorGrad (Zhou, Hu,
+Zhou, Guan, Jiang, "Rethinking Domain Generalization from Perspective of Gradient
+Granularity") uses the same per-domain gradients, split by parameter tensor.
 
 Two computation paths give the same numbers up to float rounding. Caveat for float32
 ReLU networks: the vmap path rounds differently from per-domain forwards, so a
@@ -96,8 +97,8 @@ def per_domain_gradients(
 ) -> PerDomainGradients:
     """Gradient of each domain's mean loss with respect to each parameter.
 
-    Each domain's batch goes through the model separately (seed 002, Mansilla et al.
-    ICCV 2021, Sec. 3: one minibatch per source domain, forwarded and backpropagated
+    Each domain's batch goes through the model separately (Mansilla et al., "Domain
+    Generalization via Gradient Surgery", ICCV 2021, Sec. 3: one minibatch per source domain, forwarded and backpropagated
     separately), so normalisation statistics computed from the batch are per domain.
 
     Args:

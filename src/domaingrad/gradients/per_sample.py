@@ -1,8 +1,8 @@
 """Per-sample gradients: the gradient of each sample's own loss, stacked on a leading
 sample axis.
 
-Fishr (seed 003, Rame et al., "Fishr: Invariant Gradient Variances for
-Out-of-Distribution Generalization", ICML 2022; METHODS.md section 4) penalises the
+Fishr (Rame, Dancette, Cord, "Fishr: Invariant Gradient Variances for
+Out-of-Distribution Generalization", ICML 2022) penalises the
 variance over samples of these gradients, so they must stay differentiable: the
 penalty is backpropagated through them into the featurizer. The authors obtained them
 with BackPACK's ``BatchGrad`` extension, which is broken with current torch; here they

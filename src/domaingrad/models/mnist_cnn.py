@@ -1,4 +1,5 @@
-"""DomainBed's MNIST_CNN featurizer (METHODS.md section 9)."""
+"""DomainBed's MNIST_CNN featurizer (Gulrajani & Lopez-Paz, "In Search of Lost Domain
+Generalization", ICLR 2021; ``domainbed/networks.py``)."""
 from __future__ import annotations
 
 from typing import Callable, Optional

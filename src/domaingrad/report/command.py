@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..errors import DomainGradError
 
-SELECTIONS = ("auto", "all", "iid", "loo", "oracle", "seed002")
+SELECTIONS = ("auto", "all", "iid", "loo", "oracle", "70/10/20")
 FORMATS = ("markdown", "latex", "csv", "json")
 
 DESCRIPTION = """\
@@ -22,9 +22,12 @@ Unreadable lines are reported (path:line) and skipped; jobs without `done` and j
 sweep.json but absent are listed on stderr."""
 
 SELECTION_HELP = ("model selection: iid = training-domain validation, loo = leave-one-domain-out, "
-                  "oracle = test-domain validation (last checkpoint), seed002 = 70/10/20 best source validation, "
-                  "all = iid+loo+oracle (+seed002 for 70/10/20 runs), auto (default) = seed002 for runs with "
-                  "args.split_protocol '70/10/20', else iid+loo+oracle like DomainBed's collect_results")
+                  "oracle = test-domain validation (last checkpoint) (Gulrajani and Lopez-Paz, ICLR 2021); "
+                  "70/10/20 = best source validation, reported on the held-out domain's test part (Mansilla et "
+                  "al., ICCV 2021); all = iid+loo+oracle (+70/10/20 for 70/10/20 runs), auto (default) = "
+                  "70/10/20 for runs with args.split_protocol '70/10/20', else iid+loo+oracle like DomainBed's "
+                  "collect_results. Between hparams draws, equal validation accuracies go to the highest "
+                  "hparams_seed and a NaN one ranks below every number, as in DomainBed")
 
 
 def add_parser(subparsers) -> None:
@@ -38,7 +41,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--baseline", metavar="ALG", default=None,
                    help="paired Wilcoxon test of every algorithm against ALG per test env; * marks p < 0.05")
     p.add_argument("--plots", metavar="DIR", default=None,
-                   help="write box plots (seed 002 Fig. 3) and training curves as PNG into DIR")
+                   help="write box plots (as Fig. 3 of Mansilla et al., ICCV 2021) and training curves as "
+                        "PNG into DIR")
     p.add_argument("--in-domain", "--in_domain", dest="in_domain", action="store_true",
                    help="add DMG's in-domain tables: mean accuracy on the source envs' held-out split")
     p.add_argument("--latest", action="store_true",

@@ -1,11 +1,15 @@
-"""PNG figures: per-environment box plots (seed 002 Fig. 3) and training curves.
+"""PNG figures: per-environment box plots and training curves.
+
+The box plots follow Fig. 3 of Mansilla, Echeveste, Milone, Ferrante, "Domain
+Generalization via Gradient Surgery", ICCV 2021.
 
 Drawn on ``matplotlib.figure.Figure`` with the Agg canvas, never through pyplot, so no
 display is needed and the caller's matplotlib backend is left alone.
 
-- ``box_<selection>_<dataset>.png``: one panel per test environment; per algorithm a box
+- ``box_<selection>_<dataset>.png`` (``/`` in either name written as ``_``, e.g.
+  ``box_70_10_20_PACS.png``): one panel per test environment; per algorithm a box
   of the selected accuracies over trial seeds (box = quartiles, line = median, green
-  triangle = mean, whiskers = minimum and maximum, as seed 002 Fig. 3); an asterisk above
+  triangle = mean, whiskers = minimum and maximum, as that Fig. 3); an asterisk above
   an algorithm whose paired Wilcoxon test against the baseline gives p < 0.05.
 - ``curves_<dataset>.png``: one panel per test environment; accuracy on the test
   environment (its in split, or its test part for 70/10/20 runs) against the training
@@ -31,7 +35,7 @@ def _safe(name: str) -> str:
 def planned_files(report: Report, directory: Path) -> list[Path]:
     """Every PNG :func:`write_plots` would write into ``directory`` for ``report``."""
     datasets = order_datasets(r["args"]["dataset"] for r in report.sweep.records)
-    files = [directory / f"box_{s.method.key}_{_safe(d)}.png" for s in report.sections for d in datasets]
+    files = [directory / f"box_{_safe(s.method.key)}_{_safe(d)}.png" for s in report.sections for d in datasets]
     return files + [directory / f"curves_{_safe(d)}.png" for d in datasets]
 
 
@@ -41,7 +45,7 @@ def write_plots(report: Report, directory: Path) -> list[Path]:
     written = []
     for dataset in order_datasets(r["args"]["dataset"] for r in report.sweep.records):
         for section in report.sections:
-            path = directory / f"box_{section.method.key}_{_safe(dataset)}.png"
+            path = directory / f"box_{_safe(section.method.key)}_{_safe(dataset)}.png"
             _save(box_figure(report, section, dataset), path)
             written.append(path)
         path = directory / f"curves_{_safe(dataset)}.png"
@@ -62,7 +66,7 @@ def _env_names(report: Report, dataset: str) -> list[str]:
 
 
 def box_figure(report: Report, section: Section, dataset: str) -> Figure:
-    """Seed 002 Fig. 3 for one dataset and selection method: one panel per test env."""
+    """Fig. 3 of Mansilla et al. (ICCV 2021) for one dataset and selection method: one panel per test env."""
     envs = _env_names(report, dataset)
     algorithms = order_algorithms(r["args"]["algorithm"] for r in report.sweep.records)
     significant = {(t.test_env, t.algorithm) for t in section.tests if t.dataset == dataset and t.significant}

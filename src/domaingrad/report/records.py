@@ -14,6 +14,7 @@ instead stops at the first bad line.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +27,8 @@ DONE = "done"
 #: written by ``domaingrad sweep`` when a job's last attempt exited with an error (stderr in err.txt)
 FAILED = "failed"
 MANIFEST = "sweep.json"
-#: ``args["split_protocol"]`` of runs using seed 002's per-domain train/val/test split
+#: ``args["split_protocol"]`` of runs using the 70/10/20 per-domain train/validation/test split of
+#: Mansilla, Echeveste, Milone, Ferrante, "Domain Generalization via Gradient Surgery", ICCV 2021, Sec. 4.1
 SPLIT_70_10_20 = "70/10/20"
 #: ``args`` keys every record needs to be grouped as DomainBed groups them
 REQUIRED_ARGS = ("dataset", "algorithm", "test_envs", "trial_seed", "hparams_seed")
@@ -134,15 +136,18 @@ class Sweep:
 def record_error(record: object) -> str | None:
     """Why a parsed JSON value is not a usable results.jsonl record, or None if it is.
 
-    A usable record is a JSON object with a numeric ``step``, ``args`` holding
+    A usable record is a JSON object with a finite numeric ``step``, ``args`` holding
     :data:`REQUIRED_ARGS` (``test_envs`` a non-empty list of environment indices) and
     numeric ``env{i}_in_acc``/``env{i}_out_acc`` for every environment ``i`` (and
     ``env{i}_test_acc`` when ``args["split_protocol"] == "70/10/20"``).
     """
     if not isinstance(record, dict):
         return f"expected a JSON object, got {type(record).__name__}"
-    if not _is_number(record.get("step")):
+    step = record.get("step")
+    if not _is_number(step):
         return "no numeric 'step'"
+    if isinstance(step, float) and not math.isfinite(step):
+        return f"'step' is {step!r}, expected a finite number (the runs' checkpoints are ordered by step)"
     args = record.get("args")
     if not isinstance(args, dict):
         return "no 'args' object"

@@ -2,7 +2,8 @@
 
 Cell text is DomainBed's ``format_mean`` ("m.m +/- e.e", LaTeX "m.m $\\pm$ e.e", "X" when
 missing); an asterisk follows a cell whose paired Wilcoxon test against the baseline
-gives p < 0.05 (seed 002's Table 1 convention).
+gives p < 0.05 (the convention of Table 1 of Mansilla, Echeveste, Milone, Ferrante, "Domain
+Generalization via Gradient Surgery", ICCV 2021).
 """
 from __future__ import annotations
 
@@ -45,13 +46,13 @@ def _significance_line(report: Report) -> str | None:
     if report.baseline is None:
         return None
     return (f"* p < {ALPHA}: paired two-sided Wilcoxon signed-rank test against {report.baseline} "
-            "over trial seeds, per test environment (seed 002).")
+            "over trial seeds, per test environment (as Mansilla et al., ICCV 2021).")
 
 
 def _protocol_line(report: Report) -> str:
     if report.protocol == SPLIT_70_10_20:
-        return ("Protocol: 70/10/20 train/validation/test split per domain (seed 002); reported = test part "
-                "of the held-out domain.")
+        return ("Protocol: 70/10/20 train/validation/test split per domain (Mansilla et al., ICCV 2021); "
+                "reported = test part of the held-out domain.")
     return "Protocol: DomainBed in/out split; reported = in split of the test environment."
 
 

@@ -1,11 +1,12 @@
-"""Paired Wilcoxon signed-rank tests of each algorithm against a baseline, as seed 002 does.
+"""Paired Wilcoxon signed-rank tests of each algorithm against a baseline, as Mansilla et al. do.
 
-Seed 002 (Mansilla et al. 2021, Sec. 4.4, Fig. 3, Table 1): 20 independent runs per
+Mansilla, Echeveste, Milone, Ferrante, "Domain Generalization via Gradient Surgery", ICCV
+2021, Sec. 4.4, Fig. 3, Table 1: 20 independent runs per
 (dataset, method, held-out domain); "the paired Wilcoxon test ... in terms of mean
 difference (with a significance level of 0.05)" between Deep-All (ERM) and each other
 method, per held-out domain; an asterisk marks p < 0.05. Here the paired samples are the
 selected accuracies of the algorithm and of the baseline for the same (dataset, test env,
-trial seed): runs with the same trial seed share the in/out splits, as seed 002's runs
+trial seed): runs with the same trial seed share the in/out splits, as the paper's runs
 share the 70/10/20 split. Two-sided test, ``scipy.stats.wilcoxon`` with its defaults
 (exact distribution for small samples without ties).
 """
@@ -18,7 +19,7 @@ from dataclasses import asdict, dataclass
 from .selection import Selected
 from .tables import Table
 
-#: seed 002's significance level
+#: the significance level of Mansilla et al. (ICCV 2021, Sec. 4.4)
 ALPHA = 0.05
 
 
@@ -98,4 +99,4 @@ def too_few_pairs_note(tests: list[PairedTest]) -> str | None:
     n = small[-1]
     return (f"some tests pair only {', '.join(map(str, small))} trial seed(s): with n pairs the smallest two-sided "
             f"Wilcoxon p-value is 2/2^n ({smallest_p_value(n):.4f} for n={n}), so p < {ALPHA} needs at least 6 "
-            "trials (seed 002 uses 20 runs)")
+            "trials (Mansilla et al., ICCV 2021, use 20 runs)")

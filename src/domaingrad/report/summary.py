@@ -40,7 +40,7 @@ def build_report(sweep: Sweep, selection: str = "auto", baseline: str | None = N
 
     Args:
         sweep: the records read by :func:`.records.load_sweep`.
-        selection: ``auto``, ``all``, ``iid``, ``loo``, ``oracle`` or ``seed002`` (see
+        selection: ``auto``, ``all``, ``iid``, ``loo``, ``oracle`` or ``70/10/20`` (see
             :func:`.selection.resolve_methods`).
         baseline: algorithm every other one is tested against (paired Wilcoxon), or None.
         in_domain: also build DMG's in-domain tables (source held-out accuracy).
