@@ -518,43 +518,41 @@ def _add_noise(out: Tensor, noise: Tensor, keep: Tensor, sigma: float, scratch: 
 # ------------------------------------------------------ Gram-matrix machinery (PCGrad)
 
 
-def _gram_block(v: Tensor, buf: Tensor | None = None) -> Tensor:
-    """``v v^T`` in float64 for a ``(D, K)`` block (copied into ``buf`` when given)."""
-    if v.dtype != torch.float64:
-        if buf is None:
-            v = v.to(torch.float64)
-        else:
-            buf = buf[:, : v.shape[1]]
-            buf.copy_(v)
-            v = buf
-    return v @ v.T
+# Elements per domain in one block of the float64 Gram products: the float64 copy of a
+# block stays in cache (measured on CPU: 2^16 beats 2^14 and 2^18 for D = 3 to 8).
+_GRAM_CHUNK = 1 << 16
 
 
 def _gram_run(x: Tensor) -> Tensor:
     """Per-piece Gram matrices of a uniform run. ``x: (D, P, K) -> (P, D, D)`` float64.
 
     Every product and every sum is formed in float64, whatever the input dtype (the
-    products of float32 or half values are then exact), in blocks of at most ``_CHUNK``
-    elements per domain. Packed small tensors (:func:`_segment_gram`) use the same
-    precision, so a Gram matrix -- and every conflict decision taken on it -- does not
-    depend on the size of a tensor or on how it is blocked, beyond float64 rounding.
+    products of float32 or half values are then exact), on blocks copied into one
+    reused contiguous float64 buffer of at most ``_GRAM_CHUNK`` elements per domain.
+    Packed small tensors (:func:`_segment_gram`) use the same precision, so a Gram
+    matrix -- and every conflict decision taken on it -- does not depend on the size of
+    a tensor or on how it is blocked, beyond float64 rounding.
     """
     num_domains, num_pieces, k = x.shape
     out = torch.zeros(num_pieces, num_domains, num_domains, dtype=torch.float64, device=x.device)
     if k == 0 or num_pieces == 0:
         return out
-    if k >= _CHUNK or num_pieces == 1:
-        buf = None if x.dtype == torch.float64 else torch.empty(
-            num_domains, min(k, _CHUNK), dtype=torch.float64, device=x.device)
-        for p in range(num_pieces):  # one piece at a time, blocked: the block stays in cache
-            v = x[:, p, :]
-            for a in range(0, k, _CHUNK):
-                out[p] += _gram_block(v[:, a : a + _CHUNK], buf)
+    if k >= _GRAM_CHUNK or num_pieces == 1:  # piece by piece, each in blocks of columns
+        buf = torch.empty(num_domains, min(k, _GRAM_CHUNK), dtype=torch.float64, device=x.device)
+        for p in range(num_pieces):  # at most numel / _GRAM_CHUNK pieces here
+            for a in range(0, k, _GRAM_CHUNK):
+                v = x[:, p, a : a + _GRAM_CHUNK]
+                blk = buf[:, : v.shape[1]]
+                blk.copy_(v)
+                out[p] += blk @ blk.T
         return out
-    per_block = max(1, _CHUNK // k)  # whole pieces per block
+    per_block = max(1, _GRAM_CHUNK // k)  # whole pieces per block
+    buf = torch.empty(min(per_block, num_pieces), num_domains, k, dtype=torch.float64, device=x.device)
     for p0 in range(0, num_pieces, per_block):
-        xb = x[:, p0 : p0 + per_block, :].to(torch.float64).transpose(0, 1)  # (P', D, K)
-        out[p0 : p0 + xb.shape[0]] = torch.bmm(xb, xb.transpose(1, 2))
+        xs = x[:, p0 : p0 + per_block, :]
+        blk = buf[: xs.shape[1]]
+        blk.copy_(xs.transpose(0, 1))  # (P', D, K), contiguous: the fast batched product
+        torch.bmm(blk, blk.transpose(1, 2), out=out[p0 : p0 + xs.shape[1]])
     return out
 
 
@@ -571,11 +569,6 @@ def _combine_run(x: Tensor, coef: Tensor, out: Tensor) -> None:
         torch.mm(c, x[:, 0, :], out=out)
     else:
         torch.bmm(c.unsqueeze(1), x.transpose(0, 1), out=out.unsqueeze(1))
-
-
-def _quad(a: Tensor, gram: Tensor, b: Tensor) -> Tensor:
-    """``a_p^T G_p b_p`` for batches ``a, b: (P, D)``, ``gram: (P, D, D)`` -> ``(P,)``."""
-    return torch.einsum("pi,pij,pj->p", a, gram, b)
 
 
 # Relative tolerances of the Gram-matrix rules. The Gram matrices are float64 (see
@@ -628,11 +621,19 @@ def _project_sequential(
     ratio = torch.zeros((), dtype=gram.dtype, device=gram.device)
     for i in i_order:
         w = weights[:, i, :].clone()
+        gw = torch.bmm(gram, w.unsqueeze(-1)).squeeze(-1)  # G w, updated with w below
         for j in j_orders[i]:
-            r = weights[:, j, :] if reference == "projected" else eye[j].expand(num_pieces, -1)
-            dot = _quad(w, gram, r)
-            rr = _quad(r, gram, r)
-            ww = _quad(w, gram, w)
+            if reference == "projected":
+                r = weights[:, j, :]
+                gr = torch.bmm(gram, r.unsqueeze(-1)).squeeze(-1)
+                rr = (r * gr).sum(-1)
+                dot = (w * gr).sum(-1)
+            else:  # r = e_j: G r is column j of G
+                r = eye[j].expand(num_pieces, -1)
+                gr = gram[:, :, j]
+                rr = gram[:, j, j]
+                dot = gw[:, j]
+            ww = (w * gw).sum(-1)
             scale_r = _scales(r, norms)
             conflict = (dot < -_CONFLICT_RTOL * _scales(w, norms) * scale_r) & (
                 rr > _ZERO_RTOL * scale_r * scale_r)
@@ -642,6 +643,7 @@ def _project_sequential(
             count += conflict.sum()
             ratio += torch.where(conflict, proj_ratio.clamp_max(1.0), torch.zeros_like(proj_ratio)).sum()
             w = w - coef.unsqueeze(1) * r
+            gw = gw - coef.unsqueeze(1) * gr
         weights[:, i, :] = w
     return weights, int(count.item()), float(ratio.item())
 
