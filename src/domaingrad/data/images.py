@@ -3,13 +3,19 @@
 An :class:`ImageFolderDataset` holds, per domain, the image paths and labels (found by
 :mod:`domaingrad.data.folders`); pixels are decoded only when a batch is loaded.
 
-- Evaluation (DomainBed ``datasets.MultipleEnvironmentImageFolder``'s ``transform``):
-  resize to ``image_size`` x ``image_size``, ``ToTensor``, ImageNet normalisation; read
-  in order by finite DataLoaders.
-- Training (``augment_transform``, when hparam ``data_augmentation`` is true):
-  ``RandomResizedCrop(image_size, scale=(0.7, 1.0))``, horizontal flip,
-  ``ColorJitter(0.3, 0.3, 0.3, 0.3)``, ``RandomGrayscale()``, then as above. Unlike
-  DomainBed, evaluation passes over training domains are never augmented.
+- Clean images (DomainBed ``datasets.MultipleEnvironmentImageFolder``'s ``transform``):
+  resize to ``image_size`` x ``image_size``, ``ToTensor``, ImageNet normalisation.
+- Augmented images (its ``augment_transform``, when hparam ``data_augmentation`` is
+  true): ``RandomResizedCrop(image_size, scale=(0.7, 1.0))``, horizontal flip,
+  ``ColorJitter(0.3, 0.3, 0.3, 0.3)``, ``RandomGrayscale()``, then as above.
+- Which images get which: DomainBed gives the augmenting transform to every
+  environment that is not a test environment, and its evaluation loaders read those
+  same datasets, so the training minibatches *and* the evaluation passes over the
+  training environments' in and out splits are augmented; test environments never
+  are. That is the default here too (``domaingrad.run.TrainingRun`` asks for it with
+  :meth:`~domaingrad.data.base.Split.augmented`); ``domaingrad train --clean-eval``
+  evaluates every split on clean images instead. Evaluation passes are read in order
+  by finite DataLoaders.
 - :class:`ImageMinibatches` is the endless training stream: each step draws
   ``batch_size`` positions per training split uniformly with replacement (or
   class-balanced), as DomainBed's ``InfiniteDataLoader``, and loads the whole step in
@@ -19,7 +25,11 @@ Exact resume: the positions of step k and the seed of every sample's augmentatio
 come from a generator seeded with ``seed_hash(seed, k)``, and each sample is
 transformed under its own seed, so the stream is a function of the step number only:
 it does not depend on the number of workers or on prefetching, and a resumed run sees
-the same images with the same augmentation as an uninterrupted one.
+the same images with the same augmentation as an uninterrupted one. An augmented
+evaluation pass transforms the sample at position p under ``seed_hash(augment_seed, p)``
+(the run derives ``augment_seed`` from its seed, the checkpoint step and the split), so
+it too is a function of the step only, and does not depend on the evaluation batch
+size or the workers.
 """
 from __future__ import annotations
 
@@ -107,14 +117,28 @@ class ImageEnvironment:
     def __len__(self) -> int:
         return len(self.y)
 
-    def batches(self, indices: torch.Tensor, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """The samples at ``indices`` in order, without augmentation, as (x, y) batches
-        of at most ``batch_size``: x (b, 3, S, S), y (b,). Loaded in DataLoader workers;
-        under the ``skip`` policy images that fail to decode are left out."""
-        keys = [(0, int(i), None) for i in indices]
+    def batches(self, indices: torch.Tensor, batch_size: int, augment_seed: int | None = None
+                ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The samples at ``indices`` in order as (x, y) batches of at most
+        ``batch_size``: x (b, 3, S, S), y (b,). Loaded in DataLoader workers; under the
+        ``skip`` policy images that fail to decode are left out.
+
+        Args:
+            indices: int64 (n,), positions in this environment.
+            batch_size: samples per batch.
+            augment_seed: None for clean images (the evaluation transform); otherwise
+                the training augmentation, the sample at position p transformed under
+                the seed ``seed_hash(augment_seed, p)``.
+        """
+        if augment_seed is None:
+            keys = [(0, int(i), None) for i in indices]
+            transform = self.dataset.eval_transform
+        else:
+            keys = [(0, int(i), seed_hash(augment_seed, int(i))) for i in indices]
+            transform = self.dataset.train_transform
         n_batches = -(-len(keys) // batch_size)
         workers = self.dataset.num_workers if n_batches > 1 else 0
-        items = _Items(_Reader(self.dataset.eval_transform, self.dataset.corrupt_images), [(self.paths, self.y)])
+        items = _Items(_Reader(transform, self.dataset.corrupt_images), [(self.paths, self.y)])
         loader = DataLoader(items, sampler=keys, batch_size=batch_size, num_workers=workers, collate_fn=_Collate(1))
         for domains, failed in loader:
             self.dataset.note_failures(failed)
@@ -268,6 +292,7 @@ class ImageFolderDataset(MultipleDomainDataset):
 
     SPEC: FolderSpec
     CHECKPOINT_FREQ = 300
+    AUGMENTS = True
 
     def __init__(self, data_dir: str | None = None, seed: int = 0, image_size: int = 224,
                  num_workers: int | None = None, class_map: str | None = None, corrupt_images: str = "error"):

@@ -1,10 +1,13 @@
 """One training run, DomainBed's ``train.py`` with exact resume.
 
-Protocol (METHODS.md section 9): every environment is split into *out* (holdout) and
+Protocol (Gulrajani and Lopez-Paz, "In Search of Lost Domain Generalization", ICLR 2021;
+DomainBed's ``scripts/train.py``): every environment is split into *out* (holdout) and
 *in*; the algorithm trains on the in splits of the non-test environments, one minibatch
 per training domain per step; every ``checkpoint_freq`` steps (and at the last step)
 every environment's in and out split is evaluated and one record is appended to
-``results.jsonl`` with DomainBed's keys.
+``results.jsonl`` with DomainBed's keys. On image datasets with hparam
+``data_augmentation`` the training environments are evaluated on augmented images, as
+DomainBed does (``TrainArgs.clean_eval`` turns that off).
 """
 from __future__ import annotations
 
@@ -51,9 +54,22 @@ class TrainArgs:
     ``skip`` (see :mod:`domaingrad.data.folders`).
 
     ``split_protocol`` (not a DomainBed argument): ``domainbed`` (in/out by
-    ``holdout_fraction``) or ``70/10/20``, seed 002's per-domain train/validation/test
-    parts, recorded as ``env{i}_in_acc`` / ``env{i}_out_acc`` / ``env{i}_test_acc``
-    (``holdout_fraction`` is then unused).
+    ``holdout_fraction``) or ``70/10/20``, the per-domain train/validation/test parts of
+    Mansilla, Echeveste, Milone, Ferrante, "Domain Generalization via Gradient
+    Surgery", ICCV 2021 (Section 4.1), recorded as ``env{i}_in_acc`` /
+    ``env{i}_out_acc`` / ``env{i}_test_acc`` (``holdout_fraction`` is then unused).
+
+    ``clean_eval`` (not a DomainBed argument): on image datasets with hparam
+    ``data_augmentation`` true, DomainBed builds every non-test environment with the
+    augmenting transform and evaluates those same datasets, so the training
+    environments' in and out splits (and, under ``70/10/20``, their test parts) are
+    scored on augmented images, freshly drawn at every checkpoint; test environments
+    never are. That is the default (False), as in the published DomainBed tables.
+    True scores every split on clean images; training-domain validation can then
+    select other checkpoints. The draws of checkpoint ``step`` for split ``s``
+    (``in``/``out``/``test``) of environment i come from ``seed_hash(seed,
+    "evaluation", step, s, i)``, so resumed runs repeat them. In-memory datasets
+    (the MNIST family, Debug28) are never augmented, as in DomainBed.
     """
 
     dataset: str = "ColoredMNIST"
@@ -81,6 +97,7 @@ class TrainArgs:
     class_map: str | None = None
     corrupt_images: str = "error"
     split_protocol: str = "domainbed"
+    clean_eval: bool = False
 
 
 class TrainingRun:
@@ -113,6 +130,8 @@ class TrainingRun:
         self.checkpoint_freq = args.checkpoint_freq or dataset.CHECKPOINT_FREQ
         self.steps_per_epoch = min(len(s) / hparams["batch_size"] for s in in_splits)
         self.train_envs = [i for i in range(len(dataset)) if i not in args.test_envs]
+        #: whether the training environments are evaluated on augmented images (DomainBed)
+        self.augment_eval = bool(dataset.AUGMENTS and hparams["data_augmentation"] and not args.clean_eval)
         self.checkpoint_vals: dict[str, list[float]] = collections.defaultdict(list)
         algorithm.total_steps = self.steps
 
@@ -175,14 +194,28 @@ class TrainingRun:
             self.checkpoint_vals[key].append(value)
         return values
 
-    def evaluate(self) -> dict[str, float]:
+    def evaluation_split(self, split: Split, prefix: str, env: int, step: int) -> Split:
+        """The split as the checkpoint at ``step`` evaluates it: augmented when
+        :attr:`augment_eval` is on and ``env`` is a training environment (seeded by
+        ``seed_hash(seed, "evaluation", step, prefix, env)``), otherwise as is."""
+        if self.augment_eval and env not in self.args.test_envs:
+            return split.augmented(seed_hash(self.args.seed, "evaluation", step, prefix, env))
+        return split
+
+    def evaluate(self, step: int = 0) -> dict[str, float]:
         """``env{i}_in_acc`` and ``env{i}_out_acc`` for every environment (and
-        ``env{i}_test_acc`` under the 70/10/20 protocol)."""
+        ``env{i}_test_acc`` under the 70/10/20 protocol), at checkpoint ``step`` (which
+        seeds the augmentation of the training environments, see :class:`TrainArgs`)."""
         accs = {}
         for prefix, splits in (("in", self.in_splits), ("out", self.out_splits), ("test", self.test_splits)):
             for i, split in enumerate(splits):
-                accs[f"env{i}_{prefix}_acc"] = accuracy(self.algorithm, split, self.args.eval_batch_size,
-                                                        self.device)
+                # training environments' in/out splits go through predict_source with the
+                # environment's training-domain index (model selection on the source
+                # domains, e.g. DMG's own-domain mask); test environments and the
+                # 70/10/20 test parts through predict
+                domain = self.train_envs.index(i) if prefix != "test" and i in self.train_envs else None
+                accs[f"env{i}_{prefix}_acc"] = accuracy(self.algorithm, self.evaluation_split(split, prefix, i, step),
+                                                        self.args.eval_batch_size, self.device, domain=domain)
         return accs
 
     def make_record(self, step: int) -> dict[str, Any]:
@@ -190,7 +223,7 @@ class TrainingRun:
         record: dict[str, Any] = {"step": step, "epoch": step / self.steps_per_epoch}
         for key, values in self.checkpoint_vals.items():
             record[key] = float(np.mean(values))
-        record.update(self.evaluate())
+        record.update(self.evaluate(step))
         record["mem_gb"] = (torch.cuda.max_memory_allocated() / 1024 ** 3
                             if self.device.type == "cuda" else 0.0)
         record["hparams"] = self.hparams
@@ -338,7 +371,12 @@ def train(args: TrainArgs, stream=None) -> dict[str, Any]:
     stream = stream or sys.stdout
     out = RunDirectory(args.output_dir)
     validate_args(args)
-    saved = out.check_startable(asdict(args), defaults=asdict(TrainArgs()))
+    defaults = asdict(TrainArgs())
+    if getattr(dataset_class(args.dataset), "AUGMENTS", False):
+        # a run checkpointed before clean_eval existed evaluated on clean images: it resumes
+        # only as such (with --clean-eval), never switching evaluation half-way
+        defaults["clean_eval"] = True
+    saved = out.check_startable(asdict(args), defaults=defaults)
     run = TrainingRun.prepare(args)
     out.path.mkdir(parents=True, exist_ok=True)
 
@@ -357,6 +395,9 @@ def train(args: TrainArgs, stream=None) -> dict[str, Any]:
     for line in run.dataset.report:
         say(f"data: {line}")
     say(f"hparams: {run.hparams}")
+    if run.dataset.AUGMENTS:
+        say("evaluation: training environments on augmented images (DomainBed's; --clean-eval for clean ones), "
+            "test environments on clean images" if run.augment_eval else "evaluation: every split on clean images")
     say(f"featurizer: {models.backbone_name(run.dataset.input_shape, run.hparams)}, initial weights: "
         f"{initial_weights(args, run.dataset.input_shape, run.hparams)}")
 

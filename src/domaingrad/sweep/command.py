@@ -71,6 +71,8 @@ def add_parser(subparsers) -> None:
     _option(jobs, "class_map", default=None, metavar="FILE", help="as `domaingrad train --class-map`")
     _option(jobs, "corrupt_images", default=None, choices=["error", "skip"],
             help="as `domaingrad train --corrupt-images`")
+    _option(jobs, "clean_eval", action="store_true", default=None,
+            help="as `domaingrad train --clean-eval` (evaluate training domains on clean images)")
     run = p.add_argument_group("launching")
     _option(run, "launcher", "--command-launcher", "--command_launcher", default="local",
             choices=["sequential", "local", "ray", "slurm"], help="default: local")

@@ -70,7 +70,7 @@ class SweepSpec:
         task: DomainBed's task name.
         train_options: further :class:`domaingrad.run.TrainArgs` fields for every job
             (``weights``, ``image_size``, ``split_protocol``, ``class_map``,
-            ``corrupt_images``); like ``steps``, part of the job hash only when given, so
+            ``corrupt_images``, ``clean_eval``); like ``steps``, part of the job hash only when given, so
             job names stay DomainBed's otherwise.
     """
 
@@ -93,7 +93,7 @@ class SweepSpec:
 
 
 #: TrainArgs fields a sweep may set for every job beside DomainBed's
-TRAIN_OPTIONS = ("weights", "image_size", "split_protocol", "class_map", "corrupt_images")
+TRAIN_OPTIONS = ("weights", "image_size", "split_protocol", "class_map", "corrupt_images", "clean_eval")
 
 
 @dataclass
