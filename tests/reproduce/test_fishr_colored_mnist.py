@@ -164,10 +164,27 @@ def test_irm_penalty_vs_autograd_scale():
     assert torch.allclose(ge, gg, atol=1e-12)
 
 
-def test_vrex_penalty_formula():
-    a, b = torch.tensor(0.7), torch.tensor(0.3)
-    assert torch.isclose(fcm.vrex_penalty([a, b]), torch.tensor(((0.7 - 0.5) ** 2 + (0.3 - 0.5) ** 2) / 2))
-    assert torch.isclose(fcm.vrex_penalty([a, b]), (a - b) ** 2 / 4)
+def test_vrex_penalty_is_the_fishr_scripts_squared_difference():
+    """(L_0 - L_1)^2 as in the Fishr repository's coloredmnist script (line 246), not the
+    population variance (L_0 - L_1)^2 / 4 that DomainBed's VREx uses."""
+    a = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
+    b = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+    p = fcm.vrex_penalty([a, b])
+    assert torch.isclose(p, torch.tensor(0.16, dtype=torch.float64), rtol=1e-12, atol=0)
+    assert not torch.isclose(p, torch.tensor(0.04, dtype=torch.float64))   # the variance
+    assert torch.isclose(fcm.vrex_penalty([b, a]), p, rtol=1e-12, atol=0)
+    # differentiable: d/dL_0 = 2 (L_0 - L_1), d/dL_1 = -2 (L_0 - L_1)
+    ga, gb = torch.autograd.grad(p, [a, b])
+    assert torch.isclose(ga, torch.tensor(0.8, dtype=torch.float64), rtol=1e-12, atol=0)
+    assert torch.isclose(gb, torch.tensor(-0.8, dtype=torch.float64), rtol=1e-12, atol=0)
+    # equal losses: no penalty
+    assert fcm.vrex_penalty([torch.tensor(0.5), torch.tensor(0.5)]) == 0
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_vrex_penalty_needs_two_environments(n):
+    with pytest.raises(DomainGradError, match="exactly the two"):
+        fcm.vrex_penalty([torch.tensor(0.1 * (i + 1)) for i in range(n)])
 
 
 def test_methods_validated():
@@ -243,7 +260,7 @@ def test_reduced_reproduction_ordering(run_cli, tmp_path):
     """The reproduce command in a reduced form: 1 restart, 201 steps (penalty from step 76),
     2,000 of the embedded digits. ERM follows the colour (high train, test near 10%); the
     three invariance penalties follow the shape instead, and their test accuracy is far
-    above ERM's (measured on this form: ERM 11.7, IRM 63.8, V-REx 67.1, Fishr 62.9)."""
+    above ERM's (measured on this form: ERM 11.7, IRM 63.8, V-REx 67.7, Fishr 62.9)."""
     results = fcm.run(restarts=1, steps=201, n_digits=2000, workers=2, log=lambda s: None)
     acc = {m: {k: results["methods"][m][f"{k}_mean"] for k in ("train", "test", "gray_test")}
            for m in fcm.METHODS}
@@ -251,3 +268,16 @@ def test_reduced_reproduction_ordering(run_cli, tmp_path):
     for m in ("IRM", "VREx", "Fishr"):
         assert acc[m]["test"] > acc["ERM"]["test"] + 0.3, (m, acc)
         assert acc[m]["train"] < acc["ERM"]["train"], (m, acc)
+
+
+def test_cli_methods_selects_the_methods_to_run(run_cli):
+    code, out, err = run_cli("reproduce", "fishr-colored-mnist", "--restarts", "1", "--steps", "2",
+                             "--workers", "1", "--methods", "vrex,erm")
+    assert code == 0, err
+    rows = [line for line in out.splitlines() if line.startswith("| ") and not line.startswith("| method")]
+    assert [r.split(" |")[0] for r in rows] == ["| V-REx", "| ERM"]
+    code, _, err = run_cli("reproduce", "fishr-colored-mnist", "--restarts", "1", "--steps", "1",
+                           "--methods", "coral")
+    assert code != 0 and "unknown method" in err
+    code, _, err = run_cli("reproduce", "fishr-colored-mnist", "--methods", ",")
+    assert code != 0 and "at least one method" in err
