@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 import struct
 from pathlib import Path
 
@@ -186,3 +187,23 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def train_until_interrupted(monkeypatch, args, at_call: int) -> None:
+    """Run ``domaingrad.run.train(args)`` and interrupt it (KeyboardInterrupt) at the
+    ``at_call``-th call of the training step, leaving the checkpoint written before it."""
+    from domaingrad.run import train
+    from domaingrad.run.train import TrainingRun
+
+    original, calls = TrainingRun.train_step, {"n": 0}
+
+    def interrupted(self):
+        calls["n"] += 1
+        if calls["n"] == at_call:
+            raise KeyboardInterrupt
+        return original(self)
+
+    monkeypatch.setattr(TrainingRun, "train_step", interrupted)
+    with pytest.raises(KeyboardInterrupt), open(os.devnull, "w") as sink:
+        train(args, stream=sink)
+    monkeypatch.setattr(TrainingRun, "train_step", original)

@@ -12,7 +12,7 @@ from domaingrad.rng import seed_hash
 from domaingrad.run import TrainArgs, train
 from domaingrad.run.output import read_records
 from domaingrad.run.train import TrainingRun
-from tests.conftest import make_image_folder
+from tests.conftest import make_image_folder, train_until_interrupted
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 train_module = importlib.import_module("domaingrad.run.train")  # the package exports a function of that name
@@ -85,18 +85,7 @@ def test_clean_eval_is_a_cli_flag_recorded_in_the_args_and_checked_on_resume(tmp
     assert read_records(tmp_path / "default" / "results.jsonl")[0][-1]["args"]["clean_eval"] is False
     assert "training environments on augmented images" in (tmp_path / "default" / "out.txt").read_text()
 
-    original, calls = TrainingRun.train_step, {"n": 0}
-
-    def interrupted(self):
-        calls["n"] += 1
-        if calls["n"] == 2:  # step 1, after the checkpoint of step 0
-            raise KeyboardInterrupt
-        return original(self)
-
-    monkeypatch.setattr(TrainingRun, "train_step", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        train(_args(tmp_path, "cut"), stream=open("/dev/null", "w"))
-    monkeypatch.setattr(TrainingRun, "train_step", original)
+    train_until_interrupted(monkeypatch, _args(tmp_path, "cut"), at_call=2)  # after step 0's checkpoint
     with pytest.raises(DomainGradError, match="clean_eval: saved False, now True"):
         train(_args(tmp_path, "cut", clean_eval=True), stream=open("/dev/null", "w"))
 
@@ -104,18 +93,7 @@ def test_clean_eval_is_a_cli_flag_recorded_in_the_args_and_checked_on_resume(tmp
 def test_a_run_checkpointed_before_clean_eval_existed_resumes_only_with_clean_evaluation(tmp_path, monkeypatch):
     # such a run evaluated clean images: resuming it must not switch to augmented
     # evaluation half-way; the message names the flag, and --clean-eval resumes it
-    original, calls = TrainingRun.train_step, {"n": 0}
-
-    def interrupted(self):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return original(self)
-
-    monkeypatch.setattr(TrainingRun, "train_step", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        train(_args(tmp_path, "old"), stream=open("/dev/null", "w"))
-    monkeypatch.setattr(TrainingRun, "train_step", original)
+    train_until_interrupted(monkeypatch, _args(tmp_path, "old"), at_call=2)
     checkpoint = tmp_path / "old" / "checkpoint.pt"
     state = torch.load(checkpoint, weights_only=False)
     del state["args"]["clean_eval"]  # as written by a version without the field

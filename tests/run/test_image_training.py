@@ -12,7 +12,7 @@ from domaingrad import models
 from domaingrad.errors import DomainGradError
 from domaingrad.run import TrainArgs, train
 from domaingrad.run.output import read_records
-from tests.conftest import VLCS_SAMPLE_CLASS_MAP, make_image_folder
+from tests.conftest import VLCS_SAMPLE_CLASS_MAP, make_image_folder, train_until_interrupted
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -74,20 +74,8 @@ def test_folder_runs_resume_exactly_and_load_a_state_dict(tmp_path, monkeypatch)
     reference = train(_args(tmp_path, "ref", str(weights)), stream=open("/dev/null", "w"))
     assert "initial weights: " + str(weights) in (tmp_path / "ref" / "out.txt").read_text()
 
-    from domaingrad.run.train import TrainingRun
-
-    original, calls = TrainingRun.train_step, {"n": 0}
-
-    def interrupted(self):
-        calls["n"] += 1
-        if calls["n"] == 4:  # step 3, after the checkpoint of step 2
-            raise KeyboardInterrupt
-        return original(self)
-
-    monkeypatch.setattr(TrainingRun, "train_step", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        train(_args(tmp_path, "cut", str(weights)), stream=open("/dev/null", "w"))
-    monkeypatch.setattr(TrainingRun, "train_step", original)
+    # interrupted at step 3, after the checkpoint of step 2
+    train_until_interrupted(monkeypatch, _args(tmp_path, "cut", str(weights)), at_call=4)
     resumed = train(_args(tmp_path, "cut", str(weights)), stream=open("/dev/null", "w"))
     assert "resuming from the checkpoint at step 2" in (tmp_path / "cut" / "out.txt").read_text()
     drop = {"step_time", "mem_gb", "wall_time", "args"}  # args differ by output_dir only
