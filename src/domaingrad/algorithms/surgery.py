@@ -104,8 +104,8 @@ _CONV_LINEAR = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.Line
 
 class CorGrad(GradientSurgery):
     """CorGrad (Zhou, Hu, Zhou, Guan, Jiang, "Rethinking Domain Generalization from
-    Perspective of Gradient Granularity"; sections 3.4-3.7, Algorithm 1): per-layer (L),
-    per-slice (S) projection of conflicting domain gradients, then smoothing of dominant
+    Perspective of Gradient Granularity", ECAI 2024; sections 3.4-3.7, Algorithm 1):
+    per-layer (L), per-slice (S) projection of conflicting domain gradients, then smoothing of dominant
     domain gradients (D), summed. See :func:`domaingrad.gradients.surgery.corgrad`.
 
     Defaults are the paper's rule, and the same as the function's: every parameter

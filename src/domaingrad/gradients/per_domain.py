@@ -9,7 +9,7 @@ ICCV 2021, Sec. 3: at every step one minibatch per source domain is drawn, and e
 forwarded and backpropagated *separately* (so BatchNorm sees one domain at a time);
 the resulting per-domain gradients g_1, ..., g_D are then combined. CorGrad (Zhou, Hu,
 Zhou, Guan, Jiang, "Rethinking Domain Generalization from Perspective of Gradient
-Granularity") uses the same per-domain gradients, split by parameter tensor.
+Granularity", ECAI 2024) uses the same per-domain gradients, split by parameter tensor.
 
 Two computation paths give the same numbers up to float rounding. Caveat for float32
 ReLU networks: the vmap path rounds differently from per-domain forwards, so a

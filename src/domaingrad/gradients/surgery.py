@@ -17,9 +17,9 @@ Rules (source in brackets)
 * :func:`pcgrad` -- Yu et al., "Gradient Surgery for Multi-Task Learning", NeurIPS
   2020, Alg. 1, in the domain version of Mansilla et al. (sec. 4, eq. (5)).
 * :func:`corgrad` -- Zhou, Hu, Zhou, Guan, Jiang, "Rethinking Domain Generalization from
-  Perspective of Gradient Granularity" (CorGrad): layering + slicing (sec. 3.4), conflict
-  elimination (sec. 3.6, eqs. (12)-(13)), smoothing of dominant gradients (sec. 3.5,
-  eq. (11)), Algorithm 1; statistics of eq. (3) and secs. 4.2-4.3.
+  Perspective of Gradient Granularity", ECAI 2024 (CorGrad): layering + slicing (sec.
+  3.4), conflict elimination (sec. 3.6, eqs. (12)-(13)), smoothing of dominant gradients
+  (sec. 3.5, eq. (11)), Algorithm 1; statistics of eq. (3) and secs. 4.2-4.3.
 * :func:`and_mask` -- Parascandolo et al., "Learning explanations that are hard to vary",
   ICLR 2021, as implemented in DomainBed (``ANDMask``).
 * :func:`sand_mask` -- Shahtalebi et al., "SAND-mask", 2021, as implemented in DomainBed
@@ -1025,8 +1025,8 @@ def corgrad(
     """CorGrad: layering, slicing, conflict projection and smoothing of dominant gradients.
 
     Source: Zhou, Hu, Zhou, Guan, Jiang, "Rethinking Domain Generalization from
-    Perspective of Gradient Granularity" (CorGrad), sections 3.4-3.7 and Algorithm 1.
-    Every default is the paper's rule; :data:`OFFICIAL_CORGRAD_OPTIONS` gives the authors'
+    Perspective of Gradient Granularity", ECAI 2024 (CorGrad), sections 3.4-3.7 and
+    Algorithm 1. Every default is the paper's rule; :data:`OFFICIAL_CORGRAD_OPTIONS` gives the authors'
     code.
 
     1. Units (sec. 3.4 (i), "L"; Algorithm 1 line 2): ``layerwise=True`` makes every
