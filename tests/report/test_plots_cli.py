@@ -106,3 +106,14 @@ def test_latex_escapes_names(tmp_path, run_cli):
     write_job(tmp_path / "s", "job", [make_record(0, [.9] * 3, [.8] * 3, algorithm="CausIRL_CORAL")])
     code, out, _ = run_cli("report", tmp_path / "s", "--format", "latex", "--selection", "oracle")
     assert code == 0 and "\nCausIRL\\_CORAL " in out and "\\textbf{-90\\%}" in out
+
+
+def test_cli_accepts_the_old_selection_spelling_seed002(tmp_path, run_cli):
+    write_job(tmp_path / "s", "job", [
+        make_record(0, [.9, .95, .9], [.8, .1, .8], test_envs=[1], test_accs=[.7, .40, .9]),
+        make_record(100, [.9, .95, .9], [.6, .1, .6], test_envs=[1], test_accs=[.7, .60, .9])])
+    code, old, err = run_cli("report", tmp_path / "s", "--selection", "seed002")
+    assert code == 0, err
+    code, new, err = run_cli("report", tmp_path / "s", "--selection", "70/10/20")
+    assert code == 0, err
+    assert old == new and "| ERM | X | 40.0 +/- 0.0 | X | X |" in old

@@ -30,12 +30,21 @@ SELECTION_HELP = ("model selection: iid = training-domain validation, loo = leav
                   "hparams_seed and a NaN one ranks below every number, as in DomainBed")
 
 
+#: earlier spellings of --selection values, still accepted
+SELECTION_ALIASES = {"seed002": "70/10/20"}
+
+
+def _selection_name(value: str) -> str:
+    return SELECTION_ALIASES.get(value, value)
+
+
 def add_parser(subparsers) -> None:
     """Register ``report`` on the CLI's subparsers (argparse only)."""
     p = subparsers.add_parser("report", help="model selection, result tables, Wilcoxon tests and plots of a sweep",
                               description=DESCRIPTION)
     p.add_argument("sweep_dir", metavar="SWEEP_DIR", help="sweep directory (one sub-directory per job)")
-    p.add_argument("--selection", choices=SELECTIONS, default="auto", help=SELECTION_HELP)
+    p.add_argument("--selection", choices=SELECTIONS, default="auto", type=_selection_name,
+                   help=SELECTION_HELP + " (the old spelling seed002 is accepted for 70/10/20)")
     p.add_argument("--format", choices=FORMATS, default="markdown", help="output format (default markdown)")
     p.add_argument("--output", "-o", metavar="FILE", default=None, help="write the report to FILE (default stdout)")
     p.add_argument("--baseline", metavar="ALG", default=None,
