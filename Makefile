@@ -5,7 +5,7 @@ VENV ?= .venv
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 DEMO_DIR := runs/demo-$(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: demo test bench install
+.PHONY: demo test check docs bench install
 
 install: $(STAMP)
 
@@ -23,6 +23,29 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q
+
+# The quality gate CI runs: lint, format, types, the docstring examples, then the tests.
+check: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks scripts docs/_ext
+	$(VENV)/bin/ruff format --check src tests benchmarks scripts docs/_ext
+	$(VENV)/bin/mypy
+	$(VENV)/bin/python -m pytest -q --doctest-modules src/domaingrad/gradients
+	$(VENV)/bin/python -m pytest -q
+
+DOCS_STAMP := $(VENV)/.docs-installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+
+# The docs extra (MkDocs, mkdocstrings) on top of the dev install; rebuilt with pyproject.toml.
+$(DOCS_STAMP): $(STAMP)
+	$(VENV)/bin/pip install --quiet -e '.[dev,docs]'
+	rm -f $(VENV)/.docs-installed-*
+	touch $@
+
+# The documentation site (user guide + API reference from the docstrings) in site/:
+# open site/index.html in a browser. Every MkDocs warning is an error.
+docs: $(DOCS_STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
+	$(VENV)/bin/python scripts/check_docs_site.py site
+	@echo "documentation: open site/index.html in a browser"
 
 bench: $(STAMP)
 	$(VENV)/bin/python benchmarks/bench_train_loop.py
