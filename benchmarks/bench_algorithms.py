@@ -21,7 +21,7 @@ from _timing import round_robin_medians
 
 from domaingrad.algorithms import algorithm_class
 from domaingrad.data import InfiniteMinibatches, get_dataset, split_environment
-from domaingrad.hparams import default_hparams
+from domaingrad.registry import default_hparams
 
 TEST_ENV = {"ColoredMNIST": 2, "RotatedMNIST": 0}
 

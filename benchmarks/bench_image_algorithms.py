@@ -27,7 +27,7 @@ import torch
 from _timing import round_robin_medians
 
 from domaingrad.algorithms import algorithm_class
-from domaingrad.hparams import default_hparams
+from domaingrad.registry import default_hparams
 
 #: setting -> (dataset whose hparams are used, input shape, classes, domains, default batch, overrides)
 SETTINGS = {

@@ -9,10 +9,11 @@ import argparse
 import importlib
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from .errors import DomainGradError, report_error
+from .layout import SPLIT_70_10_20, SPLIT_DOMAINBED, SPLIT_PROTOCOLS
 
 #: commands that live in their own module: name -> module exposing
 #: ``add_parser(subparsers)`` (cheap imports only) and ``run(namespace)``
@@ -67,8 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Train on the non-test environments; evaluate every environment "
                                        "at each checkpoint; resume if killed.")
     _option(train, "dataset", default="ColoredMNIST",
-            help="dataset name (see `domaingrad list`), or folder:PATH for your own <domain>/<class>/<image> folder")
-    _option(train, "algorithm", default="ERM", help="algorithm name (see `domaingrad list`)")
+            help="dataset name (see `domaingrad list`), folder:PATH for your own <domain>/<class>/<image> folder, "
+                 "or package.module:Class for your own dataset class")
+    _option(train, "algorithm", default="ERM",
+            help="algorithm name (see `domaingrad list`), or package.module:Class for your own algorithm class "
+                 "(the module must be importable: installed or on PYTHONPATH)")
     _option(train, "test_envs", type=int, nargs="+", default=[0], metavar="I", help="held-out environment(s)")
     _option(train, "steps", type=int, default=None, help="training steps (default: the dataset's, 5001)")
     _option(train, "checkpoint_freq", type=int, default=None,
@@ -97,10 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
             help="image folders: JSON mapping 'classfolder' or 'domain/classfolder' to a class name")
     _option(train, "corrupt_images", default="error", choices=["error", "skip"],
             help="image folders: stop on unreadable images (error) or leave them out and log them (skip)")
-    _option(train, "split_protocol", default="domainbed", choices=["domainbed", "70/10/20"],
-            help="domainbed: in/out split by --holdout-fraction; 70/10/20: the train/validation/test parts per "
-                 "domain of Mansilla et al., 'Domain Generalization via Gradient Surgery', ICCV 2021, Section "
-                 "4.1 (records gain env{i}_test_acc)")
+    _option(train, "split_protocol", default=SPLIT_DOMAINBED, choices=SPLIT_PROTOCOLS,
+            help=f"{SPLIT_DOMAINBED}: in/out split by --holdout-fraction; {SPLIT_70_10_20}: the "
+                 "train/validation/test parts per domain of Mansilla et al., 'Domain Generalization via Gradient "
+                 "Surgery', ICCV 2021, Section 4.1 (records gain env{i}_test_acc)")
     _option(train, "clean_eval", action="store_true",
             help="image datasets: evaluate the training environments on clean images; by default they are "
                  "evaluated on augmented images when hparam data_augmentation is on, as DomainBed does (its "
@@ -139,15 +143,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_list() -> None:
+    from importlib import metadata
+
     from .algorithms import ALGORITHMS
     from .data import DATASETS
+    from .plugins import ALGORITHM_GROUP, DATASET_GROUP
+
+    def entry_points(group: str, known: dict) -> None:
+        for ep in sorted(metadata.entry_points(group=group), key=lambda ep: ep.name):
+            if ep.name not in known:
+                print(f"  {ep.name:<22} entry point {ep.value} (installed plug-in)")
 
     print("datasets:")
     for name, (_, text) in DATASETS.items():
         print(f"  {name:<22} {text}")
+    entry_points(DATASET_GROUP, DATASETS)
     print("algorithms:")
     for name, cls in ALGORITHMS.items():
         print(f"  {name:<22} {_summary(cls.__doc__ or '')}")
+    entry_points(ALGORITHM_GROUP, ALGORITHMS)
+    print("your own: --dataset package.module:Class, --algorithm package.module:Class (see the README, Plug-ins)")
     print("deviations from DomainBed (MLDG with two training domains, the model.pkl layout): "
           "domaingrad list --help")
 
@@ -188,9 +203,11 @@ def cmd_reproduce(ns: argparse.Namespace) -> None:
 
 
 def cmd_train(ns: argparse.Namespace) -> None:
+    from .hparams import parse_hparams_json
     from .run import TrainArgs, train
 
     fields = {k: v for k, v in vars(ns).items() if k != "command"}
+    fields["hparams"] = parse_hparams_json(ns.hparams)  # JSON text stops here: a dict from now on
     train(TrainArgs(**fields))
 
 

@@ -1,25 +1,23 @@
-"""The seeded hyperparameter registry, with DomainBed's names, defaults and draws.
+"""Hyperparameters: :class:`HParam` (a name, a default and a random-search draw), the
+common hyperparameters of every algorithm, and the checks of single values.
 
 Every hyperparameter is an :class:`HParam`: a name, a default, and a function that
-draws a random value from a ``numpy.random.RandomState``. ``hparams_seed`` 0 means the
-defaults; any other seed draws every hyperparameter from *its own* generator, seeded by
-``seed_hash(seed_hash(hparams_seed, trial_seed), name)`` exactly as DomainBed's
-``hparams_registry`` does, so adding a hyperparameter never changes the others and the
-common draws match DomainBed's for the same seeds.
-
-Algorithms declare their own hyperparameters (:meth:`Algorithm.hparam_specs`); the
-common ones below are shared by all.
+draws a random value from a ``numpy.random.RandomState``. Algorithms declare their own
+(:meth:`domaingrad.algorithms.Algorithm.hparam_specs`); :func:`common_hparams` are
+shared by all. Resolving names to specs (an algorithm and a dataset to their
+hyperparameters, defaults, seeded draws and the hyperparameters of a run) sits above the
+algorithms and datasets, in :mod:`domaingrad.registry`.
 """
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
 from .errors import DomainGradError
-from .rng import seed_hash
 
 
 @dataclass(frozen=True)
@@ -83,39 +81,13 @@ def common_hparams(small_images: bool, dataset: str | None = None) -> list[HPara
     return specs
 
 
-def hparam_specs(algorithm: str, dataset: str) -> dict[str, HParam]:
-    """All hyperparameters of ``algorithm`` on ``dataset``, by name.
+def coerce_hparam(spec: HParam, value: Any) -> Any:
+    """``value`` checked against the type of ``spec.default`` (an int is accepted for a
+    float and returned as a float) and against ``spec.choices``.
 
     Raises:
-        DomainGradError: for an unknown algorithm or dataset.
+        DomainGradError: for a value of another type or outside the choices.
     """
-    from .algorithms import algorithm_class
-    from .data import dataset_class
-
-    small = dataset_class(dataset).SMALL_IMAGES
-    specs: dict[str, HParam] = {}
-    for spec in common_hparams(small, dataset) + list(algorithm_class(algorithm).hparam_specs(small)):
-        if spec.name in specs:
-            raise AssertionError(f"hyperparameter {spec.name!r} declared twice for {algorithm}")
-        specs[spec.name] = spec
-    return specs
-
-
-def default_hparams(algorithm: str, dataset: str) -> dict[str, Any]:
-    """DomainBed's ``default_hparams``: every hyperparameter at its default."""
-    return {name: spec.default for name, spec in hparam_specs(algorithm, dataset).items()}
-
-
-def random_hparams(algorithm: str, dataset: str, seed: int) -> dict[str, Any]:
-    """DomainBed's ``random_hparams``: each value drawn from
-    ``RandomState(seed_hash(seed, name))``."""
-    return {name: spec.draw(np.random.RandomState(seed_hash(seed, name)))
-            for name, spec in hparam_specs(algorithm, dataset).items()}
-
-
-def _coerce(spec: HParam, value: Any) -> Any:
-    """Check ``value`` against the type of the default (ints are accepted for floats)
-    and against ``spec.choices``."""
     name, default = spec.name, spec.default
     kind = type(default)
     ok = (isinstance(value, bool) if kind is bool
@@ -147,27 +119,3 @@ def parse_hparams_json(text: str | None) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise DomainGradError(f"--hparams must be a JSON object such as '{{\"lr\": 1e-3}}', got {text!r}")
     return value
-
-
-def resolve_hparams(algorithm: str, dataset: str, hparams_seed: int, trial_seed: int,
-                    overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The hyperparameters of one training run, as DomainBed's ``train.py`` computes them.
-
-    ``hparams_seed`` 0 gives the defaults; otherwise
-    ``random_hparams(algorithm, dataset, seed_hash(hparams_seed, trial_seed))``. Then
-    ``overrides`` (from ``--hparams``) replace single values after a type check.
-
-    Raises:
-        DomainGradError: for an unknown or ill-typed override (naming the valid names).
-    """
-    if hparams_seed == 0:
-        hparams = default_hparams(algorithm, dataset)
-    else:
-        hparams = random_hparams(algorithm, dataset, seed_hash(hparams_seed, trial_seed))
-    specs = hparam_specs(algorithm, dataset)
-    for name, value in (overrides or {}).items():
-        if name not in specs:
-            raise DomainGradError(f"unknown hyperparameter {name!r} for {algorithm} on {dataset}; "
-                                  f"valid names: {', '.join(sorted(specs))}")
-        hparams[name] = _coerce(specs[name], value)
-    return hparams

@@ -17,9 +17,9 @@ from torch import autograd, nn
 from torch.func import functional_call
 
 from domaingrad import models
-from domaingrad.algorithms.dropout import (RSC, DropBlock, GSNRDropBlock, MetaGSNR, rsc_official_feature_mask,
-                                          rsc_official_muted_samples)
+from domaingrad.algorithms.dropout import DropBlock, GSNRDropBlock, MetaGSNR
 from domaingrad.algorithms.erm import ERM
+from domaingrad.algorithms.rsc import RSC, rsc_official_feature_mask, rsc_official_muted_samples
 from domaingrad.errors import DomainGradError
 from domaingrad.gradients.gsnr import batch_gsnr, drop_block2d, expand_blocks, gsnr_seed_mask
 from domaingrad.hparams import common_hparams
@@ -586,7 +586,7 @@ def test_trains_on_real_pacs_photos_with_resnet18(real_photos_dir, run_cli, tmp_
 @pytest.mark.parametrize("name", ["DMG", "MultiHeaded", "RSC", "DropBlock", "GSNRDropBlock", "MetaGSNR"])
 def test_hparams_are_registered_new_names_whose_draws_have_the_default_type(name):
     from domaingrad.algorithms import algorithm_class
-    from domaingrad.hparams import hparam_specs
+    from domaingrad.registry import hparam_specs
 
     for small, dataset in ((True, "ColoredMNIST"), (False, "PACS")):
         common = {s.name for s in common_hparams(small)}

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from domaingrad.algorithms import ALGORITHMS, ERM, algorithm_class
 from domaingrad.errors import DomainGradError
-from domaingrad.hparams import default_hparams
+from domaingrad.registry import default_hparams
 
 
 def make_erm(seed: int = 0) -> ERM:

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from domaingrad.algorithms import ALGORITHMS, algorithm_class
 from domaingrad.gradients import surgery
-from domaingrad.hparams import default_hparams, resolve_hparams
+from domaingrad.registry import default_hparams, resolve_hparams
 from domaingrad.run.output import read_records
 
 SURGERY = ["AgrSum", "AgrRand", "PCGrad", "CorGrad", "ANDMask", "SANDMask"]
@@ -56,6 +56,8 @@ def test_update_is_the_rule_applied_to_per_domain_gradients(name):
     for p, q in zip(algo.network.parameters(), ref.network.parameters()):
         assert torch.allclose(p, q, atol=1e-6), name
     assert set(expected.stats) <= set(stats) and "loss" in stats
+    for key, value in expected.stats.items():  # the rule's statistics, recomputed
+        assert stats[key] == pytest.approx(value, rel=1e-6, abs=1e-9), (name, key)
     assert int(algo.update_count) == 1
 
 
@@ -149,8 +151,17 @@ def test_option_hparams_are_validated():
 @pytest.mark.slow
 @pytest.mark.parametrize("dataset, test_env", [("ColoredMNIST", 2), ("RotatedMNIST", 0)])
 @pytest.mark.parametrize("name", SURGERY)
-def test_trains_through_the_cli(tmp_path, run_cli, small_mnist_dir, name, dataset, test_env):
+def test_trains_through_the_cli(tmp_path, monkeypatch, run_cli, small_mnist_dir, name, dataset, test_env):
     """Through the CLI on 1,200 real digits given as a --data-dir (quick evaluation)."""
+    cls = algorithm_class(name)
+    update, returned = cls.update, []
+
+    def recording_update(self, *args, **kwargs):
+        values = update(self, *args, **kwargs)
+        returned.append(values)
+        return values
+
+    monkeypatch.setattr(cls, "update", recording_update)
     out = tmp_path / "run"
     code, _, err = run_cli("train", "--dataset", dataset, "--algorithm", name, "--test-envs", test_env,
                            "--steps", "3", "--checkpoint-freq", "10", "--hparams", '{"batch_size": 8}',
@@ -160,5 +171,9 @@ def test_trains_through_the_cli(tmp_path, run_cli, small_mnist_dir, name, datase
     assert (first["step"], record["step"]) == (0, 2) and record["args"]["algorithm"] == name
     stat = {"AgrSum": "agree_frac", "AgrRand": "agree_frac", "PCGrad": "mod_freq", "CorGrad": "mod_freq",
             "ANDMask": "mask_frac", "SANDMask": "mask_frac"}[name]
-    assert 0.0 <= record[stat] <= 1.0
+    # the records hold the rule's statistic as update() returned it: step 0 alone, then
+    # the mean over the steps since the last checkpoint (steps 1 and 2)
+    assert len(returned) == 3 and all(stat in values for values in returned)
+    assert first[stat] == returned[0][stat]
+    assert record[stat] == pytest.approx((returned[1][stat] + returned[2][stat]) / 2, rel=1e-12)
     assert (out / "done").exists()

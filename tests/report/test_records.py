@@ -7,6 +7,7 @@ import math
 import pytest
 
 from domaingrad.report.records import load_sweep, read_results
+from domaingrad.sweep.jobs import job_state
 from tests.report.conftest import make_record, write_job
 
 
@@ -82,15 +83,28 @@ def test_missing_and_incomplete_jobs_from_manifest(sweep_dir):
     (sweep_dir / "crashed" / "failed").write_text('{"returncode": 1}')
     (sweep_dir / "sweep.json").write_text(json.dumps(manifest))
     sweep = load_sweep(sweep_dir)
+    # the states `domaingrad sweep status` names (one vocabulary, domaingrad.layout.JobState)
     assert sweep.manifest and [(j.id, j.state) for j in sweep.jobs] == [
-        ("crashed", "failed"), ("finished", "done"), ("never_ran", "not started"), ("running", "incomplete")]
+        ("crashed", "failed"), ("finished", "done"), ("never_ran", "not launched"), ("running", "incomplete")]
+    assert [job_state(j.path) for j in sweep.jobs] == [j.state for j in sweep.jobs]
     assert sweep.records == [record]  # the incomplete job's records are left out by default
     status = "\n".join(sweep.status_lines())
-    assert "1 done, 1 failed, 1 incomplete, 1 not started" in status
+    assert "1 done, 1 failed, 0 running, 1 incomplete, 1 not launched" in status
     assert f"crashed: failed; its error is in {sweep_dir / 'crashed' / 'err.txt'}" in status
     assert "running: incomplete, 2 records up to step 100" in status and "--latest" in status
-    assert "never_ran: not started (dataset=ColoredMNIST, algorithm=ERM, test_envs=[0]" in status
+    assert "never_ran: not launched (dataset=ColoredMNIST, algorithm=ERM, test_envs=[0]" in status
     assert len(load_sweep(sweep_dir, include_incomplete=True).records) == 3
+
+
+def test_a_job_whose_lock_is_held_is_reported_running(sweep_dir):
+    import fcntl
+
+    write_job(sweep_dir, "busy", [make_record(0, [.9] * 3, [.8] * 3)], done=False)
+    with open(sweep_dir / "busy" / "lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        (job,) = load_sweep(sweep_dir).jobs
+        assert job.state == "running" and "busy: running, 1 records up to step 0" in job.describe()
+    assert load_sweep(sweep_dir).jobs[0].state == "incomplete"
 
 
 def test_domainbed_sweep_without_manifest_and_bad_manifest(sweep_dir):
@@ -98,7 +112,8 @@ def test_domainbed_sweep_without_manifest_and_bad_manifest(sweep_dir):
     (sweep_dir / "b").mkdir()
     (sweep_dir / "b" / "out.txt").write_text("crashed before the first checkpoint")
     sweep = load_sweep(sweep_dir)
-    assert not sweep.manifest and [j.state for j in sweep.jobs] == ["done", "not started"]
+    assert not sweep.manifest and [j.state for j in sweep.jobs] == ["done", "incomplete"]
+    assert "b: incomplete, no record yet" in "\n".join(sweep.status_lines())
     (sweep_dir / "sweep.json").write_text("{truncated")
     sweep = load_sweep(sweep_dir)
     assert not sweep.manifest and "unreadable sweep manifest" in sweep.problems[0].message

@@ -16,7 +16,8 @@ DEBUG = ["train", "--dataset", "Debug28", "--test-envs", "0", "--hparams", '{"ba
 @pytest.mark.parametrize("args, message", [
     (["train", "--dataset", "ColouredMNIST"], "unknown dataset 'ColouredMNIST'; valid datasets: ColoredMNIST"),
     (["train", "--algorithm", "EMR"], "unknown algorithm 'EMR'; valid algorithms: ERM"),
-    (["train", "--dataset", "Debug28", "--test-envs", "3"], "test env 3 is out of range: Debug28 has 3 environments, 0..2"),
+    (["train", "--dataset", "Debug28", "--test-envs", "3"],
+     "test env 3 is out of range: Debug28 has 3 environments, 0..2"),
     (["train", "--dataset", "Debug28", "--test-envs", "-1"], "test env -1 is out of range"),
     (["train", "--dataset", "Debug28", "--hparams", '{"lrr": 0.1}'], "unknown hyperparameter 'lrr'.*valid names"),
     (["train", "--dataset", "Debug28", "--hparams", '{"lr": "big"}'], "'lr' must be of type float"),

@@ -56,7 +56,7 @@ def test_default_imagenet_weights_offline_say_where_to_put_them(real_photos_dir,
     code, _, err = run_cli("train", "--dataset", "PACS", "--data-dir", real_photos_dir, "--image-size", "32",
                            "--hparams", '{"resnet18": true}', "--output-dir", tmp_path / "run")
     assert code == 2
-    assert f"put the file resnet18-f37072fd.pth" in err and str(tmp_path / "torch" / "hub" / "checkpoints") in err
+    assert "put the file resnet18-f37072fd.pth" in err and str(tmp_path / "torch" / "hub" / "checkpoints") in err
     assert "--weights none" in err
 
 
@@ -80,7 +80,8 @@ def test_folder_runs_resume_exactly_and_load_a_state_dict(tmp_path, monkeypatch)
     assert "resuming from the checkpoint at step 2" in (tmp_path / "cut" / "out.txt").read_text()
     drop = {"step_time", "mem_gb", "wall_time", "args"}  # args differ by output_dir only
     ref_records, got_records = ([{k: v for k, v in r.items() if k not in drop}
-                                 for r in read_records(tmp_path / name / "results.jsonl")[0]] for name in ("ref", "cut"))
+                                 for r in read_records(tmp_path / name / "results.jsonl")[0]]
+                                for name in ("ref", "cut"))
     assert [r["step"] for r in got_records] == [0, 2, 4]
     assert got_records == ref_records and resumed["loss"] == reference["loss"]
     ref_model = torch.load(tmp_path / "ref" / "model.pkl", weights_only=False)["model_dict"]

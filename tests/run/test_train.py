@@ -77,7 +77,7 @@ def test_list_long_help_states_the_mldg_and_model_pkl_deviations(capsys):
 
     # the layouts the help describes hold (DomainBed's own are in its algorithms.py)
     from domaingrad.algorithms import algorithm_class
-    from domaingrad.hparams import default_hparams
+    from domaingrad.registry import default_hparams
 
     def state(name):
         return algorithm_class(name)((2, 28, 28), 2, 2, default_hparams(name, "ColoredMNIST")).state_dict()

@@ -10,9 +10,9 @@ from dataclasses import replace
 import pytest
 
 from domaingrad.errors import DomainGradError
-from domaingrad.hparams import resolve_hparams
+from domaingrad.registry import resolve_hparams
 from domaingrad.rng import seed_hash
-from domaingrad.sweep.jobs import SweepSpec, make_jobs, env_sets_to_test
+from domaingrad.sweep.jobs import SweepSpec, env_sets_to_test, make_jobs
 
 
 # --- DomainBed's code (scripts/sweep.py, MIT licence), kept as written, as the reference ---

@@ -18,7 +18,7 @@ import torch
 
 from domaingrad import cli
 from domaingrad.sweep.jobs import lock_is_held
-from domaingrad.sweep.manifest import read_manifest
+from domaingrad.sweep.manifest import manifest_jobs
 
 from .conftest import sweep_flags
 
@@ -34,7 +34,7 @@ def comparable_records(sweep_dir: Path) -> dict[str, list[dict]]:
     """Every job's results.jsonl records without timing, wall-time or provenance keys
     and without the output directory (the only argument that names the sweep)."""
     result = {}
-    for job in read_manifest(sweep_dir):
+    for job in manifest_jobs(sweep_dir):
         lines = (sweep_dir / job.id / "results.jsonl").read_text().splitlines()
         records = [json.loads(line) for line in lines]
         for record in records:
@@ -47,7 +47,7 @@ def comparable_records(sweep_dir: Path) -> dict[str, list[dict]]:
 
 def model_weights(sweep_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
     return {job.id: torch.load(sweep_dir / job.id / "model.pkl", weights_only=False)["model_dict"]
-            for job in read_manifest(sweep_dir)}
+            for job in manifest_jobs(sweep_dir)}
 
 
 def snapshot(job_dir: Path) -> dict[str, tuple[bytes, int]]:
@@ -67,7 +67,7 @@ def killed_and_relaunched(tiny_mnist_dir, tmp_path_factory):
     deadline = time.monotonic() + 120
     while not (sweep / "sweep.json").exists() and time.monotonic() < deadline:
         time.sleep(0.05)
-    first, second = (job.id for job in read_manifest(sweep))
+    first, second = (job.id for job in manifest_jobs(sweep))
     # kill once job 1 is done and job 2 has written its first checkpoint record
     while time.monotonic() < deadline and not (
             (sweep / first / "done").exists() and (sweep / second / "results.jsonl").exists()):

@@ -10,8 +10,9 @@ import sys
 import pytest
 
 from domaingrad.errors import DomainGradError
-from domaingrad.sweep.jobs import JobState, SweepSpec, job_state, make_jobs
-from domaingrad.sweep.manifest import merge_manifest, read_manifest
+from domaingrad.layout import JobState
+from domaingrad.sweep.jobs import SweepSpec, job_state, make_jobs
+from domaingrad.sweep.manifest import manifest_jobs, merge_manifest
 from domaingrad.sweep.worker import EXIT_RUNNING_ELSEWHERE
 
 FLAGS = ["--datasets", "ColoredMNIST", "--algorithms", "ERM", "--single-test-envs", "--n-hparams", "2",
@@ -103,7 +104,7 @@ def test_delete_incomplete_keeps_done_and_running_jobs(tmp_path, run_cli, monkey
     assert not jobs[1].output_dir.exists() and not jobs[2].output_dir.exists()
     assert jobs[3].output_dir.exists()                                  # running: kept
     assert {p.name: p.read_bytes() for p in jobs[4].output_dir.iterdir()} == done_files
-    assert len(read_manifest(tmp_path)) == 5                            # the manifest still lists all
+    assert len(manifest_jobs(tmp_path)) == 5                            # the manifest still lists all
 
 
 def test_a_job_already_running_is_not_started_twice(tmp_path):
@@ -132,4 +133,4 @@ def test_launch_without_jobs_to_run_only_updates_the_manifest(tmp_path, run_cli)
                            "--n-hparams", "2", "--n-trials", "1", "--steps", "3", "-y")
     assert code == 0
     assert "About to launch 0 jobs" in out
-    assert len(read_manifest(tmp_path)) == 5    # its 4 jobs are among the 5 listed
+    assert len(manifest_jobs(tmp_path)) == 5    # its 4 jobs are among the 5 listed

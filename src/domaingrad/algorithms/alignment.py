@@ -53,7 +53,7 @@ def gaussian_kernel(x: torch.Tensor, y: torch.Tensor,
                     gammas: tuple[float, ...] = GAUSSIAN_GAMMAS) -> torch.Tensor:
     """(n, m) kernel matrix sum_g exp(-g * ||x_i - y_j||**2) (DomainBed)."""
     dist = squared_distances(x, y)
-    return sum(torch.exp(-g * dist) for g in gammas)
+    return sum((torch.exp(-g * dist) for g in gammas), torch.zeros_like(dist))
 
 
 def mmd_distance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -170,6 +170,8 @@ class DANN(Algorithm):
     the logged key is ``disc_loss`` on discriminator steps and ``gen_loss`` on
     generator steps.
     """
+
+    update_count: torch.Tensor  # () long buffer, registered in __init__
 
     @classmethod
     def hparam_specs(cls, small_images: bool) -> list[HParam]:

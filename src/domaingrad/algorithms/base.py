@@ -1,13 +1,18 @@
-"""The algorithm contract shared by every method (DomainBed's ``Algorithm``).
+"""The algorithm contract shared by every method (DomainBed's ``Algorithm``; Gulrajani and
+Lopez-Paz, "In Search of Lost Domain Generalization", ICLR 2021).
 
 An algorithm is built from ``(input_shape, num_classes, num_domains, hparams)`` and has
 two methods: ``update(minibatches)`` takes one ``(x, y)`` batch per training domain and
 performs one training step, returning floats to log; ``predict(x)`` returns logits.
+A user's algorithm subclasses :class:`Algorithm` (or :class:`~domaingrad.algorithms.ERM`)
+and is registered with :func:`~domaingrad.algorithms.register_algorithm` or named as
+``package.module:Class`` (see :mod:`domaingrad.plugins`).
 """
 from __future__ import annotations
 
 import copy
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -15,6 +20,12 @@ from torch import nn
 from ..hparams import HParam
 
 Minibatches = Sequence[tuple[torch.Tensor, torch.Tensor]]
+
+
+def concat_minibatches(minibatches: Minibatches) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-domain batches as one: (x of shape (sum_d B_d, *input_shape), y of shape
+    (sum_d B_d,)), domains in order."""
+    return torch.cat([x for x, _ in minibatches]), torch.cat([y for _, y in minibatches])
 
 
 class Algorithm(nn.Module):

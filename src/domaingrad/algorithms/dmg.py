@@ -15,6 +15,7 @@ from torch import nn
 
 from ..errors import DomainGradError
 from ..hparams import HParam
+from ..models import Featurizer
 from .base import Minibatches
 from .erm import ERM
 
@@ -67,7 +68,7 @@ def _broadcast(mask: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     return mask.view(*mask.shape, *([1] * (out.ndim - 2)))
 
 
-def default_dmg_layers(featurizer: nn.Module) -> tuple[str, ...]:
+def default_dmg_layers(featurizer: Featurizer) -> tuple[str, ...]:
     """DMG's official placement: the inputs of the last two blocks and of the classifier.
 
     AlexNet (stages ending "pool5", "fc6"): pool5 and fc6 outputs = fc6 and fc7 inputs,
@@ -81,7 +82,7 @@ def default_dmg_layers(featurizer: nn.Module) -> tuple[str, ...]:
     return (*names[-3:-1], FEATURES)
 
 
-def resolve_layers(featurizer: nn.Module, spec: str) -> tuple[str, ...]:
+def resolve_layers(featurizer: Featurizer, spec: str) -> tuple[str, ...]:
     """Parse the ``dmg_layers`` hyperparameter: "auto" or comma-separated stage names
     and/or "features".
 

@@ -60,6 +60,8 @@ class Fishr(ERM):
     """
 
     PENALTIES = ("domainbed", "irm_setup")
+    update_count: torch.Tensor  # buffers, registered in __init__
+    ema_variances: torch.Tensor
 
     @classmethod
     def hparam_specs(cls, small_images: bool) -> list[HParam]:

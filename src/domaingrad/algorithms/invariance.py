@@ -36,6 +36,7 @@ class _AnnealedPenalty(ERM):
     #: names of the (weight, anneal iterations) hyperparameters, set by subclasses
     _lambda_name: str
     _anneal_name: str
+    update_count: torch.Tensor  # () long buffer, registered in __init__
 
     def __init__(self, input_shape: tuple[int, ...], num_classes: int, num_domains: int,
                  hparams: dict[str, Any]):

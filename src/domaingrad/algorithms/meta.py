@@ -172,4 +172,5 @@ class Fish(ERM):
                     value.add_(meta_lr * (inner[name] - value))
                 else:
                     value.copy_(inner[name])
+        assert loss is not None, "Fish.update needs at least one minibatch"
         return {"loss": loss.item()}

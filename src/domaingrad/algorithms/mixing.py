@@ -72,13 +72,14 @@ class Mixup(ERM):
         return float(np.random.RandomState(seed).beta(alpha, alpha))
 
     def update(self, minibatches: Minibatches, unlabeled=None) -> dict[str, float]:
-        objective = 0.0
+        objective: torch.Tensor | float = 0.0
         for (xi, yi), (xj, yj) in random_pairs_of_minibatches(minibatches, self.generator):
             lam = self.draw_lambda()
             predictions = self.predict(lam * xi + (1 - lam) * xj)
             objective = objective + lam * F.cross_entropy(predictions, yi)
             objective = objective + (1 - lam) * F.cross_entropy(predictions, yj)
         objective = objective / len(minibatches)
+        assert isinstance(objective, torch.Tensor)  # the loop ran: there is at least one pair
         self.optimizer.zero_grad(set_to_none=True)
         objective.backward()
         self.optimizer.step()

@@ -34,6 +34,8 @@ class GroupDRO(ERM):
     values, since the first update normalises anyway.
     """
 
+    q: torch.Tensor  # (D,) buffer, registered in __init__
+
     @classmethod
     def hparam_specs(cls, small_images: bool) -> list[HParam]:
         return [HParam("groupdro_eta", 1e-2, lambda r: float(10 ** r.uniform(-3, -1)),

@@ -2,10 +2,11 @@
 
 Each step computes the gradient of every training domain's mean loss, each domain's
 batch forwarded and backpropagated separately (Mansilla, Echeveste, Milone, Ferrante,
-"Domain Generalization via Gradient Surgery", ICCV 2021, Sec. 3), combines them with a rule of :mod:`domaingrad.gradients.surgery`, writes the
-result into ``.grad`` and takes one Adam step. The rule's statistics (agreement
-fraction, conflicting pairs, modification frequency and ratio) are returned by
-``update`` and so land in every results.jsonl record.
+"Domain Generalization via Gradient Surgery", ICCV 2021, Sec. 3), combines them with a
+rule of :mod:`domaingrad.gradients.surgery`, writes the result into ``.grad`` and takes
+one Adam step. The rule's statistics (agreement fraction, conflicting pairs,
+modification frequency and ratio) are returned by ``update`` and so land in every
+results.jsonl record.
 
 Hyperparameter defaults follow the papers; where a paper gives no search range the
 random search keeps the paper's choice fixed (``lambda r: default``), so a sweep
@@ -35,6 +36,8 @@ class GradientSurgery(ERM):
     Subclasses implement :meth:`combine`. ``update_count`` (a buffer, so saved with the
     model) counts the updates, for rules with a schedule.
     """
+
+    update_count: torch.Tensor
 
     def __init__(self, input_shape: tuple[int, ...], num_classes: int, num_domains: int,
                  hparams: dict[str, Any]):

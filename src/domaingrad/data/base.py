@@ -1,19 +1,62 @@
 """Multi-domain datasets, DomainBed's in/out splits, and in-memory minibatch sampling.
 
 A DG dataset is an ordered list of environments (domains); each environment is a
-labelled dataset. For in-memory data an environment holds two tensors, so a minibatch
-is one ``index_select`` on each: no per-sample Python work in the training loop.
+labelled dataset (any object with the :class:`Environment` interface). For in-memory
+data an environment holds two tensors (:class:`TensorEnvironment`), so a minibatch is
+one ``index_select`` on each: no per-sample Python work in the training loop.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Iterator, Sequence
+from typing import ClassVar, Iterator, Protocol, Sequence
 
 import numpy as np
 import torch
 
 from ..errors import DomainGradError
 from ..rng import seed_hash
+
+
+class Environment(Protocol):
+    """What splits, training streams and evaluation use of one environment (domain):
+    :class:`TensorEnvironment` in memory, :class:`~domaingrad.data.images.ImageEnvironment`
+    for image folders.
+
+    Attributes:
+        name: the environment's name.
+        y: labels, int64 of shape (N,).
+    """
+
+    name: str
+    y: torch.Tensor
+
+    def __len__(self) -> int:
+        """N, the number of samples."""
+        ...
+
+    def batches(self, indices: torch.Tensor, batch_size: int, augment_seed: int | None = None
+                ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The samples at ``indices`` (int64 (n,)) in order, as (x, y) batches of at most
+        ``batch_size``; ``augment_seed`` None reads them unaugmented."""
+        ...
+
+
+class MinibatchStream(Protocol):
+    """An endless training stream (what :meth:`MultipleDomainDataset.minibatches`
+    returns): each ``next()`` gives one (x, y) per training split; ``state_dict`` /
+    ``load_state_dict`` save and restore its position for exact resume."""
+
+    def __iter__(self) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
+        ...
+
+    def __next__(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        ...
+
+    def state_dict(self) -> dict:
+        ...
+
+    def load_state_dict(self, state: dict) -> None:
+        ...
 
 
 @dataclass
@@ -74,7 +117,7 @@ class MultipleDomainDataset:
     #: whether hparam ``data_augmentation`` applies: DomainBed augments image folders only
     AUGMENTS: ClassVar[bool] = False
 
-    environments: list[TensorEnvironment]
+    environments: Sequence[Environment]
     input_shape: tuple[int, ...]
     num_classes: int
     source: str = ""
@@ -84,7 +127,7 @@ class MultipleDomainDataset:
     def __len__(self) -> int:
         return len(self.environments)
 
-    def __getitem__(self, index: int) -> TensorEnvironment:
+    def __getitem__(self, index: int) -> Environment:
         return self.environments[index]
 
     @property
@@ -92,7 +135,7 @@ class MultipleDomainDataset:
         return [env.name for env in self.environments]
 
     def minibatches(self, splits: Sequence["Split"], batch_size: int, seed: int, class_balanced: bool = False,
-                    augment: bool = False, pin_memory: bool = False) -> "InfiniteMinibatches":
+                    augment: bool = False, pin_memory: bool = False) -> MinibatchStream:
         """The endless training stream over ``splits`` (one batch per split per step).
 
         In-memory datasets draw with :class:`InfiniteMinibatches` (``augment`` and
@@ -115,7 +158,7 @@ class Split:
             :meth:`augmented`).
     """
 
-    env: TensorEnvironment
+    env: Environment
     indices: torch.Tensor
     augment_seed: int | None = None
 
@@ -143,7 +186,7 @@ class Split:
             yield from self.env.batches(self.indices, batch_size, augment_seed=self.augment_seed)
 
 
-def split_environment(env: TensorEnvironment, holdout_fraction: float, trial_seed: int,
+def split_environment(env: Environment, holdout_fraction: float, trial_seed: int,
                       env_index: int) -> tuple[Split, Split]:
     """DomainBed's in/out split of one environment.
 
@@ -167,13 +210,7 @@ def split_environment(env: TensorEnvironment, holdout_fraction: float, trial_see
     return Split(env, keys_t[:n_out]), Split(env, keys_t[n_out:])
 
 
-#: how each environment is divided: DomainBed's in/out split, or the train/validation/test
-#: parts of 70/10/20 per domain of Mansilla, Echeveste, Milone, Ferrante, "Domain
-#: Generalization via Gradient Surgery", ICCV 2021, Section 4.1
-SPLIT_PROTOCOLS = ("domainbed", "70/10/20")
-
-
-def split_environment_70_10_20(env: TensorEnvironment, trial_seed: int, env_index: int
+def split_environment_70_10_20(env: Environment, trial_seed: int, env_index: int
                                ) -> tuple[Split, Split, Split]:
     """The split of one domain of Mansilla, Echeveste, Milone, Ferrante, "Domain
     Generalization via Gradient Surgery", ICCV 2021, Section 4.1: 70% for
@@ -224,12 +261,23 @@ class InfiniteMinibatches:
         class_balanced: DomainBed's ``class_balanced`` hyperparameter.
 
     Each ``next()`` returns a list of (x, y) with x of shape (batch_size, *input_shape).
+
+    Raises:
+        DomainGradError: a bad batch size, an empty split, or a split of an environment
+            that is not a :class:`TensorEnvironment` (image folders have their own stream).
     """
 
     def __init__(self, splits: Sequence[Split], batch_size: int, seed: int,
                  class_balanced: bool = False):
         check_training_splits(splits, batch_size)
         self.splits = list(splits)
+        self.envs: list[TensorEnvironment] = []
+        for split in self.splits:
+            if not isinstance(split.env, TensorEnvironment):
+                raise DomainGradError(f"environment {split.env.name!r} is not held in memory "
+                                      f"({type(split.env).__name__}); draw its minibatches with its "
+                                      "dataset's minibatches()")
+            self.envs.append(split.env)
         self.batch_size = batch_size
         self.generator = torch.Generator().manual_seed(seed)
         self.weights: list[torch.Tensor | None] = []
@@ -246,14 +294,14 @@ class InfiniteMinibatches:
 
     def __next__(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         batches = []
-        for split, weights in zip(self.splits, self.weights):
+        for split, env, weights in zip(self.splits, self.envs, self.weights):
             if weights is None:
                 pos = torch.randint(len(split), (self.batch_size,), generator=self.generator)
             else:
                 pos = torch.multinomial(weights, self.batch_size, replacement=True,
                                         generator=self.generator)
             idx = split.indices[pos]
-            batches.append((split.env.x[idx], split.env.y[idx]))
+            batches.append((env.x[idx], env.y[idx]))
         return batches
 
     def state_dict(self) -> dict:

@@ -14,6 +14,7 @@ class Debug28(MultipleDomainDataset):
     ENVIRONMENTS = ["0", "1", "2"]
     SMALL_IMAGES = True
     INPUT_SHAPE = (3, 28, 28)
+    environments: list[TensorEnvironment]
 
     def __init__(self, data_dir: str | None = None, seed: int = 0):
         generator = torch.Generator().manual_seed(seed)

@@ -37,7 +37,7 @@ import itertools
 import logging
 import os
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from PIL import Image
@@ -87,8 +87,8 @@ class _Reader:
 
     def __call__(self, path: str, seed: int | None) -> torch.Tensor | None:
         try:
-            with Image.open(path) as image:
-                image = image.convert("RGB")
+            with Image.open(path) as opened:
+                image = opened.convert("RGB")
         except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad files
             if self.policy == "skip":
                 return None
@@ -130,6 +130,7 @@ class ImageEnvironment:
                 the training augmentation, the sample at position p transformed under
                 the seed ``seed_hash(augment_seed, p)``.
         """
+        keys: list[tuple[int, int, int | None]]
         if augment_seed is None:
             keys = [(0, int(i), None) for i in indices]
             transform = self.dataset.eval_transform
@@ -208,6 +209,10 @@ class ImageMinibatches:
         augment: apply DomainBed's training augmentation.
         num_workers: DataLoader worker processes (0: load in the main process).
         pin_memory: pin batches for faster transfer to a GPU.
+
+    Raises:
+        DomainGradError: a bad batch size, an empty split, or a split of an environment
+            that is not an :class:`ImageEnvironment`.
     """
 
     def __init__(self, splits: Sequence[Split], batch_size: int, seed: int, class_balanced: bool,
@@ -215,12 +220,20 @@ class ImageMinibatches:
         check_training_splits(splits, batch_size)
         self.splits, self.batch_size, self.seed = list(splits), batch_size, seed
         self.weights = [(1.0 / torch.bincount(s.y).double())[s.y] if class_balanced else None for s in self.splits]
-        dataset = self.splits[0].env.dataset
+        self.envs: list[ImageEnvironment] = []
+        for split in self.splits:
+            if not isinstance(split.env, ImageEnvironment):
+                raise DomainGradError(f"environment {split.env.name!r} is not an image folder "
+                                      f"({type(split.env).__name__}); draw its minibatches with its "
+                                      "dataset's minibatches()")
+            self.envs.append(split.env)
+        dataset = self.envs[0].dataset
         self.dataset = dataset
         self.reader = _Reader(dataset.train_transform if augment else dataset.eval_transform, dataset.corrupt_images)
         self.num_workers, self.pin_memory = num_workers, pin_memory
         self.step = 0
-        self._iterator = None
+        # the DataLoader iterator, yielding (one (x, y) per split, failed paths) per step
+        self._iterator: Iterator[Any] | None = None
 
     def keys_of_step(self, step: int) -> list[tuple]:
         """The (training split, position in its environment, augmentation seed) keys of
@@ -241,7 +254,7 @@ class ImageMinibatches:
 
     def __next__(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         if self._iterator is None:
-            items = _Items(self.reader, [(s.env.paths, s.env.y) for s in self.splits])
+            items = _Items(self.reader, [(env.paths, env.y) for env in self.envs])
             loader = DataLoader(items, batch_sampler=_StepSampler(self, self.step),
                                 num_workers=self.num_workers, collate_fn=_Collate(len(self.splits)),
                                 pin_memory=self.pin_memory)
@@ -291,6 +304,7 @@ class ImageFolderDataset(MultipleDomainDataset):
     """
 
     SPEC: FolderSpec
+    environments: list[ImageEnvironment]
     CHECKPOINT_FREQ = 300
     AUGMENTS = True
 

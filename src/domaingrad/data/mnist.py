@@ -23,6 +23,7 @@ class MultipleEnvironmentDigits(MultipleDomainDataset):
     """Shuffle a digit pool and deal it round-robin to ``len(settings)`` environments."""
 
     SMALL_IMAGES = True
+    environments: list[TensorEnvironment]
 
     def __init__(self, digits: Digits, settings: Sequence[float],
                  transform: Callable[[torch.Tensor, torch.Tensor, float, torch.Generator],

@@ -98,8 +98,9 @@ def per_domain_gradients(
     """Gradient of each domain's mean loss with respect to each parameter.
 
     Each domain's batch goes through the model separately (Mansilla et al., "Domain
-    Generalization via Gradient Surgery", ICCV 2021, Sec. 3: one minibatch per source domain, forwarded and backpropagated
-    separately), so normalisation statistics computed from the batch are per domain.
+    Generalization via Gradient Surgery", ICCV 2021, Sec. 3: one minibatch per source
+    domain, forwarded and backpropagated separately), so normalisation statistics
+    computed from the batch are per domain.
 
     Args:
         model: the network; its train/eval mode is used as is. Its ``.grad`` fields are

@@ -1,6 +1,6 @@
 """Featurizers and classifiers behind one small interface.
 
-A *featurizer* is an ``nn.Module`` mapping (B, *input_shape) to (B, n_outputs) with an
+A *featurizer* is a :class:`Featurizer` (an ``nn.Module``) mapping (B, *input_shape) to (B, n_outputs) with an
 ``n_outputs`` attribute, ``stage_names`` (its named intermediate outputs, in order),
 ``stage_channels`` (name -> channels or features) and ``forward(x, stage_fn=None)``
 calling ``stage_fn(name, output)`` on each stage; a *classifier* maps features to
@@ -18,13 +18,14 @@ from torch import nn
 
 from ..errors import DomainGradError
 from .backbones import AlexNetFeaturizer, ResNetFeaturizer
+from .base import Featurizer, StageFn
 from .mnist_cnn import MNIST_CNN
 from .weights import current_weights, imagenet_file, load_backbone_state, read_state_dict, use_weights
 
-Builder = Callable[[tuple[int, ...], dict[str, Any], "dict | None"], nn.Module]
+Builder = Callable[[tuple[int, ...], dict[str, Any], "dict | None"], Featurizer]
 
 
-def _mnist_cnn(input_shape: tuple[int, ...], hparams: dict[str, Any], state: dict | None) -> nn.Module:
+def _mnist_cnn(input_shape: tuple[int, ...], hparams: dict[str, Any], state: dict | None) -> Featurizer:
     net = MNIST_CNN(input_shape)
     if state is not None:
         load_backbone_state(net, state, "MNIST_CNN")
@@ -66,7 +67,7 @@ def backbone_name(input_shape: tuple[int, ...], hparams: dict[str, Any]) -> str:
     return name
 
 
-def featurizer_for(input_shape: tuple[int, ...], hparams: dict[str, Any]) -> nn.Module:
+def featurizer_for(input_shape: tuple[int, ...], hparams: dict[str, Any]) -> Featurizer:
     """DomainBed's ``networks.Featurizer``: the network for this input shape and hparams
     (see :func:`backbone_name`), initialised from the weights of the enclosing
     :func:`use_weights` block (random outside one).
@@ -92,5 +93,6 @@ def classifier(in_features: int, out_features: int, nonlinear: bool = False) -> 
     return nn.Linear(in_features, out_features)
 
 
-__all__ = ["FEATURIZERS", "AlexNetFeaturizer", "MNIST_CNN", "ResNetFeaturizer", "backbone_name", "classifier",
-           "current_weights", "featurizer_for", "imagenet_file", "read_state_dict", "use_weights"]
+__all__ = ["FEATURIZERS", "AlexNetFeaturizer", "Featurizer", "MNIST_CNN", "ResNetFeaturizer", "StageFn",
+           "backbone_name", "classifier", "current_weights", "featurizer_for", "imagenet_file", "read_state_dict",
+           "use_weights"]

@@ -13,18 +13,21 @@ adapted to inputs with other than 3 channels by cycling the RGB filters.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
-
 import torch
 from torch import nn
 
 from ..errors import DomainGradError
-
-StageFn = Optional[Callable[[str, torch.Tensor], torch.Tensor]]
+from .base import Featurizer, StageFn
 
 
 def _apply(stage_fn: StageFn, name: str, x: torch.Tensor) -> torch.Tensor:
     return x if stage_fn is None else stage_fn(name, x)
+
+
+def _pair(size: tuple[int, ...]) -> tuple[int, int]:
+    """A Conv2d's (height, width) size attribute, typed as the pair it always is."""
+    height, width = size
+    return height, width
 
 
 def adapt_input_channels(conv: nn.Conv2d, channels: int) -> nn.Conv2d:
@@ -35,16 +38,17 @@ def adapt_input_channels(conv: nn.Conv2d, channels: int) -> nn.Conv2d:
     """
     if conv.in_channels == channels:
         return conv
-    new = nn.Conv2d(channels, conv.out_channels, kernel_size=conv.kernel_size, stride=conv.stride,
-                    padding=conv.padding, bias=conv.bias is not None)
+    padding = conv.padding if isinstance(conv.padding, str) else _pair(conv.padding)
+    new = nn.Conv2d(channels, conv.out_channels, kernel_size=_pair(conv.kernel_size), stride=_pair(conv.stride),
+                    padding=padding, bias=conv.bias is not None)
     with torch.no_grad():
         new.weight.copy_(conv.weight[:, torch.arange(channels) % conv.in_channels])
-        if conv.bias is not None:
+        if conv.bias is not None and new.bias is not None:
             new.bias.copy_(conv.bias)
     return new
 
 
-class ResNetFeaturizer(nn.Module):
+class ResNetFeaturizer(Featurizer):
     """ResNet-18 or ResNet-50 (He et al. 2016; torchvision) as DomainBed's featurizer.
 
     Input (B, C, H, W) with H, W >= 32 (ImageNet-normalised images); output (B, 512) for
@@ -111,7 +115,7 @@ class ResNetFeaturizer(nn.Module):
         return self
 
 
-class AlexNetFeaturizer(nn.Module):
+class AlexNetFeaturizer(Featurizer):
     """AlexNet (Krizhevsky et al. 2012; torchvision's single-GPU variant) up to fc7.
 
     Input (B, C, H, W) with H, W >= 64; output (B, 4096): the fc7 output after ReLU, the

@@ -2,14 +2,14 @@
 Generalization", ICLR 2021; ``domainbed/networks.py``)."""
 from __future__ import annotations
 
-from typing import Callable, Optional
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .base import Featurizer, StageFn
 
-class MNIST_CNN(nn.Module):
+
+class MNIST_CNN(Featurizer):
     """Four 3x3 convolutions (64, 128 stride 2, 128, 128), each followed by ReLU then
     GroupNorm(8), then global average pooling (DomainBed ``networks.MNIST_CNN``).
 
@@ -37,8 +37,7 @@ class MNIST_CNN(nn.Module):
         self.bn2 = nn.GroupNorm(8, 128)
         self.bn3 = nn.GroupNorm(8, 128)
 
-    def forward(self, x: torch.Tensor,
-                stage_fn: Optional[Callable[[str, torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, stage_fn: StageFn = None) -> torch.Tensor:
         for name, conv, norm in (("conv1", self.conv1, self.bn0), ("conv2", self.conv2, self.bn1),
                                  ("conv3", self.conv3, self.bn2), ("conv4", self.conv4, self.bn3)):
             x = norm(F.relu(conv(x)))

@@ -10,8 +10,9 @@ import sys
 from pathlib import Path
 
 from ..errors import DomainGradError
+from ..layout import SPLIT_70_10_20
 
-SELECTIONS = ("auto", "all", "iid", "loo", "oracle", "70/10/20")
+SELECTIONS = ("auto", "all", "iid", "loo", "oracle", SPLIT_70_10_20)
 FORMATS = ("markdown", "latex", "csv", "json")
 
 DESCRIPTION = """\
@@ -31,7 +32,7 @@ SELECTION_HELP = ("model selection: iid = training-domain validation, loo = leav
 
 
 #: earlier spellings of --selection values, still accepted
-SELECTION_ALIASES = {"seed002": "70/10/20"}
+SELECTION_ALIASES = {"seed002": SPLIT_70_10_20}
 
 
 def _selection_name(value: str) -> str:

@@ -1,11 +1,14 @@
 """Read a sweep directory: every job's results.jsonl records, what is unreadable, what is missing.
 
-Layout (DomainBed's, ``domainbed/scripts/sweep.py``): ``SWEEP_DIR/<job id>/results.jsonl``
-(one JSON record per checkpoint) and ``SWEEP_DIR/<job id>/done`` once the job finished.
-domaingrad's ``sweep`` also writes ``SWEEP_DIR/sweep.json`` =
-``{"version": 1, "jobs": [{"id": "<dir name>", "args": {...}}]}`` listing every launched
-job; when present it says which jobs are missing, when absent (DomainBed's own sweep
-directories) the sub-directories are all there is.
+Layout (DomainBed's, ``domainbed/scripts/sweep.py``; see :mod:`domaingrad.layout`):
+``SWEEP_DIR/<job id>/results.jsonl`` (one JSON record per checkpoint) and
+``SWEEP_DIR/<job id>/done`` once the job finished. domaingrad's ``sweep`` also writes
+``SWEEP_DIR/sweep.json`` listing every launched job; when present it says which jobs are
+missing, when absent (DomainBed's own sweep directories) the sub-directories are all
+there is. Files are read by :func:`domaingrad.layout.read_results` and
+:func:`domaingrad.layout.read_manifest`, the readers ``domaingrad sweep`` uses too, and
+job states are :class:`domaingrad.layout.JobState`, as ``domaingrad sweep status`` names
+them.
 
 Nothing here raises on bad content: an unreadable file or line becomes a :class:`Problem`
 (path, 1-based line number, what is wrong) and is skipped. DomainBed's ``load_records``
@@ -13,74 +16,60 @@ instead stops at the first bad line.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import DomainGradError
+from ..layout import DONE, ERR, JOB_MARKERS, RESULTS, SPLIT_70_10_20, JobState, ManifestError, Problem, read_manifest
+from ..layout import read_results as _read_lines
+from ..sweep.jobs import job_state
 from .names import count_environments
 
-RESULTS = "results.jsonl"
-DONE = "done"
-#: written by ``domaingrad sweep`` when a job's last attempt exited with an error (stderr in err.txt)
-FAILED = "failed"
-MANIFEST = "sweep.json"
-#: ``args["split_protocol"]`` of runs using the 70/10/20 per-domain train/validation/test split of
-#: Mansilla, Echeveste, Milone, Ferrante, "Domain Generalization via Gradient Surgery", ICCV 2021, Sec. 4.1
-SPLIT_70_10_20 = "70/10/20"
 #: ``args`` keys every record needs to be grouped as DomainBed groups them
 REQUIRED_ARGS = ("dataset", "algorithm", "test_envs", "trial_seed", "hparams_seed")
-#: files that show a directory is a job that started (DomainBed writes out.txt/err.txt first)
-_JOB_MARKERS = (RESULTS, DONE, FAILED, "out.txt", "err.txt")
-
-
-@dataclass(frozen=True)
-class Problem:
-    """Something in the sweep directory that could not be used; ``line`` is 1-based or None."""
-
-    path: Path
-    line: int | None
-    message: str
-
-    def __str__(self) -> str:
-        where = f"{self.path}:{self.line}" if self.line is not None else str(self.path)
-        return f"{where}: {self.message}"
 
 
 @dataclass
-class Job:
-    """One job directory (or one job listed in sweep.json whose directory does not exist)."""
+class JobResults:
+    """What the report read of one job: its directory (or its sweep.json entry when the
+    directory does not exist), state and records.
+
+    Attributes:
+        id: the job directory's name.
+        path: the job directory.
+        state: as ``domaingrad sweep status`` names it (``not launched``: listed in
+            sweep.json, no directory).
+        n_records, last_step: how many usable records, up to which step.
+        args: the job's train arguments (sweep.json's, else its last record's).
+        listed: whether sweep.json lists it.
+    """
 
     id: str
     path: Path
-    done: bool
-    failed: bool = False
+    state: JobState
     n_records: int = 0
     last_step: int | None = None
     args: dict | None = None
     listed: bool = False
 
     @property
-    def state(self) -> str:
-        """``done``; ``failed`` (the sweep's ``failed`` marker, no ``done``); ``incomplete``
-        (records but no ``done``); or ``not started`` (no record)."""
-        if self.done:
-            return "done"
-        if self.failed:
-            return "failed"
-        return "incomplete" if self.n_records else "not started"
+    def done(self) -> bool:
+        return self.state is JobState.DONE
 
     def describe(self) -> str:
         """One line: id, state, what the job is (dataset, algorithm, test envs, seeds)."""
         a = self.args or {}
         what = ", ".join(f"{k}={a[k]}" for k in ("dataset", "algorithm", "test_envs", "hparams_seed", "trial_seed")
                          if k in a)
-        steps = f", {self.n_records} records up to step {self.last_step}" if self.n_records else ""
-        if self.failed and not self.done:
-            steps += f"; its error is in {self.path / 'err.txt'}"
-        return f"{self.id}: {self.state}{steps}" + (f" ({what})" if what else "")
+        if self.n_records:
+            steps = f", {self.n_records} records up to step {self.last_step}"
+        else:
+            steps = ", no record yet" if self.state in (JobState.INCOMPLETE, JobState.RUNNING) else ""
+        if self.state is JobState.FAILED:
+            steps += f"; its error is in {self.path / ERR}"
+        return f"{self.id}: {self.state.value}{steps}" + (f" ({what})" if what else "")
 
 
 @dataclass
@@ -100,33 +89,36 @@ class Sweep:
     root: Path
     records: list[dict] = field(default_factory=list)
     records_by_job: dict[str, list[dict]] = field(default_factory=dict)
-    jobs: list[Job] = field(default_factory=list)
+    jobs: list[JobResults] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
     manifest: bool = False
     include_incomplete: bool = False
 
-    def jobs_in_state(self, state: str) -> list[Job]:
-        return [j for j in self.jobs if j.state == state]
+    def jobs_in_state(self, state: JobState | str) -> list[JobResults]:
+        """The jobs in ``state`` (a :class:`JobState` or its value, e.g. ``"incomplete"``)."""
+        return [j for j in self.jobs if j.state == JobState(state)]
 
     def status_lines(self) -> list[str]:
         """Human-readable summary: counts, then every job not done, then every problem."""
-        done, failed, incomplete, missing = (self.jobs_in_state(s)
-                                             for s in ("done", "failed", "incomplete", "not started"))
+        by_state = {s: self.jobs_in_state(s) for s in JobState}
         source = "sweep.json and the job directories" if self.manifest else "the job directories (no sweep.json)"
-        lines = [f"{len(self.records)} records used from {self.root}; jobs from {source}: "
-                 f"{len(done)} done, {len(failed)} failed, {len(incomplete)} incomplete, {len(missing)} not started"]
-        if failed:
+        counts = ", ".join(f"{len(by_state[s])} {s.value}" for s in
+                           (JobState.DONE, JobState.FAILED, JobState.RUNNING, JobState.INCOMPLETE,
+                            JobState.NOT_LAUNCHED))
+        lines = [f"{len(self.records)} records used from {self.root}; jobs from {source}: {counts}"]
+        if by_state[JobState.FAILED]:
             lines.append("failed jobs (their records are left out unless --latest):")
-            lines += [f"  {j.describe()}" for j in failed]
-        if incomplete:
+            lines += [f"  {j.describe()}" for j in by_state[JobState.FAILED]]
+        unfinished = by_state[JobState.RUNNING] + by_state[JobState.INCOMPLETE]
+        if unfinished:
             how = ("their records so far are included (--latest)" if self.include_incomplete else
                    "their records are left out; --latest includes them up to their latest checkpoint, "
                    "as DomainBed's collect_results does")
-            lines.append(f"incomplete jobs (no `done` file; {how}):")
-            lines += [f"  {j.describe()}" for j in incomplete]
-        if missing:
-            lines.append("jobs without any record (not started, crashed early, or deleted):")
-            lines += [f"  {j.describe()}" for j in missing]
+            lines.append(f"running and incomplete jobs (no `done` file; {how}):")
+            lines += [f"  {j.describe()}" for j in unfinished]
+        if by_state[JobState.NOT_LAUNCHED]:
+            lines.append("jobs listed in sweep.json without a directory (not launched, or deleted):")
+            lines += [f"  {j.describe()}" for j in by_state[JobState.NOT_LAUNCHED]]
         if self.problems:
             lines.append(f"{len(self.problems)} unreadable entries skipped:")
             lines += [f"  {p}" for p in self.problems]
@@ -139,7 +131,8 @@ def record_error(record: object) -> str | None:
     A usable record is a JSON object with a finite numeric ``step``, ``args`` holding
     :data:`REQUIRED_ARGS` (``test_envs`` a non-empty list of environment indices) and
     numeric ``env{i}_in_acc``/``env{i}_out_acc`` for every environment ``i`` (and
-    ``env{i}_test_acc`` when ``args["split_protocol"] == "70/10/20"``).
+    ``env{i}_test_acc`` when ``args["split_protocol"]`` is
+    :data:`domaingrad.layout.SPLIT_70_10_20`).
     """
     if not isinstance(record, dict):
         return f"expected a JSON object, got {type(record).__name__}"
@@ -184,48 +177,21 @@ def read_results(path: Path) -> tuple[list[dict], list[Problem]]:
     """Parse one results.jsonl: (usable records in file order, problems with line numbers).
 
     Never raises for content: unreadable files, undecodable, truncated or non-JSON lines
-    and records lacking DomainBed's keys are returned as problems.
+    and records lacking DomainBed's keys (:func:`record_error`) are returned as problems.
     """
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        return [], [Problem(path, None, f"cannot read: {exc.strerror or exc}")]
-    records, problems = [], []
-    lines = data.split(b"\n")
-    for number, raw in enumerate(lines, start=1):
-        if not raw.strip():
-            continue
-        last = number == len(lines)  # no newline after it: possibly cut while being written
-        try:
-            record = json.loads(raw.decode("utf-8"))
-        except UnicodeDecodeError:
-            problems.append(Problem(path, number, "not UTF-8 text"))
-            continue
-        except json.JSONDecodeError as exc:
-            hint = "truncated last line (no newline at the end)" if last else "not valid JSON"
-            problems.append(Problem(path, number, f"{hint}: {exc.msg} (column {exc.colno})"))
-            continue
-        error = record_error(record)
-        if error:
-            problems.append(Problem(path, number, f"not a results record: {error}"))
-        else:
-            records.append(record)
-    return records, problems
-
-
-def read_manifest(root: Path) -> tuple[dict[str, dict] | None, list[Problem]]:
-    """sweep.json as {job id: args}, or None when absent or unreadable (then a problem)."""
-    path = root / MANIFEST
     if not path.exists():
-        return None, []
+        return [], [Problem(path, None, "cannot read: No such file or directory")]
+    return _read_lines(path, check=record_error)
+
+
+def _manifest(root: Path) -> tuple[dict[str, dict] | None, list[Problem]]:
+    """sweep.json as {job id: args}, or None when absent or unreadable (then a problem)."""
     try:
-        content = json.loads(path.read_text(encoding="utf-8"))
-        if content.get("version") != 1:
-            raise ValueError(f"unsupported version {content.get('version')!r} (expected 1)")
-        return {str(job["id"]): dict(job.get("args") or {}) for job in content["jobs"]}, []
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        message = f"unreadable sweep manifest ({exc}); missing jobs cannot be listed, using the job directories"
-        return None, [Problem(path, None, message)]
+        return read_manifest(root), []
+    except ManifestError as exc:
+        message = (f"unreadable sweep manifest ({exc.reason}); missing jobs cannot be listed, "
+                   "using the job directories")
+        return None, [Problem(exc.path, None, message)]
 
 
 def load_sweep(root: str | os.PathLike, include_incomplete: bool = False) -> Sweep:
@@ -243,18 +209,17 @@ def load_sweep(root: str | os.PathLike, include_incomplete: bool = False) -> Swe
     if not root.is_dir():
         raise DomainGradError(f"sweep directory {root} does not exist or is not a directory; "
                               "expected the directory given to `domaingrad sweep launch` (one sub-directory per job)")
-    manifest, problems = read_manifest(root)
+    manifest, problems = _manifest(root)
     sweep = Sweep(root=root, problems=problems, manifest=manifest is not None, include_incomplete=include_incomplete)
-    ids = {p.name for p in root.iterdir() if p.is_dir() and any((p / m).exists() for m in _JOB_MARKERS)}
+    ids = {p.name for p in root.iterdir() if p.is_dir() and any((p / m).exists() for m in JOB_MARKERS)}
     ids |= set(manifest or {})
     for job_id in sorted(ids):
         sweep.jobs.append(_read_job(sweep, root / job_id, (manifest or {}).get(job_id), job_id in (manifest or {})))
     return sweep
 
 
-def _read_job(sweep: Sweep, path: Path, manifest_args: dict | None, listed: bool) -> Job:
-    job = Job(id=path.name, path=path, done=(path / DONE).exists(), failed=(path / FAILED).exists(),
-              args=manifest_args, listed=listed)
+def _read_job(sweep: Sweep, path: Path, manifest_args: dict | None, listed: bool) -> JobResults:
+    job = JobResults(id=path.name, path=path, state=job_state(path), args=manifest_args, listed=listed)
     records: list[dict] = []
     if (path / RESULTS).exists():
         records, problems = read_results(path / RESULTS)
@@ -266,3 +231,7 @@ def _read_job(sweep: Sweep, path: Path, manifest_args: dict | None, listed: bool
         if job.done or sweep.include_incomplete:
             sweep.records += records
     return job
+
+
+__all__ = ["DONE", "RESULTS", "REQUIRED_ARGS", "SPLIT_70_10_20", "JobResults", "Problem", "Sweep", "load_sweep",
+           "read_results", "record_error"]

@@ -11,7 +11,7 @@ import csv
 import io
 import json
 
-from .records import SPLIT_70_10_20
+from ..layout import SPLIT_70_10_20, JobState
 from .stats import ALPHA
 from .summary import Report, Section
 from .tables import Cell, Table
@@ -166,7 +166,7 @@ def report_dict(report: Report) -> dict:
         "sweep_dir": str(sweep.root),
         "protocol": report.protocol,
         "total_records": len(sweep.records),
-        "jobs": {state: [j.id for j in sweep.jobs_in_state(state)] for state in ("done", "failed", "incomplete", "not started")},
+        "jobs": {state.value: [j.id for j in sweep.jobs_in_state(state)] for state in JobState},
         "incomplete_included": sweep.include_incomplete,
         "problems": [{"path": str(p.path), "line": p.line, "message": p.message} for p in sweep.problems],
         "baseline": report.baseline,

@@ -93,8 +93,8 @@ def ranking_key(value: float) -> float:
     return float("-inf") if isinstance(value, float) and math.isnan(value) else value
 
 
-def sorted_groups(records: Iterable[dict], key: Callable[[dict], object],
-                  what: str) -> list[tuple[object, list[dict]]]:
+def sorted_groups(records: Iterable[dict], key: Callable[[dict], int | float | str],
+                  what: str) -> list[tuple[int | float | str, list[dict]]]:
     """(key, records) with the keys in increasing order, like DomainBed's ``Q.group``.
 
     Records keep their order within a group. ``key`` returns an int, float or str
@@ -105,7 +105,7 @@ def sorted_groups(records: Iterable[dict], key: Callable[[dict], object],
         DomainGradError: if the keys cannot be ordered (integers mixed with strings;
             DomainBed's ``sorted`` raises TypeError there).
     """
-    groups: dict[object, list[dict]] = {}
+    groups: dict[int | float | str, list[dict]] = {}
     for r in records:
         groups.setdefault(key(r), []).append(r)
     try:
@@ -149,8 +149,8 @@ class SelectionMethod:
         """
         runs = sorted_groups(records, lambda r: r["args"]["hparams_seed"], "args.hparams_seed")
         scored = [(cls.run_acc(run), run) for _, run in runs]
-        scored = [s for s in scored if s[0] is not None]
-        return sorted(scored, key=lambda s: ranking_key(s[0].val_acc))[::-1]
+        kept = [(choice, run) for choice, run in scored if choice is not None]
+        return sorted(kept, key=lambda s: ranking_key(s[0].val_acc))[::-1]
 
     @classmethod
     def sweep_acc(cls, records: list[dict]) -> Choice | None:
@@ -241,17 +241,17 @@ class LeaveOneOutSelectionMethod(SelectionMethod):
             if len(r["args"]["test_envs"]) == 2:
                 val_env = (set(r["args"]["test_envs"]) - {test_env}).pop()
                 val_accs[val_env] = r[f"env{val_env}_in_acc"]
-        val_accs = list(val_accs[:test_env]) + list(val_accs[test_env + 1:])
-        if any(v == -1 for v in val_accs):
+        others = list(val_accs[:test_env]) + list(val_accs[test_env + 1:])
+        if any(v == -1 for v in others):
             return None
-        return Choice(float(np.sum(val_accs) / (n_envs - 1)), test_records[0][f"env{test_env}_in_acc"],
+        return Choice(float(np.sum(others) / (n_envs - 1)), test_records[0][f"env{test_env}_in_acc"],
                       test_records[0])
 
     @classmethod
     def run_acc(cls, run_records: list[dict]) -> Choice | None:
         steps = [cls.step_acc(rs) for _, rs in sorted_groups(run_records, lambda r: r["step"], "step")]
-        steps = [s for s in steps if s is not None]
-        return _first_max(steps) if steps else None
+        choices = [s for s in steps if s is not None]
+        return _first_max(choices) if choices else None
 
 
 METHODS: dict[str, type[SelectionMethod]] = {

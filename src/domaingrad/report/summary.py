@@ -78,12 +78,12 @@ def build_report(sweep: Sweep, selection: str = "auto", baseline: str | None = N
 
 
 def _why_empty(sweep: Sweep) -> str:
-    incomplete = sweep.jobs_in_state("incomplete")
-    if incomplete and not sweep.include_incomplete:
-        return f" ({len(incomplete)} job(s) have records but no `done` file yet; --latest uses them)"
-    not_started = sweep.jobs_in_state("not started")
-    if not_started:
-        return f" ({len(not_started)} job(s) have no record yet)"
+    unfinished = [j for j in sweep.jobs if not j.done and j.n_records]
+    if unfinished and not sweep.include_incomplete:
+        return f" ({len(unfinished)} job(s) have records but no `done` file yet; --latest uses them)"
+    without = [j for j in sweep.jobs if not j.done and not j.n_records]
+    if without:
+        return f" ({len(without)} job(s) have no record yet)"
     if sweep.problems:
         return f" ({len(sweep.problems)} unreadable entries, e.g. {sweep.problems[0]})"
     return ""

@@ -34,9 +34,10 @@ def format_mean(data: Sequence[float], latex: bool) -> tuple[float | None, float
 
 def format_avg(means: Sequence[float | None]) -> tuple[float | None, str]:
     """DomainBed's Avg column: mean of the means as "{:.1f}", or "X" if any mean is missing."""
-    if not means or any(m is None for m in means):
+    present = [m for m in means if m is not None]
+    if not means or len(present) != len(means):
         return None, "X"
-    value = sum(means) / len(means)
+    value = sum(present) / len(present)
     return float(value), f"{value:.1f}"
 
 

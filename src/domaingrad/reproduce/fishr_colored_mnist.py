@@ -1,23 +1,16 @@
 """Reproduce the IRM-setup Colored MNIST table (Table 2) of Rame, Dancette, Cord, "Fishr:
 Invariant Gradient Variances for Out-of-Distribution Generalization", ICML 2022.
 
-Measured (docs/results.md; ``domaingrad reproduce fishr-colored-mnist --workers 2``, the
-10,000 embedded digits, 10 restarts, train / test / gray-test accuracy, mean over
-restarts): ERM 85.2 / 10.3 / 71.7, IRM 69.1 / 70.3 / 69.1, V-REx 67.4 / 71.9 / 69.8,
-Fishr 61.4 / 65.1 / 63.7; paper ERM 86.4 / 14.0 / 71.0, IRM 71.0 / 65.6 / 66.1,
-V-REx 71.7 / 67.2 / 68.6, Fishr 71.0 / 69.5 / 70.2. ERM, IRM and V-REx reproduce within a
-few points; Fishr falls 4 to 10 points short and is the least stable (one restart of ten
-stayed near chance), so the paper's ranking of Fishr first does not reproduce here.
+The measured table beside the paper's is in docs/results.md (``domaingrad reproduce
+fishr-colored-mnist --workers 2``, the 10,000 embedded digits, 10 restarts).
 
 Label noise: with the paper's 25,000 digits per training environment the MLP cannot
-memorise the 25% noisy labels in 501 full-batch steps; with 4,167 it does (restart 0 with
-noise drawn once: ERM 99.1 / 23.3 / 67.8, IRM 88.0 / 37.5 / 68.5, V-REx 93.6 / 32.1 / 69.9,
-Fishr 89.1 / 48.8 / 69.8), and the invariance penalties are then satisfied by memorising.
-So on fewer than 60,000 digits the default (``label_noise="per-step"``, a documented
-deviation) draws the label noise and the colours afresh at every step from a seeded
-generator, which keeps the population the paper samples from while making memorisation
-impossible; ``label_noise="fixed"`` (``--label-noise fixed``) is the paper's protocol and
-the default on full MNIST.
+memorise the 25% noisy labels in 501 full-batch steps; with 4,167 it does, and the
+invariance penalties are then satisfied by memorising. So on fewer than 60,000 digits
+the default (``label_noise="per-step"``, a documented deviation) draws the label noise
+and the colours afresh at every step from a seeded generator, which keeps the population
+the paper samples from while making memorisation impossible; ``label_noise="fixed"``
+(``--label-noise fixed``) is the paper's protocol and the default on full MNIST.
 
 Protocol: the Colored MNIST of Arjovsky, Bottou, Gulrajani, Lopez-Paz, "Invariant Risk
 Minimization", arXiv:1907.02893, 2019 (Section 5.2), as run by the Fishr repository's
@@ -87,8 +80,9 @@ methods of one restart share the same data and the same initial network.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -415,13 +409,13 @@ def run(data_dir: str | None = None, restarts: int = 10, steps: int = 501,
     if restarts < 1 or steps < 1 or workers < 1:
         raise DomainGradError("restarts, steps and workers must be >= 1")
     names = [canonical_method(m) for m in methods]
-    anneal = HPARAMS["penalty_anneal_iters"] if steps == HPARAMS["steps"] else \
+    anneal = int(HPARAMS["penalty_anneal_iters"]) if steps == HPARAMS["steps"] else \
         round(HPARAMS["penalty_anneal_iters"] * steps / HPARAMS["steps"])
     digits = load_mnist(data_dir)
     images, labels = digits.images, digits.labels
     if n_digits is not None and n_digits < len(images):
-        pool = min(len(images), 60000)
-        idx = torch.as_tensor((np.arange(n_digits) * pool) // n_digits)
+        available = min(len(images), 60000)
+        idx = torch.as_tensor((np.arange(n_digits) * available) // n_digits)
         images, labels = images[idx], labels[idx]
     label_noise = label_noise or default_label_noise(len(images))
     if label_noise not in LABEL_NOISE_MODES:
@@ -434,11 +428,12 @@ def run(data_dir: str | None = None, restarts: int = 10, steps: int = 501,
     log(f"{digits.source}")
     log(f"Colored MNIST (IRM setup): {how}; training pool shuffled -> train envs "
         f"{n_env - n_env // 2} (e=0.2) + {n_env // 2} (e=0.1); test env {len(test_idx)} (e=0.9) "
-        f"and gray test; label noise and colours {'drawn afresh every step' if label_noise == 'per-step' else 'drawn once per restart'}; "
+        f"and gray test; label noise and colours "
+        f"{'drawn afresh every step' if label_noise == 'per-step' else 'drawn once per restart'}; "
         f"{steps} steps, penalty from step {anneal}, {restarts} restarts, seeds {seed}..{seed + restarts - 1}, "
         f"{workers} worker(s)")
     jobs = [(m, r) for r in range(restarts) for m in names]
-    results = {m: {"train": [], "test": [], "gray_test": []} for m in names}
+    accuracies: dict[str, dict[str, list[float]]] = {m: {"train": [], "test": [], "gray_test": []} for m in names}
     done: dict[tuple[str, int], dict[str, float]] = {}
 
     def record(job: tuple[str, int], acc: dict[str, float], seconds: float) -> None:
@@ -448,27 +443,28 @@ def run(data_dir: str | None = None, restarts: int = 10, steps: int = 501,
             f"gray {acc['gray_test']:.3f} ({seconds:.1f} s)")
 
     if workers == 1:
-        threads = torch.get_num_threads()
+        n_threads = torch.get_num_threads()
         try:
             for m, r in jobs:
                 record((m, r), *_job(images, labels, m, seed + r, steps, anneal, label_noise))
         finally:
-            torch.set_num_threads(threads)
+            torch.set_num_threads(n_threads)
     else:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor, as_completed
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = {pool.submit(_job, images, labels, m, seed + r, steps, anneal, label_noise): (m, r)
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as executor:
+            futures = {executor.submit(_job, images, labels, m, seed + r, steps, anneal, label_noise): (m, r)
                        for m, r in jobs}
             for future in as_completed(futures):
                 record(futures[future], *future.result())
     for m, r in jobs:
         for k, v in done[(m, r)].items():
-            results[m][k].append(v)
+            accuracies[m][k].append(v)
+    results: dict[str, dict[str, Any]] = {m: dict(accuracies[m]) for m in names}
     for m in names:
         for k in ("train", "test", "gray_test"):
-            results[m][f"{k}_mean"] = float(np.mean(results[m][k]))
-            results[m][f"{k}_std"] = float(np.std(results[m][k]))
+            results[m][f"{k}_mean"] = float(np.mean(accuracies[m][k]))
+            results[m][f"{k}_std"] = float(np.std(accuracies[m][k]))
     results_meta = {"label_noise": label_noise, "n_digits": len(images), "steps": steps, "restarts": restarts}
     return {"methods": results, "meta": results_meta}
 

@@ -1,7 +1,10 @@
-"""One training run: checkpoints, results.jsonl records, exact resume."""
+"""One training run: arguments (:mod:`.args`), the run (:mod:`.train`), its console
+output (:mod:`.console`) and files (:mod:`.output`): checkpoints, results.jsonl records,
+exact resume."""
 from __future__ import annotations
 
+from .args import TrainArgs, check_args
 from .evaluation import accuracy
-from .train import TrainArgs, TrainingRun, train
+from .train import RunOutcome, TrainingRun, run_training, train
 
-__all__ = ["TrainArgs", "TrainingRun", "accuracy", "train"]
+__all__ = ["RunOutcome", "TrainArgs", "TrainingRun", "accuracy", "check_args", "run_training", "train"]

@@ -1,9 +1,9 @@
 """The files of one run's output directory, written so that nothing is lost or duplicated.
 
-Layout (DomainBed-compatible): ``results.jsonl`` (one JSON record per checkpoint),
-``out.txt`` (human log, appended across resumes), ``checkpoint.pt`` (resume state,
-removed once the run is done), ``model.pkl`` (final model, DomainBed's format) and
-``done``.
+Layout (DomainBed-compatible, see :mod:`domaingrad.layout`): ``results.jsonl`` (one JSON
+record per checkpoint), ``out.txt`` (human log, appended across resumes),
+``checkpoint.pt`` (resume state, removed once the run is done), ``model.pkl`` (final
+model, DomainBed's format) and ``done``.
 
 Ordering makes resume exact: at each checkpoint the resume state, which embeds that
 checkpoint's record, is written atomically *first*; the record is appended to
@@ -14,18 +14,14 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..errors import DomainGradError
-
-RESULTS = "results.jsonl"
-CHECKPOINT = "checkpoint.pt"
-MODEL = "model.pkl"
-DONE = "done"
-LOG = "out.txt"
+from ..layout import CHECKPOINT, DONE, LOG, MODEL, RESULTS, read_results
 
 #: arguments that do not change results, so a resume may differ in them (``output_dir``:
 #: a moved or re-spelled directory is still the run's own directory)
@@ -50,28 +46,14 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
 
 
 def read_records(path: Path) -> tuple[list[dict], list[int]]:
-    """Parse a results.jsonl file.
+    """The records of a results.jsonl file (:func:`domaingrad.layout.read_results`).
 
     Returns:
         (records, bad_lines): the parsed records and the 1-based numbers of lines that
-        are not complete JSON objects (e.g. a line cut by a kill).
+        are not complete JSON objects with a ``step`` (e.g. a line cut by a kill).
     """
-    records, bad = [], []
-    if not path.exists():
-        return records, bad
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            bad.append(number)
-            continue
-        if isinstance(record, dict) and "step" in record:
-            records.append(record)
-        else:
-            bad.append(number)
-    return records, bad
+    records, problems = read_results(path)
+    return records, [p.line for p in problems if p.line is not None]
 
 
 class RunDirectory:
@@ -87,12 +69,15 @@ class RunDirectory:
     def is_done(self) -> bool:
         return self.file(DONE).exists()
 
-    def check_startable(self, args: dict[str, Any], defaults: dict[str, Any] | None = None
+    def check_startable(self, args: dict[str, Any], defaults: dict[str, Any] | None = None,
+                        normalize: Callable[[dict[str, Any]], dict[str, Any]] | None = None
                         ) -> dict[str, Any] | None:
         """Decide whether a run with ``args`` may start or resume here.
 
         An argument missing from a saved run's arguments (a run checkpointed by an older
-        version) matches when the current value equals its entry in ``defaults``.
+        version) matches when the current value equals its entry in ``defaults``; the
+        saved arguments go through ``normalize`` (e.g. older spellings) before the
+        comparison.
 
         Returns:
             The saved resume state when there is one with the same arguments, else None
@@ -118,6 +103,8 @@ class RunDirectory:
                                       "move it away to start the run afresh") from exc
             saved_args = {**{k: v for k, v in (defaults or {}).items() if k not in state["args"]},
                           **state["args"]}
+            if normalize is not None:
+                saved_args = normalize(saved_args)
             differ = sorted(k for k in set(args) | set(saved_args)
                             if k not in RESUME_IGNORED_ARGS and args.get(k) != saved_args.get(k))
             if differ:

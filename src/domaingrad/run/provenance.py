@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .. import __version__
+from ..version import __version__
 
 GIT_TIMEOUT_SECONDS = 5.0
 
@@ -36,7 +36,7 @@ def _git(source: Path, *args: str) -> str | None:
     return result.stdout.strip() if result.returncode == 0 else None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def git_revision(source: Path | None = None) -> tuple[str | None, bool | None]:
     """(commit hash, has uncommitted changes) of the git checkout holding ``source``.
 

@@ -18,7 +18,8 @@ import sys
 from collections import Counter
 
 from ..errors import DomainGradError
-from .jobs import TRAIN_OPTIONS
+from ..layout import SPLIT_PROTOCOLS
+from . import TRAIN_OPTIONS
 
 #: the flags that define which jobs a sweep has (any given: jobs from flags, else from the manifest)
 JOB_FLAGS = ("datasets", "algorithms", "test_envs", "single_test_envs", "n_hparams_from", "n_hparams",
@@ -43,8 +44,11 @@ def add_parser(subparsers) -> None:
                    help="launch (or relaunch) the jobs not done, show their state, or delete unfinished ones")
     _option(p, "output_dir", required=True, help="the sweep directory")
     jobs = p.add_argument_group("jobs (DomainBed's defaults: every dataset and algorithm, 20 draws, 3 trials)")
-    _option(jobs, "datasets", nargs="+", default=None, metavar="NAME")
-    _option(jobs, "algorithms", nargs="+", default=None, metavar="NAME")
+    _option(jobs, "datasets", nargs="+", default=None, metavar="NAME",
+            help="dataset names, or package.module:Class for your own (importable by every job process)")
+    _option(jobs, "algorithms", nargs="+", default=None, metavar="NAME",
+            help="algorithm names, or package.module:Class for your own (importable by every job process: "
+                 "installed or on PYTHONPATH)")
     _option(jobs, "test_envs", nargs="+", type=int, default=None, metavar="I",
             help="only jobs whose test environments include one of these (default: all)")
     _option(jobs, "single_test_envs", action="store_true", default=None,
@@ -66,7 +70,7 @@ def add_parser(subparsers) -> None:
     _option(jobs, "weights", default=None, help="as `domaingrad train --weights` (image datasets: none, "
                                                  "imagenet or a state-dict path)")
     _option(jobs, "image_size", type=int, default=None, help="as `domaingrad train --image-size`")
-    _option(jobs, "split_protocol", default=None, choices=["domainbed", "70/10/20"],
+    _option(jobs, "split_protocol", default=None, choices=SPLIT_PROTOCOLS,
             help="as `domaingrad train --split-protocol`")
     _option(jobs, "class_map", default=None, metavar="FILE", help="as `domaingrad train --class-map`")
     _option(jobs, "corrupt_images", default=None, choices=["error", "skip"],
@@ -106,7 +110,8 @@ def run(ns: argparse.Namespace) -> int:
     Raises:
         DomainGradError: bad flags, an unreadable manifest, no confirmation possible.
     """
-    from .jobs import JobState, iter_states
+    from ..layout import JobState
+    from .jobs import iter_states
 
     if os.path.exists(ns.output_dir) and not os.path.isdir(ns.output_dir):
         raise DomainGradError(f"--output-dir {ns.output_dir} exists and is not a directory; give a sweep directory")
@@ -122,7 +127,7 @@ def run(ns: argparse.Namespace) -> int:
 
 def summarize(states) -> str:
     """``N jobs: a done, b running, ...`` in a fixed order of states."""
-    from .jobs import JobState
+    from ..layout import JobState
 
     counts = Counter(s for _, s in states)
     parts = [f"{counts[s]} {s.value}" for s in JobState if counts[s]]
@@ -132,11 +137,11 @@ def summarize(states) -> str:
 def select_jobs(ns: argparse.Namespace):
     """The sweep's jobs: from the job flags, else from the manifest (rebased to OUTPUT_DIR)."""
     from .jobs import make_jobs
-    from .manifest import read_manifest
+    from .manifest import manifest_jobs
 
     if any(getattr(ns, name) not in (None, False) for name in JOB_FLAGS):
         return make_jobs(spec_from_flags(ns), ns.output_dir)
-    listed = read_manifest(ns.output_dir)
+    listed = manifest_jobs(ns.output_dir)
     if listed:
         for job in listed:
             job.args["output_dir"] = os.path.join(os.path.abspath(ns.output_dir), job.id)
@@ -193,7 +198,8 @@ def check_spec(spec) -> None:
     Raises:
         DomainGradError: naming the flag and what is expected.
     """
-    from ..hparams import parse_hparams_json, resolve_hparams
+    from ..hparams import parse_hparams_json
+    from ..registry import resolve_hparams
 
     if spec.hparams_seeds is None and not 0 <= spec.n_hparams_from < spec.n_hparams:
         raise DomainGradError(f"--n-hparams-from {spec.n_hparams_from} --n-hparams {spec.n_hparams} gives no "
@@ -223,10 +229,10 @@ def hparams_of_run(run_dir: str) -> str:
     import json
     from pathlib import Path
 
-    from ..run.output import DONE, RESULTS, read_records
+    from ..layout import DONE, RESULTS, read_results
 
     path = Path(run_dir)
-    records, _ = read_records(path / RESULTS)
+    records, _ = read_results(path / RESULTS)
     if not (path / DONE).exists() or not records or "hparams" not in records[-1]:
         raise DomainGradError(f"--hparams-from {run_dir}: expected a finished run directory (with 'done' and "
                               f"{RESULTS} records holding 'hparams')")
@@ -235,7 +241,8 @@ def hparams_of_run(run_dir: str) -> str:
 
 def show_status(states, list_all: bool) -> int:
     """Print failed and running jobs (every job with ``list_all``); returns 0."""
-    from .jobs import JobState, err_tail
+    from ..layout import JobState
+    from .jobs import err_tail
 
     for job, state in states:
         if list_all or state in (JobState.FAILED, JobState.RUNNING):
@@ -266,7 +273,7 @@ def confirm(ns: argparse.Namespace, question: str) -> bool:
 
 def delete_incomplete(jobs, ns: argparse.Namespace) -> int:
     """Delete the directories of unfinished jobs, never a done or running one."""
-    from .jobs import DONE
+    from ..layout import DONE
     from .worker import acquire_lock
 
     print(f"About to delete {len(jobs)} incomplete or failed jobs.")
@@ -319,7 +326,7 @@ def launch_options(ns: argparse.Namespace):
 
 def launch(jobs, states, ns: argparse.Namespace) -> int:
     """Run every job that is neither done nor running; returns 0, or 1 if a job failed."""
-    from .jobs import JobState
+    from ..layout import JobState
     from .launchers import get_launcher
     from .manifest import merge_manifest
     from .progress import SweepProgress

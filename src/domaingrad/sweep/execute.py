@@ -20,7 +20,8 @@ import time
 from dataclasses import dataclass
 from typing import IO
 
-from .jobs import ATTEMPT_HEADER, DONE, ERR, FAILED, Job, err_tail
+from ..layout import ATTEMPT_HEADER, DONE, ERR, FAILED
+from .jobs import Job, err_tail
 from .worker import EXIT_RUNNING_ELSEWHERE
 
 THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")

@@ -19,35 +19,17 @@ import fcntl
 import hashlib
 import json
 import os
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from enum import Enum
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 from ..errors import DomainGradError
+from ..layout import ATTEMPT_HEADER, DONE, ERR, FAILED, LOCK, JobState
 from ..rng import seed_hash
-
-#: the job directory's marker files
-DONE = "done"            # written by train() at the very end (DomainBed's marker)
-LOCK = "lock"            # flock-ed by the process running the job
-FAILED = "failed"        # exit status of the last attempt, when it failed
-ERR = "err.txt"          # stderr of every attempt, appended
-
-#: first characters of the header line written to err.txt before each attempt
-ATTEMPT_HEADER = "=== domaingrad sweep attempt"
 
 #: train arguments fixed by the sweep for every job (not part of the hashed args)
 JOB_FIXED_ARGS = {"progress": False}
-
-
-class JobState(str, Enum):
-    """State of one job directory (DomainBed's three, plus running and failed)."""
-
-    NOT_LAUNCHED = "not launched"
-    INCOMPLETE = "incomplete"   # directory exists, not done, not running, last attempt did not fail
-    FAILED = "failed"           # last attempt exited with an error (see err.txt)
-    RUNNING = "running"         # a process holds the job's lock
-    DONE = "done"
 
 
 @dataclass(frozen=True)
@@ -92,8 +74,6 @@ class SweepSpec:
     train_options: dict[str, Any] = field(default_factory=dict)
 
 
-#: TrainArgs fields a sweep may set for every job beside DomainBed's
-TRAIN_OPTIONS = ("weights", "image_size", "split_protocol", "class_map", "corrupt_images", "clean_eval")
 
 
 @dataclass
@@ -120,14 +100,19 @@ class Job:
 
 
 def num_environments(dataset: str) -> int:
-    """Number of environments of a registered dataset, without loading it.
+    """Number of environments of a dataset (its ``ENVIRONMENTS``), without loading it.
 
     Raises:
-        DomainGradError: for an unknown dataset name.
+        DomainGradError: for an unknown dataset name, or a dataset class listing no
+            environments.
     """
     from ..data import dataset_class
 
-    return len(dataset_class(dataset).ENVIRONMENTS)
+    n_envs = len(dataset_class(dataset).ENVIRONMENTS)
+    if n_envs == 0:
+        raise DomainGradError(f"dataset {dataset} lists no environments (its class attribute ENVIRONMENTS); a sweep "
+                              "counts them from it, without loading the data, to make its jobs")
+    return n_envs
 
 
 def env_sets_to_test(n_envs: int, single: bool, only: Sequence[int] | None = None) -> list[list[int]]:

@@ -10,8 +10,9 @@ from typing import IO
 
 from tqdm import tqdm
 
+from ..layout import ERR
 from .execute import JobOutcome
-from .jobs import ERR, Job
+from .jobs import Job
 
 
 class SweepProgress:

@@ -1,5 +1,10 @@
 """The process that runs one sweep job: ``python -m domaingrad.sweep.worker ARGS_JSON --threads N``.
 
+``ARGS_JSON`` holds the job's train arguments as the manifest lists them; a user's
+algorithm or dataset travels there as its ``package.module:Class`` spec and is imported
+here (the module must be importable in this process: installed, or on ``PYTHONPATH``,
+which job processes inherit).
+
 Every launcher starts each job as this fresh Python process, so a job sees the same
 process state (torch thread count, RNGs, imports) whichever launcher ran it, and the
 results are bit-identical across launchers. The process holds an exclusive ``flock`` on
@@ -32,7 +37,7 @@ def acquire_lock(job_dir: Path, wait: float = LOCK_WAIT_SECONDS) -> int | None:
     Retries for ``wait`` seconds, so a momentary probe by ``sweep status`` is not
     mistaken for a running job.
     """
-    from .jobs import LOCK
+    from ..layout import LOCK
 
     job_dir.mkdir(parents=True, exist_ok=True)
     fd = os.open(job_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
@@ -50,7 +55,7 @@ def acquire_lock(job_dir: Path, wait: float = LOCK_WAIT_SECONDS) -> int | None:
 
 def run(args: dict, threads: int) -> int:
     """Run one job's training in this process; returns the exit code."""
-    from .jobs import DONE, FAILED
+    from ..layout import DONE, FAILED
 
     job_dir = Path(args["output_dir"])
     lock = acquire_lock(job_dir)
@@ -71,7 +76,7 @@ def run(args: dict, threads: int) -> int:
 
     try:
         with open(os.devnull, "w") as quiet:  # out.txt holds the same lines
-            train(TrainArgs(**args), stream=quiet)
+            train(TrainArgs.from_dict(args), stream=quiet)
     except KeyboardInterrupt:
         print("domaingrad: interrupted; relaunch the sweep to resume from the last checkpoint", file=sys.stderr)
         return 130

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Sequence
+from collections.abc import Sequence
+from typing import Any
 
-from ..errors import DomainGradError
-from .execute import JobOutcome, run_job
-from .jobs import Job
-from .launchers import LaunchOptions, count_running, lost_outcome
-from .progress import SweepProgress
+from ...errors import DomainGradError
+from ..execute import JobOutcome, run_job
+from ..jobs import Job
+from ..progress import SweepProgress
+from .base import LaunchOptions, count_running, lost_outcome
 
 WAIT_SECONDS = 0.5
 
@@ -32,7 +33,7 @@ def _connect(options: LaunchOptions):
         raise DomainGradError("--launcher ray needs Ray: pip install 'domaingrad[ray]' (or pip install ray)") from exc
     if ray.is_initialized():
         return ray, False
-    common = {"include_dashboard": False, "logging_level": logging.WARNING, "log_to_driver": False}
+    common: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING, "log_to_driver": False}
     if options.ray_address:
         try:
             ray.init(address=options.ray_address, **common)

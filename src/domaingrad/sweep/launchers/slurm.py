@@ -10,13 +10,14 @@ process) run the same code without Slurm, for trying a sweep out.
 from __future__ import annotations
 
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
-from ..errors import DomainGradError
-from .execute import JobOutcome, run_job
-from .jobs import Job
-from .launchers import LaunchOptions, count_running, lost_outcome
-from .progress import SweepProgress
+from ...errors import DomainGradError
+from ..execute import JobOutcome, run_job
+from ..jobs import Job
+from ..progress import SweepProgress
+from .base import LaunchOptions, count_running, lost_outcome
 
 POLL_SECONDS = 1.0
 
