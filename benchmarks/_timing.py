@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 
 def round_robin_medians(built: dict[str, Any], next_batch: Callable[[int], Any], steps: int,

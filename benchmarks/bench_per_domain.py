@@ -37,7 +37,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from domaingrad import models
-
 from domaingrad.gradients.per_domain import per_domain_gradients
 
 CONFIGS = {

@@ -91,10 +91,10 @@ def trivial_jobs(root: Path, n: int):
 def overhead(root: Path, n: int) -> dict[str, float]:
     """Seconds per trivial job through the local launcher (1 and 2 workers) and Ray (2 CPUs)."""
     import ray
+    from domaingrad.sweep.ray_launcher import launch_ray
 
     from domaingrad.sweep.launchers import LaunchOptions, launch_local
     from domaingrad.sweep.progress import SweepProgress
-    from domaingrad.sweep.ray_launcher import launch_ray
 
     jobs = trivial_jobs(root, n)
     result = {}

@@ -21,7 +21,6 @@ from domaingrad.hparams import common_hparams
 from tests.algorithms.test_dropout import SHAPE, StagedCNN
 from tests.algorithms.test_dropout import build as build_algorithm
 
-
 #: one torch thread (tests/conftest.py): small tensors gain nothing from two
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -13,9 +13,14 @@ import torchvision
 from torch import Tensor
 
 from domaingrad.errors import DomainGradError
-from domaingrad.gradients.gsnr import (batch_gsnr, drop_block2d, drop_block2d_gsnr, effective_block_size,
-                                       gsnr_seed_mask, gsnr_threshold_index)
-
+from domaingrad.gradients.gsnr import (
+    batch_gsnr,
+    drop_block2d,
+    drop_block2d_gsnr,
+    effective_block_size,
+    gsnr_seed_mask,
+    gsnr_threshold_index,
+)
 
 #: one torch thread (tests/conftest.py): small tensors gain nothing from two
 pytestmark = pytest.mark.usefixtures("single_thread")

@@ -14,9 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from domaingrad import models
-
 import domaingrad.gradients.per_domain as pd_mod
+from domaingrad import models
 from domaingrad.gradients.per_domain import PerDomainGradients, per_domain_gradients
 
 RTOL, ATOL = 1e-4, 1e-6

@@ -106,7 +106,8 @@ class Q:
 
     def sorted(self, key=None):
         if key is None:
-            key = lambda x: x
+            def key(x):
+                return x
         def key2(x):
             x = key(x)
             if isinstance(x, (np.floating, float)) and np.isnan(x):
@@ -214,8 +215,8 @@ def format_mean(data, latex):
     mean = 100 * np.mean(list(data))
     err = 100 * np.std(list(data) / np.sqrt(len(data)))
     if latex:
-        return mean, err, "{:.1f} $\\pm$ {:.1f}".format(mean, err)
-    return mean, err, "{:.1f} +/- {:.1f}".format(mean, err)
+        return mean, err, f"{mean:.1f} $\\pm$ {err:.1f}"
+    return mean, err, f"{mean:.1f} +/- {err:.1f}"
 
 
 def results_tables(records, selection_method, alg_names, dataset_names, num_envs, latex=False):
@@ -238,7 +239,7 @@ def results_tables(records, selection_method, alg_names, dataset_names, num_envs
             if None in means:
                 table[i][-1] = "X"
             else:
-                table[i][-1] = "{:.1f}".format(sum(means) / len(means))
+                table[i][-1] = f"{sum(means) / len(means):.1f}"
         out[dataset] = table
     table = [[None for _ in [*dataset_names, "Avg"]] for _ in alg_names]
     for i, algorithm in enumerate(alg_names):
@@ -251,6 +252,6 @@ def results_tables(records, selection_method, alg_names, dataset_names, num_envs
         if None in means:
             table[i][-1] = "X"
         else:
-            table[i][-1] = "{:.1f}".format(sum(means) / len(means))
+            table[i][-1] = f"{sum(means) / len(means):.1f}"
     out["Averages"] = table
     return out

@@ -13,8 +13,12 @@ import numpy as np
 import pytest
 
 from domaingrad.report.records import load_sweep
-from domaingrad.report.selection import (IIDAccuracySelectionMethod, LeaveOneOutSelectionMethod,
-                                         OracleSelectionMethod, select)
+from domaingrad.report.selection import (
+    IIDAccuracySelectionMethod,
+    LeaveOneOutSelectionMethod,
+    OracleSelectionMethod,
+    select,
+)
 from domaingrad.report.summary import build_report
 from tests.report import domainbed_reference as ref
 from tests.report.conftest import make_record, write_job
@@ -57,9 +61,9 @@ def _tied_nan_sweep(root, rng):
     runs: training-domain validation and oracle; in accs of two-test-env runs: leave-one-out)
     are 2/4 or 3/4, each NaN with probability 0.08, and for 10% of the (algorithm,
     trial, test envs) one environment's validation split is NaN in every run and checkpoint
-    (then, where that split is used, all runs tie at minus infinity). Reported accuracies (test env in accs) are k/8. Job
-    directories get random names (DomainBed's are hashes) and a third of the jobs write
-    their checkpoints in a shuffled step order."""
+    (then, where that split is used, all runs tie at minus infinity). Reported accuracies
+    (test env in accs) are k/8. Job directories get random names (DomainBed's are hashes)
+    and a third of the jobs write their checkpoints in a shuffled step order."""
     names = rng.permutation(10_000)
     job = 0
     for dataset, n_envs in DATASETS.items():

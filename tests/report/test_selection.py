@@ -7,9 +7,14 @@ import pytest
 
 from domaingrad.errors import DomainGradError
 from domaingrad.report.records import load_sweep
-from domaingrad.report.selection import (IIDAccuracySelectionMethod, LeaveOneOutSelectionMethod,
-                                         OracleSelectionMethod, Split701020SelectionMethod, resolve_methods,
-                                         select)
+from domaingrad.report.selection import (
+    IIDAccuracySelectionMethod,
+    LeaveOneOutSelectionMethod,
+    OracleSelectionMethod,
+    Split701020SelectionMethod,
+    resolve_methods,
+    select,
+)
 from tests.report.conftest import make_record, write_job
 
 

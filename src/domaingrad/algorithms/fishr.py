@@ -1,7 +1,8 @@
 """Fishr: invariant gradient variances across training domains."""
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F

@@ -7,8 +7,9 @@ one ``index_select`` on each: no per-sample Python work in the training loop.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import ClassVar, Iterator, Protocol, Sequence
+from typing import ClassVar, Protocol
 
 import numpy as np
 import torch
@@ -134,7 +135,7 @@ class MultipleDomainDataset:
     def environment_names(self) -> list[str]:
         return [env.name for env in self.environments]
 
-    def minibatches(self, splits: Sequence["Split"], batch_size: int, seed: int, class_balanced: bool = False,
+    def minibatches(self, splits: Sequence[Split], batch_size: int, seed: int, class_balanced: bool = False,
                     augment: bool = False, pin_memory: bool = False) -> MinibatchStream:
         """The endless training stream over ``splits`` (one batch per split per step).
 
@@ -165,7 +166,7 @@ class Split:
     def __len__(self) -> int:
         return len(self.indices)
 
-    def augmented(self, seed: int) -> "Split":
+    def augmented(self, seed: int) -> Split:
         """The same samples read through the training augmentation, every draw a
         function of ``seed`` and the sample's position (DomainBed evaluates the training
         environments of image datasets on augmented images)."""
@@ -289,7 +290,7 @@ class InfiniteMinibatches:
             else:
                 self.weights.append(None)
 
-    def __iter__(self) -> "InfiniteMinibatches":
+    def __iter__(self) -> InfiniteMinibatches:
         return self
 
     def __next__(self) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -36,8 +36,9 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 from PIL import Image
@@ -111,7 +112,7 @@ class ImageEnvironment:
         dataset: the owning :class:`ImageFolderDataset` (image size, workers, policy).
     """
 
-    def __init__(self, name: str, paths: list[str], y: torch.Tensor, dataset: "ImageFolderDataset"):
+    def __init__(self, name: str, paths: list[str], y: torch.Tensor, dataset: ImageFolderDataset):
         self.name, self.paths, self.y, self.dataset = name, paths, y, dataset
 
     def __len__(self) -> int:
@@ -183,7 +184,7 @@ class _Collate:
 class _StepSampler(Sampler):
     """Batch sampler yielding step k, k+1, ...: one list of keys per step."""
 
-    def __init__(self, stream: "ImageMinibatches", start: int):
+    def __init__(self, stream: ImageMinibatches, start: int):
         self.stream, self.start = stream, start
 
     def __iter__(self):
@@ -249,7 +250,7 @@ class ImageMinibatches:
             keys += [(slot, int(p), int(s)) for p, s in zip(split.indices[pos].tolist(), seeds.tolist())]
         return keys
 
-    def __iter__(self) -> "ImageMinibatches":
+    def __iter__(self) -> ImageMinibatches:
         return self
 
     def __next__(self) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -12,7 +12,8 @@ from :func:`domaingrad.models.weights.use_weights`.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from torch import nn
 

@@ -106,7 +106,7 @@ class ResNetFeaturizer(Featurizer):
             x = _apply(stage_fn, name, getattr(net, name)(x))
         return self.dropout(torch.flatten(net.avgpool(x), 1))
 
-    def train(self, mode: bool = True) -> "ResNetFeaturizer":
+    def train(self, mode: bool = True) -> ResNetFeaturizer:
         super().train(mode)
         if self.freeze_bn:
             for module in self.network.modules():

@@ -9,7 +9,7 @@ drops unknown datasets from its tables; the report keeps them).
 from __future__ import annotations
 
 import re
-from typing import Iterable
+from collections.abc import Iterable
 
 #: ``domainbed/algorithms.py`` ALGORITHMS, in its order
 DOMAINBED_ALGORITHMS = [

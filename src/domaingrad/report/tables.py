@@ -8,12 +8,12 @@ over its test envs, +- standard error; Avg = mean over datasets, "X" if any is m
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 
-from .names import environment_names, order_algorithms, order_datasets, count_environments
+from .names import count_environments, environment_names, order_algorithms, order_datasets
 from .selection import Selected
 
 
