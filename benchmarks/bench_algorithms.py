@@ -12,6 +12,7 @@ Usage:
     python benchmarks/bench_algorithms.py --datasets ColoredMNIST RotatedMNIST \
         --algorithms ERM AgrSum AgrRand PCGrad CorGrad ANDMask SANDMask --steps 30
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,8 +30,7 @@ TEST_ENV = {"ColoredMNIST": 2, "RotatedMNIST": 0}
 def bench(dataset_name: str, algorithms: list[str], steps: int, warmup: int) -> dict[str, float]:
     dataset = get_dataset(dataset_name)
     test_env = TEST_ENV.get(dataset_name, 0)
-    splits = [split_environment(env, 0.2, 0, i)[1] for i, env in enumerate(dataset.environments)
-              if i != test_env]
+    splits = [split_environment(env, 0.2, 0, i)[1] for i, env in enumerate(dataset.environments) if i != test_env]
     built = {}
     for name in algorithms:
         torch.manual_seed(0)
@@ -45,8 +45,9 @@ def bench(dataset_name: str, algorithms: list[str], steps: int, warmup: int) -> 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--datasets", nargs="+", default=["ColoredMNIST", "RotatedMNIST"])
-    parser.add_argument("--algorithms", nargs="+",
-                        default=["ERM", "AgrSum", "AgrRand", "PCGrad", "CorGrad", "ANDMask", "SANDMask"])
+    parser.add_argument(
+        "--algorithms", nargs="+", default=["ERM", "AgrSum", "AgrRand", "PCGrad", "CorGrad", "ANDMask", "SANDMask"]
+    )
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=3)
     args = parser.parse_args()
@@ -58,8 +59,9 @@ def main() -> None:
     print(f"| algorithm | {header} |")
     print("| --- |" + " --- | --- |" * len(args.datasets))
     for name in args.algorithms:
-        cells = " | ".join(f"{results[d][name] * 1e3:.0f} | {results[d][name] / results[d]['ERM']:.2f}"
-                           for d in args.datasets)
+        cells = " | ".join(
+            f"{results[d][name] * 1e3:.0f} | {results[d][name] / results[d]['ERM']:.2f}" for d in args.datasets
+        )
         print(f"| {name} | {cells} |")
 
 

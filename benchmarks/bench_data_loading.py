@@ -17,6 +17,7 @@ noise saved at quality 90 (about 20-40 kB each, like real photographs).
 Usage: python benchmarks/bench_data_loading.py [--data-dir D] [--steps 20] [--batch-size 32]
        [--sizes 224 64] [--workers 0 2] [--threads N]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -84,8 +85,9 @@ def main() -> None:
     parser.add_argument("--eval-batch-size", type=int, default=64)
     parser.add_argument("--sizes", type=int, nargs="+", default=[224, 64])
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch intra-op threads of the main process (workers always use 1)")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch intra-op threads of the main process (workers always use 1)"
+    )
     args = parser.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -98,8 +100,10 @@ def main() -> None:
     else:
         data_dir = Path(args.data_dir)
         source = str(data_dir / "PACS")
-    print(f"data: {source}; training stream: 3 domains x {args.batch_size} per step, DomainBed augmentation; "
-          f"torch threads {torch.get_num_threads()}")
+    print(
+        f"data: {source}; training stream: 3 domains x {args.batch_size} per step, DomainBed augmentation; "
+        f"torch threads {torch.get_num_threads()}"
+    )
     print(f"{'size':>5} {'workers':>7} {'first batch s':>13} {'train img/s':>11} {'eval img/s':>10}")
     for size in args.sizes:
         for workers in args.workers:

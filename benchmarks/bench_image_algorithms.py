@@ -19,6 +19,7 @@ Usage:
     python benchmarks/bench_image_algorithms.py --settings resnet18 mnist_cnn \
         --algorithms ERM DMG RSC DropBlock GSNRDropBlock --steps 20
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,14 +37,20 @@ SETTINGS = {
 }
 
 
-def bench(setting: str, algorithms: list[str], steps: int, warmup: int, batch_size: int | None,
-          num_batches: int = 4) -> dict[str, float]:
+def bench(
+    setting: str, algorithms: list[str], steps: int, warmup: int, batch_size: int | None, num_batches: int = 4
+) -> dict[str, float]:
     """Median seconds per ``update`` of each algorithm in ``setting``."""
     dataset, shape, num_classes, num_domains, default_batch, overrides = SETTINGS[setting]
     batch = batch_size or default_batch
     gen = torch.Generator().manual_seed(0)
-    pool = [[(torch.randn(batch, *shape, generator=gen), torch.randint(0, num_classes, (batch,), generator=gen))
-             for _ in range(num_domains)] for _ in range(num_batches)]
+    pool = [
+        [
+            (torch.randn(batch, *shape, generator=gen), torch.randint(0, num_classes, (batch,), generator=gen))
+            for _ in range(num_domains)
+        ]
+        for _ in range(num_batches)
+    ]
     built = {}
     for name in algorithms:
         torch.manual_seed(0)
@@ -67,13 +74,16 @@ def main() -> None:
     if "ERM" not in args.algorithms:
         args.algorithms.insert(0, "ERM")
     results = {s: bench(s, args.algorithms, args.steps, args.warmup, args.batch_size) for s in args.settings}
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.steps} steps "
-          f"after {args.warmup} warm-up steps\n")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.steps} steps "
+        f"after {args.warmup} warm-up steps\n"
+    )
     print("| algorithm | " + " | ".join(f"{s} ms | x ERM" for s in args.settings) + " |")
     print("| --- |" + " --- | --- |" * len(args.settings))
     for name in args.algorithms:
-        cells = " | ".join(f"{results[s][name] * 1e3:.0f} | {results[s][name] / results[s]['ERM']:.2f}"
-                           for s in args.settings)
+        cells = " | ".join(
+            f"{results[s][name] * 1e3:.0f} | {results[s][name] / results[s]['ERM']:.2f}" for s in args.settings
+        )
         print(f"| {name} | {cells} |")
 
 

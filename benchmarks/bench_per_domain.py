@@ -57,9 +57,7 @@ class MNIST_CNN(models.MNIST_CNN):
         return self.classifier(super().forward(x))
 
 
-def fused_prototype(
-    model: MNIST_CNN, xs: list[Tensor], ys: list[Tensor]
-) -> list[Tensor]:
+def fused_prototype(model: MNIST_CNN, xs: list[Tensor], ys: list[Tensor]) -> list[Tensor]:
     """(d): per-domain grads, (D, *shape) each, in named_parameters order."""
     n_dom, b = len(xs), xs[0].shape[0]
     convs = [model.conv1, model.conv2, model.conv3, model.conv4]
@@ -80,9 +78,7 @@ def fused_prototype(
         lin = model.classifier
         logits = F.linear(feat, lin.weight.detach(), lin.bias.detach())
         saved.append((lin, feat, logits))
-        losses = torch.stack(
-            [F.cross_entropy(lg, y) for lg, y in zip(logits.split(b), ys)]
-        )
+        losses = torch.stack([F.cross_entropy(lg, y) for lg, y in zip(logits.split(b), ys)])
         gouts = torch.autograd.grad(losses.sum(), [s[2] for s in saved])
     out: dict[nn.Module, tuple[Tensor, Tensor]] = {}
     for (mod, inp, _), go in zip(saved, gouts):
@@ -93,8 +89,16 @@ def fused_prototype(
             for d in range(n_dom):
                 s = slice(d * b, (d + 1) * b)
                 _, gw[d], gb[d] = torch.ops.aten.convolution_backward(
-                    go[s], inp[s], mod.weight.detach(), [mod.out_channels],
-                    mod.stride, mod.padding, mod.dilation, False, [0, 0], 1,
+                    go[s],
+                    inp[s],
+                    mod.weight.detach(),
+                    [mod.out_channels],
+                    mod.stride,
+                    mod.padding,
+                    mod.dilation,
+                    False,
+                    [0, 0],
+                    1,
                     [False, True, True],
                 )
         elif isinstance(mod, nn.GroupNorm):
@@ -111,9 +115,7 @@ def fused_prototype(
     return [by_param[id(p)] for p in model.parameters()]
 
 
-def bench_config(
-    name: str, steps: int, warmup: int, batch: int, seed: int
-) -> list[tuple[str, float, float]]:
+def bench_config(name: str, steps: int, warmup: int, batch: int, seed: int) -> list[tuple[str, float, float]]:
     channels, classes, n_dom = CONFIGS[name]
     torch.manual_seed(seed)
     model = MNIST_CNN(channels, classes)
@@ -159,9 +161,7 @@ def bench_config(
             t0 = time.perf_counter()
             methods[k]()
             times[k].append(time.perf_counter() - t0)
-    return [
-        (k, statistics.median(v) * 1e3, min(v) * 1e3) for k, v in times.items()
-    ]
+    return [(k, statistics.median(v) * 1e3, min(v) * 1e3) for k, v in times.items()]
 
 
 def main() -> None:
@@ -184,17 +184,13 @@ def main() -> None:
     for name in args.configs:
         rows.append((name, bench_config(name, args.steps, args.warmup, args.batch, args.seed)))
     print(f"load average at end {os.getloadavg()[0]:.2f}\n")
-    print(f"steps {args.steps} (median and min over steps), warm-up {args.warmup}, "
-          f"batch {args.batch} per domain\n")
+    print(f"steps {args.steps} (median and min over steps), warm-up {args.warmup}, batch {args.batch} per domain\n")
     print("| config | method | median ms | min ms | median / ERM | min / ERM |")
     print("| --- | --- | ---: | ---: | ---: | ---: |")
     for name, res in rows:
         erm_med, erm_min = res[0][1], res[0][2]
         for k, med, mn in res:
-            print(
-                f"| {name} | {k} | {med:.1f} | {mn:.1f} | "
-                f"{med / erm_med:.2f}x | {mn / erm_min:.2f}x |"
-            )
+            print(f"| {name} | {k} | {med:.1f} | {mn:.1f} | {med / erm_med:.2f}x | {mn / erm_min:.2f}x |")
 
 
 if __name__ == "__main__":

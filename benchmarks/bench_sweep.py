@@ -17,6 +17,7 @@ Ray's scheduling overhead. Ray's start-up (``ray.init``) is timed on its own.
 Usage:
     python benchmarks/bench_sweep.py --n-hparams 2 --steps 11 --trivial-jobs 20
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,8 +42,12 @@ def make_data_dir(root: Path, n_digits: int) -> Path:
     raw = root / "MNIST" / "raw"
     raw.mkdir(parents=True)
     n_train = n_digits * 5 // 6
-    for name, array in (("train-images-idx3-ubyte", images[:n_train]), ("train-labels-idx1-ubyte", labels[:n_train]),
-                        ("t10k-images-idx3-ubyte", images[n_train:]), ("t10k-labels-idx1-ubyte", labels[n_train:])):
+    for name, array in (
+        ("train-images-idx3-ubyte", images[:n_train]),
+        ("train-labels-idx1-ubyte", labels[:n_train]),
+        ("t10k-images-idx3-ubyte", images[n_train:]),
+        ("t10k-labels-idx1-ubyte", labels[n_train:]),
+    ):
         header = bytes([0, 0, 0x08, array.ndim]) + b"".join(struct.pack(">i", d) for d in array.shape)
         (raw / name).write_bytes(header + np.ascontiguousarray(array, dtype=np.uint8).tobytes())
     return root
@@ -54,8 +59,7 @@ def launch(sweep: Path, flags: list[str]) -> float:
 
     start = time.perf_counter()
     with contextlib.redirect_stdout(io.StringIO()) as out, contextlib.redirect_stderr(io.StringIO()):
-        code = cli.main(["sweep", "launch", "--output-dir", str(sweep), "--skip-confirmation", "--no-progress",
-                         *flags])
+        code = cli.main(["sweep", "launch", "--output-dir", str(sweep), "--skip-confirmation", "--no-progress", *flags])
     seconds = time.perf_counter() - start
     if code != 0:
         raise SystemExit(f"launch failed ({code}):\n{out.getvalue()}")
@@ -80,8 +84,9 @@ def trivial_jobs(root: Path, n: int):
     """``n`` jobs whose directories already hold ``done``."""
     from domaingrad.sweep.jobs import SweepSpec, make_jobs
 
-    jobs = make_jobs(SweepSpec(("ColoredMNIST",), ("ERM",), single_test_envs=True, hparams_seeds=tuple(range(n)),
-                               n_trials=1), root)[:n]
+    jobs = make_jobs(
+        SweepSpec(("ColoredMNIST",), ("ERM",), single_test_envs=True, hparams_seeds=tuple(range(n)), n_trials=1), root
+    )[:n]
     for job in jobs:
         job.output_dir.mkdir(parents=True, exist_ok=True)
         (job.output_dir / "done").write_text("done")
@@ -107,7 +112,7 @@ def overhead(root: Path, n: int) -> dict[str, float]:
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
     result["ray.init (local instance, 2 CPUs), s"] = time.perf_counter() - start
     try:
-        for _ in range(2):   # the first pass also starts Ray's worker processes
+        for _ in range(2):  # the first pass also starts Ray's worker processes
             start = time.perf_counter()
             outcomes = launch_ray(jobs, LaunchOptions(1, 2), SweepProgress(n, io.StringIO(), bar=False))
             seconds = (time.perf_counter() - start) / n
@@ -129,15 +134,33 @@ def main() -> None:
 
     root = Path(tempfile.mkdtemp(prefix="bench_sweep_"))
     data = make_data_dir(root / "data", args.digits)
-    flags = ["--datasets", "ColoredMNIST", "--algorithms", "ERM", "--single-test-envs", "--n-hparams",
-             str(args.n_hparams), "--n-trials", "1", "--steps", str(args.steps), "--checkpoint-freq",
-             str(args.checkpoint_freq), "--data-dir", str(data)]
+    flags = [
+        "--datasets",
+        "ColoredMNIST",
+        "--algorithms",
+        "ERM",
+        "--single-test-envs",
+        "--n-hparams",
+        str(args.n_hparams),
+        "--n-trials",
+        "1",
+        "--steps",
+        str(args.steps),
+        "--checkpoint-freq",
+        str(args.checkpoint_freq),
+        "--data-dir",
+        str(data),
+    ]
     n_jobs = 3 * args.n_hparams
-    configs = {"local, 1 worker": ["--launcher", "local", "--workers", "1"],
-               "local, 2 workers": ["--launcher", "local", "--workers", "2"],
-               "ray, 2 CPUs (start-up included)": ["--launcher", "ray", "--workers", "2"]}
-    print(f"{n_jobs} jobs: ColoredMNIST ERM, {args.steps} steps, checkpoint every {args.checkpoint_freq}, "
-          f"{args.digits} digits, 1 thread per job\n")
+    configs = {
+        "local, 1 worker": ["--launcher", "local", "--workers", "1"],
+        "local, 2 workers": ["--launcher", "local", "--workers", "2"],
+        "ray, 2 CPUs (start-up included)": ["--launcher", "ray", "--workers", "2"],
+    }
+    print(
+        f"{n_jobs} jobs: ColoredMNIST ERM, {args.steps} steps, checkpoint every {args.checkpoint_freq}, "
+        f"{args.digits} digits, 1 thread per job\n"
+    )
     print("| launcher | wall s | jobs per minute |\n| --- | ---: | ---: |")
     results = {}
     for i, (name, extra) in enumerate(configs.items()):

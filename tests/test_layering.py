@@ -1,6 +1,7 @@
 """The house rules of src/domaingrad, read from the source with ``ast``: no import circle,
 no lower layer importing a higher one, no file over 500 lines, and the on-disk names and
 split protocols spelled in one module (domaingrad.layout)."""
+
 from __future__ import annotations
 
 import ast
@@ -15,8 +16,14 @@ MAX_LINES = 500
 #: lowest first; a module belongs to the layer of its longest listed prefix, and may import
 #: only modules of its own layer or of lower ones
 LAYERS: list[set[str]] = [
-    {"domaingrad.errors", "domaingrad.rng", "domaingrad.version", "domaingrad.hparams", "domaingrad.layout",
-     "domaingrad.plugins"},
+    {
+        "domaingrad.errors",
+        "domaingrad.rng",
+        "domaingrad.version",
+        "domaingrad.hparams",
+        "domaingrad.layout",
+        "domaingrad.plugins",
+    },
     {"domaingrad.data"},
     {"domaingrad.models"},
     {"domaingrad.gradients"},
@@ -30,8 +37,16 @@ LAYERS: list[set[str]] = [
 ]
 
 #: file names of runs and sweeps, spelled only in domaingrad/layout.py
-LAYOUT_LITERALS = ("results.jsonl", "model.pkl", "sweep.json", ".sweep.json.lock", "checkpoint.pt", "out.txt",
-                   "err.txt", "70/10/20")
+LAYOUT_LITERALS = (
+    "results.jsonl",
+    "model.pkl",
+    "sweep.json",
+    ".sweep.json.lock",
+    "checkpoint.pt",
+    "out.txt",
+    "err.txt",
+    "70/10/20",
+)
 
 
 def source_files() -> dict[str, Path]:
@@ -66,7 +81,7 @@ def imported_modules(name: str, path: Path, modules: dict[str, Path]) -> set[str
     for node in _runtime_nodes(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.ImportFrom):
             if node.level:
-                base = package.split(".")[:len(package.split(".")) - node.level + 1]
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
                 target = ".".join(base + ([node.module] if node.module else []))
             else:
                 target = node.module or ""
@@ -141,15 +156,21 @@ def test_no_import_circle():
 
 def test_no_lower_layer_imports_a_higher_one():
     assert layer_of("domaingrad.run.train") > layer_of("domaingrad.algorithms.erm") > layer_of("domaingrad.hparams")
-    upward = sorted(f"{module} (layer {layer_of(module)}) imports {target} (layer {layer_of(target)})"
-                    for module, targets in import_graph().items() for target in targets
-                    if layer_of(target) > layer_of(module))
+    upward = sorted(
+        f"{module} (layer {layer_of(module)}) imports {target} (layer {layer_of(target)})"
+        for module, targets in import_graph().items()
+        for target in targets
+        if layer_of(target) > layer_of(module)
+    )
     assert upward == []
 
 
 def test_no_source_file_over_500_lines():
-    long = {str(path.relative_to(SRC)): n for path in (SRC / PACKAGE).rglob("*.py")
-            if (n := len(path.read_text().splitlines())) > MAX_LINES}
+    long = {
+        str(path.relative_to(SRC)): n
+        for path in (SRC / PACKAGE).rglob("*.py")
+        if (n := len(path.read_text().splitlines())) > MAX_LINES
+    }
     assert long == {}
 
 

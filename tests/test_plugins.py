@@ -1,6 +1,7 @@
 """Plug-ins: the README's algorithm and dataset, defined outside domaingrad, run through
 ``domaingrad train``, ``domaingrad sweep`` (separate job processes) and ``domaingrad
 report``, from Python, and as entry points; bad names get clear errors."""
+
 from __future__ import annotations
 
 import json
@@ -49,15 +50,28 @@ def plugin_dir(tmp_path, monkeypatch):
 
 def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     """``domaingrad ARGS`` as a fresh process (as a user runs it), environment inherited."""
-    return subprocess.run([sys.executable, "-m", "domaingrad", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "domaingrad", *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=600
+    )
 
 
 def test_the_readme_plugin_trains_sweeps_and_reports_outside_the_package(plugin_dir, tmp_path):
     algorithm, dataset = f"{MODULE}:FloodERM", f"{MODULE}:Shifted28"
     run = tmp_path / "flood"
-    done = cli("train", "--algorithm", algorithm, "--dataset", dataset, "--test-envs", "2", "--steps", "2",
-               "--output-dir", run, cwd=tmp_path)
+    done = cli(
+        "train",
+        "--algorithm",
+        algorithm,
+        "--dataset",
+        dataset,
+        "--test-envs",
+        "2",
+        "--steps",
+        "2",
+        "--output-dir",
+        run,
+        cwd=tmp_path,
+    )
     assert done.returncode == 0, done.stderr
     records, bad = read_records(run / "results.jsonl")
     assert bad == [] and [r["step"] for r in records] == [0, 1]
@@ -65,9 +79,32 @@ def test_the_readme_plugin_trains_sweeps_and_reports_outside_the_package(plugin_
     assert "Shifted28: random images (seed 0)" in (run / "out.txt").read_text()
 
     sweep = tmp_path / "sweep"
-    launched = cli("sweep", "launch", "--algorithms", "ERM", algorithm, "--datasets", dataset, "--test-envs", "2",
-                   "--single-test-envs", "--hparams-seeds", "1", "--n-trials", "1", "--steps", "2",
-                   "--output-dir", sweep, "--launcher", "local", "--workers", "2", "--skip-confirmation", cwd=tmp_path)
+    launched = cli(
+        "sweep",
+        "launch",
+        "--algorithms",
+        "ERM",
+        algorithm,
+        "--datasets",
+        dataset,
+        "--test-envs",
+        "2",
+        "--single-test-envs",
+        "--hparams-seeds",
+        "1",
+        "--n-trials",
+        "1",
+        "--steps",
+        "2",
+        "--output-dir",
+        sweep,
+        "--launcher",
+        "local",
+        "--workers",
+        "2",
+        "--skip-confirmation",
+        cwd=tmp_path,
+    )
     assert launched.returncode == 0, launched.stdout + launched.stderr
     assert "launch finished: 2 done, 0 failed" in launched.stdout
     manifest = json.loads((sweep / "sweep.json").read_text())
@@ -89,10 +126,17 @@ def test_the_readme_plugin_from_python(plugin_dir, tmp_path):
 
     assert algorithm_class("FloodERM") is plugins.FloodERM and dataset_class("Shifted28") is plugins.Shifted28
     assert "FloodERM" in dg.list_algorithms() and "Shifted28" in dg.list_datasets()
-    by_name = dg.train(dataset="Shifted28", algorithm="FloodERM", test_envs=[2], hparams={"flood_level": 0.5},
-                       steps=2, verbose=False)
-    by_class = dg.train(dataset=plugins.Shifted28, algorithm=plugins.FloodERM, test_envs=[2],
-                        hparams={"flood_level": 0.5}, steps=2, verbose=False)
+    by_name = dg.train(
+        dataset="Shifted28", algorithm="FloodERM", test_envs=[2], hparams={"flood_level": 0.5}, steps=2, verbose=False
+    )
+    by_class = dg.train(
+        dataset=plugins.Shifted28,
+        algorithm=plugins.FloodERM,
+        test_envs=[2],
+        hparams={"flood_level": 0.5},
+        steps=2,
+        verbose=False,
+    )
     assert by_name.final["args"]["algorithm"] == by_class.final["args"]["algorithm"] == "FloodERM"
     assert [r["loss"] for r in by_name.records] == [r["loss"] for r in by_class.records]
     assert isinstance(by_name.algorithm, plugins.FloodERM) and by_name.environments == ["0", "1", "2"]
@@ -106,26 +150,54 @@ def test_entry_points_name_installed_plugins(plugin_dir, tmp_path, monkeypatch):
     info = plugin_dir / "my_dg_plugins-0.1.dist-info"
     info.mkdir()
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: my-dg-plugins\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text(f"[domaingrad.algorithms]\nFlood = {MODULE}:FloodERM\n\n"
-                                           f"[domaingrad.datasets]\nShifted = {MODULE}:Shifted28\n")
+    (info / "entry_points.txt").write_text(
+        f"[domaingrad.algorithms]\nFlood = {MODULE}:FloodERM\n\n[domaingrad.datasets]\nShifted = {MODULE}:Shifted28\n"
+    )
     assert "Flood" in dg.list_algorithms() and "Shifted" in dg.list_datasets()
     assert algorithm_class("Flood").__name__ == "FloodERM" and dataset_class("Shifted").__name__ == "Shifted28"
     listed = cli("list", cwd=tmp_path)
     assert f"Flood                  entry point {MODULE}:FloodERM" in listed.stdout
     run = tmp_path / "ep"
-    done = cli("train", "--algorithm", "Flood", "--dataset", "Shifted", "--test-envs", "0", "--steps", "1",
-               "--output-dir", run, cwd=tmp_path)
+    done = cli(
+        "train",
+        "--algorithm",
+        "Flood",
+        "--dataset",
+        "Shifted",
+        "--test-envs",
+        "0",
+        "--steps",
+        "1",
+        "--output-dir",
+        run,
+        cwd=tmp_path,
+    )
     assert done.returncode == 0, done.stderr
     assert read_records(run / "results.jsonl")[0][-1]["args"]["algorithm"] == "Flood"
 
 
-@pytest.mark.parametrize("option, name, message", [
-    ("--algorithm", "no_such_module_xyz:MyAlg", "no module named 'no_such_module_xyz'.*PYTHONPATH"),
-    ("--algorithm", f"{MODULE}:Nope", f"module {MODULE} has no attribute 'Nope'; it defines: .*FloodERM"),
-    ("--algorithm", f"{MODULE}:Shifted28", "not an algorithm: expected a subclass of domaingrad.algorithms.Algorithm"),
-    ("--dataset", f"{MODULE}:FloodERM", "not a dataset: expected a subclass of domaingrad.data.MultipleDomainDataset"),
-    ("--algorithm", "broken_plugin:MyAlg", r"importing broken_plugin failed \(RuntimeError: half-written plug-in\)"),
-])
+@pytest.mark.parametrize(
+    "option, name, message",
+    [
+        ("--algorithm", "no_such_module_xyz:MyAlg", "no module named 'no_such_module_xyz'.*PYTHONPATH"),
+        ("--algorithm", f"{MODULE}:Nope", f"module {MODULE} has no attribute 'Nope'; it defines: .*FloodERM"),
+        (
+            "--algorithm",
+            f"{MODULE}:Shifted28",
+            "not an algorithm: expected a subclass of domaingrad.algorithms.Algorithm",
+        ),
+        (
+            "--dataset",
+            f"{MODULE}:FloodERM",
+            "not a dataset: expected a subclass of domaingrad.data.MultipleDomainDataset",
+        ),
+        (
+            "--algorithm",
+            "broken_plugin:MyAlg",
+            r"importing broken_plugin failed \(RuntimeError: half-written plug-in\)",
+        ),
+    ],
+)
 def test_bad_plugin_names_are_explained(plugin_dir, tmp_path, run_cli, option, name, message):
     (plugin_dir / "broken_plugin.py").write_text("raise RuntimeError('half-written plug-in')\n")
     code, _, err = run_cli("train", option, name, "--output-dir", tmp_path / "out")
@@ -151,7 +223,9 @@ def test_registration_refuses_what_would_be_ambiguous(plugin_dir):
         pass
 
     with pytest.warns(UserWarning, match="'Twice' was registered to"):
+
         @dg.register_algorithm("Twice")
         class Second(dg.ERM):
             pass
+
     assert algorithm_class("Twice") is Second

@@ -1,5 +1,6 @@
 """domaingrad.registry: names to algorithms, datasets and hyperparameters, and initial
 weights passed explicitly to the algorithm's featurizers."""
+
 from __future__ import annotations
 
 import subprocess
@@ -17,8 +18,10 @@ from domaingrad.run import TrainArgs, TrainingRun
 def test_public_names_load_on_first_use_only():
     """``import domaingrad`` (and so the CLI's start-up) imports neither torch nor the
     registries; the first use of a public name does."""
-    code = ("import sys, domaingrad as dg; before = 'torch' in sys.modules; names = dg.list_algorithms(); "
-            "print(before, 'torch' in sys.modules, 'ERM' in names, dg.train.__module__)")
+    code = (
+        "import sys, domaingrad as dg; before = 'torch' in sys.modules; names = dg.list_algorithms(); "
+        "print(before, 'torch' in sys.modules, 'ERM' in names, dg.train.__module__)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "True", "True", "domaingrad.training"]
     with pytest.raises(AttributeError, match="no attribute 'nonexistent'"):
@@ -102,7 +105,14 @@ def test_a_run_passes_its_initial_weights_explicitly(tmp_path, monkeypatch):
         raise AssertionError("weights must be passed explicitly, not through models.use_weights")
 
     monkeypatch.setattr(models, "use_weights", refuse)
-    run = TrainingRun.prepare(TrainArgs(dataset="Debug28", test_envs=[0], weights=str(tmp_path / "cnn.pt"),
-                                        hparams={"batch_size": 4}, output_dir=str(tmp_path / "out")))
+    run = TrainingRun.prepare(
+        TrainArgs(
+            dataset="Debug28",
+            test_envs=[0],
+            weights=str(tmp_path / "cnn.pt"),
+            hparams={"batch_size": 4},
+            output_dir=str(tmp_path / "out"),
+        )
+    )
     got = run.algorithm.featurizer.state_dict()
     assert all(torch.equal(got[k], v) for k, v in reference.items())

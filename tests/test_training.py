@@ -1,4 +1,5 @@
 """``domaingrad.train(...)``: the main job from Python, hyperparameters as a dict."""
+
 from __future__ import annotations
 
 import io
@@ -41,8 +42,9 @@ def test_the_main_job_runs_from_python(tmp_path):
     assert bad == [] and [r["step"] for r in result.records] == [0] and namespace["records"] is result.records
     assert json.loads(json.dumps(result.records)) == on_disk
     assert result.environments == ["+90%", "+80%", "-90%"] and result.test_envs == [2] and result.output_dir == out
-    assert result.accuracies == {i: {"in": on_disk[-1][f"env{i}_in_acc"], "out": on_disk[-1][f"env{i}_out_acc"]}
-                                 for i in range(3)}
+    assert result.accuracies == {
+        i: {"in": on_disk[-1][f"env{i}_in_acc"], "out": on_disk[-1][f"env{i}_out_acc"]} for i in range(3)
+    }
     assert result.hparams["batch_size"] == 64 and on_disk[-1]["hparams"] == result.hparams
     assert on_disk[-1]["args"]["hparams"] == '{"batch_size": 64, "lr": 0.001}'  # on disk: DomainBed's JSON text
     saved = torch.load(out / "model.pkl", weights_only=False)["model_dict"]
@@ -64,20 +66,36 @@ def test_without_output_dir_the_run_leaves_nothing_behind(tmp_path, monkeypatch)
 
 
 def test_a_class_is_accepted_for_the_algorithm_and_named_by_its_registered_name(tmp_path):
-    result = dg.train(dataset="Debug28", algorithm=dg.ERM, test_envs=[0], hparams={"batch_size": 4}, steps=1,
-                      output_dir=tmp_path / "run", verbose=False)
+    result = dg.train(
+        dataset="Debug28",
+        algorithm=dg.ERM,
+        test_envs=[0],
+        hparams={"batch_size": 4},
+        steps=1,
+        output_dir=tmp_path / "run",
+        verbose=False,
+    )
     assert result.final["args"]["algorithm"] == "ERM"
 
 
-@pytest.mark.parametrize("kwargs, error, match", [
-    ({"hparams": '{"lr": 1e-3}'}, TypeError, "hparams is a dict"),
-    ({"learning_rate": 1e-3}, TypeError, "unknown option.*learning_rate"),
-    ({"hparams": {"lrr": 1.0}}, dg.DomainGradError, "unknown hyperparameter 'lrr'"),
-    ({"test_envs": [5]}, dg.DomainGradError, "test env 5 is out of range"),
-])
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"hparams": '{"lr": 1e-3}'}, TypeError, "hparams is a dict"),
+        ({"learning_rate": 1e-3}, TypeError, "unknown option.*learning_rate"),
+        ({"hparams": {"lrr": 1.0}}, dg.DomainGradError, "unknown hyperparameter 'lrr'"),
+        ({"test_envs": [5]}, dg.DomainGradError, "test env 5 is out of range"),
+    ],
+)
 def test_bad_arguments_are_refused(tmp_path, kwargs, error, match):
-    args = {"dataset": "Debug28", "test_envs": [0], "steps": 1, "output_dir": tmp_path / "run", "verbose": False,
-            **kwargs}
+    args = {
+        "dataset": "Debug28",
+        "test_envs": [0],
+        "steps": 1,
+        "output_dir": tmp_path / "run",
+        "verbose": False,
+        **kwargs,
+    }
     with pytest.raises(error, match=match):
         dg.train(**args)
     assert not Path(tmp_path / "run" / "results.jsonl").exists()

@@ -32,6 +32,7 @@ pcgrad``) exports those names, as its users see them.
 It changes nothing in the source files: it only edits the docstrings Griffe loaded.
 Loaded by ``mkdocs.yml`` (``plugins: mkdocstrings: handlers: python: options: extensions``).
 """
+
 from __future__ import annotations
 
 import html
@@ -65,8 +66,10 @@ BORDER = re.compile(r"^(\s*)(=+)((?: +=+)+)\s*$")
 #: a star between two operands: ``x**2``, ``(a)*(b)``
 OPERATOR_STAR = re.compile(r"(?<=[\w)\]])(\*{1,2})(?=[\w(\[])")
 #: the header of a Google-style parameters section
-PARAMS_HEADER = re.compile(r"^(\s*)(?:Args|Arguments|Parameters|Params|Keyword Args|Keyword Arguments|"
-                           r"Other Parameters):\s*$")
+PARAMS_HEADER = re.compile(
+    r"^(\s*)(?:Args|Arguments|Parameters|Params|Keyword Args|Keyword Arguments|"
+    r"Other Parameters):\s*$"
+)
 #: a parameters entry naming several parameters: ``a, b: text`` or ``a, b (type): text``
 SHARED_ENTRY = re.compile(r"^(\s*)(\w+(?:\s*,\s*\w+)+)(\s*\([^)]*\))?:(\s.*)?$")
 #: an entry whose parameter names continue on the next line: ``a, b, c,``
@@ -123,8 +126,10 @@ def _roles(obj: Object, text: str, stash: list[str], paths: Sequence[str]) -> st
     def replace(match: re.Match[str]) -> str:
         short, target = match.group(1) == "~", match.group(2).strip()
         shown = target.rsplit(".", 1)[-1] if short else target.lstrip(".")
-        stash.append(f'<autoref identifier="{html.escape(_resolve(obj, target, paths))}" optional>'
-                     f"<code>{html.escape(shown)}</code></autoref>")
+        stash.append(
+            f'<autoref identifier="{html.escape(_resolve(obj, target, paths))}" optional>'
+            f"<code>{html.escape(shown)}</code></autoref>"
+        )
         return f"\x00{len(stash) - 1}\x00"
 
     return ROLE.sub(replace, text)
@@ -197,7 +202,7 @@ def _split_shared_entries(lines: list[str]) -> list[str]:
                 j += 1
             if j < len(lines) and NAMES_END.match(lines[j]):
                 joined = " ".join([line.rstrip()] + [lines[k].strip() for k in range(i + 1, j + 1)])
-                lines = lines[:i] + [joined] + lines[j + 1:]
+                lines = lines[:i] + [joined] + lines[j + 1 :]
                 line = joined
         entry = SHARED_ENTRY.match(line) if section_indent is not None else None
         if entry is None:
@@ -205,15 +210,16 @@ def _split_shared_entries(lines: list[str]) -> list[str]:
             i += 1
             continue
         block_end = i + 1
-        while block_end < len(lines) and (not lines[block_end].strip()
-                                          or len(lines[block_end]) - len(lines[block_end].lstrip()) > indent):
+        while block_end < len(lines) and (
+            not lines[block_end].strip() or len(lines[block_end]) - len(lines[block_end].lstrip()) > indent
+        ):
             block_end += 1
         while block_end > i + 1 and not lines[block_end - 1].strip():
             block_end -= 1
         pad, names, kind, text = entry.group(1), entry.group(2), entry.group(3) or "", entry.group(4) or ""
         for name in (n.strip() for n in names.split(",")):
             out.append(f"{pad}{name}{kind}:{text}")
-            out += lines[i + 1:block_end]
+            out += lines[i + 1 : block_end]
         i = block_end
     return out
 
@@ -278,10 +284,18 @@ def _expand_starred_exports(module: Module) -> None:
     for export in module.exports:
         member = module.members.get(export.name) if isinstance(export, ExprName) else None
         value = member.value if isinstance(member, Attribute) else None
-        items = (value.keys if isinstance(value, ExprDict)
-                 else value.elements if isinstance(value, (ExprList, ExprTuple)) else None)
-        names = [item[1:-1] for item in items or () if isinstance(item, str) and item[:1] in "'\"" and
-                 item[-1:] == item[:1] and item[1:-1].isidentifier()]
+        items = (
+            value.keys
+            if isinstance(value, ExprDict)
+            else value.elements
+            if isinstance(value, (ExprList, ExprTuple))
+            else None
+        )
+        names = [
+            item[1:-1]
+            for item in items or ()
+            if isinstance(item, str) and item[:1] in "'\"" and item[-1:] == item[:1] and item[1:-1].isidentifier()
+        ]
         if names and len(names) == len(items or ()):
             exports += [name for name in names if name not in exports]
         else:
@@ -299,7 +313,7 @@ def _export_private_reexports(module: Module) -> None:
         if not member.is_alias or name.startswith("_"):
             continue
         target = member.target_path  # type: ignore[union-attr]
-        inside = target[len(module.path) + 1:].split(".") if target.startswith(module.path + ".") else []
+        inside = target[len(module.path) + 1 :].split(".") if target.startswith(module.path + ".") else []
         if any(part.startswith("_") for part in inside[:-1]):
             names.append(name)
     if names:
@@ -319,8 +333,14 @@ def _comment_docstring(attr: Attribute, loader: GriffeLoader) -> Docstring | Non
         i -= 1
     if not comment:
         return None
-    return Docstring("\n".join(comment), lineno=i + 2, endlineno=attr.lineno - 1, parent=attr,
-                     parser=loader.docstring_parser, parser_options=loader.docstring_options)
+    return Docstring(
+        "\n".join(comment),
+        lineno=i + 2,
+        endlineno=attr.lineno - 1,
+        parent=attr,
+        parser=loader.docstring_parser,
+        parser_options=loader.docstring_options,
+    )
 
 
 class RstDocstrings(Extension):

@@ -19,6 +19,7 @@ Layout (lower layers never import higher ones): ``errors``, ``rng``, ``hparams``
 -> :mod:`domaingrad.run` -> :mod:`domaingrad.sweep` -> :mod:`domaingrad.report`, with
 this module, :mod:`domaingrad.training` and :mod:`domaingrad.cli` on top.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -50,10 +51,28 @@ _EXPORTS = {
     "DomainGradError": "domaingrad.errors",
 }
 
-__all__ = ["Algorithm", "DomainGradError", "ERM", "HParam", "MultipleDomainDataset", "TensorEnvironment", "TrainArgs",
-           "TrainResult", "__version__", "create_algorithm", "default_hparams", "get_dataset", "hparam_specs",
-           "list_algorithms", "list_datasets", "random_hparams", "register_algorithm", "register_dataset",
-           "resolve_hparams", "train"]
+__all__ = [
+    "Algorithm",
+    "DomainGradError",
+    "ERM",
+    "HParam",
+    "MultipleDomainDataset",
+    "TensorEnvironment",
+    "TrainArgs",
+    "TrainResult",
+    "__version__",
+    "create_algorithm",
+    "default_hparams",
+    "get_dataset",
+    "hparam_specs",
+    "list_algorithms",
+    "list_datasets",
+    "random_hparams",
+    "register_algorithm",
+    "register_dataset",
+    "resolve_hparams",
+    "train",
+]
 
 
 def __getattr__(name: str) -> object:

@@ -1,4 +1,5 @@
 """``python -m domaingrad`` is the ``domaingrad`` command."""
+
 import sys
 
 from .cli import main

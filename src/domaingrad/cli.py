@@ -3,6 +3,7 @@
 DomainBed's underscore spellings (``--test_envs``, ``--output_dir``, ...) are accepted
 beside the dashed ones.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -64,79 +65,157 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="domaingrad", description="Gradient-based domain generalization.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    train = sub.add_parser("train", help="train one model (one DomainBed job)",
-                           description="Train on the non-test environments; evaluate every environment "
-                                       "at each checkpoint; resume if killed.")
-    _option(train, "dataset", default="ColoredMNIST",
-            help="dataset name (see `domaingrad list`), folder:PATH for your own <domain>/<class>/<image> folder, "
-                 "or package.module:Class for your own dataset class")
-    _option(train, "algorithm", default="ERM",
-            help="algorithm name (see `domaingrad list`), or package.module:Class for your own algorithm class "
-                 "(the module must be importable: installed or on PYTHONPATH)")
+    train = sub.add_parser(
+        "train",
+        help="train one model (one DomainBed job)",
+        description="Train on the non-test environments; evaluate every environment "
+        "at each checkpoint; resume if killed.",
+    )
+    _option(
+        train,
+        "dataset",
+        default="ColoredMNIST",
+        help="dataset name (see `domaingrad list`), folder:PATH for your own <domain>/<class>/<image> folder, "
+        "or package.module:Class for your own dataset class",
+    )
+    _option(
+        train,
+        "algorithm",
+        default="ERM",
+        help="algorithm name (see `domaingrad list`), or package.module:Class for your own algorithm class "
+        "(the module must be importable: installed or on PYTHONPATH)",
+    )
     _option(train, "test_envs", type=int, nargs="+", default=[0], metavar="I", help="held-out environment(s)")
     _option(train, "steps", type=int, default=None, help="training steps (default: the dataset's, 5001)")
-    _option(train, "checkpoint_freq", type=int, default=None,
-            help="evaluate and checkpoint every K steps (default: the dataset's, 100)")
+    _option(
+        train,
+        "checkpoint_freq",
+        type=int,
+        default=None,
+        help="evaluate and checkpoint every K steps (default: the dataset's, 100)",
+    )
     _option(train, "hparams", default=None, help="JSON object overriding hyperparameters, e.g. '{\"lr\": 1e-3}'")
     _option(train, "hparams_seed", type=int, default=0, help="0 = defaults, else a random-search draw")
     _option(train, "trial_seed", type=int, default=0, help="seed of the in/out splits and hparam draws")
     _option(train, "seed", type=int, default=0, help="seed of data construction, init and minibatches")
-    _option(train, "data_dir", default=None,
-            help="root holding MNIST/raw, PACS/, VLCS/ etc.; omitted: the embedded 10,000 MNIST digits")
+    _option(
+        train,
+        "data_dir",
+        default=None,
+        help="root holding MNIST/raw, PACS/, VLCS/ etc.; omitted: the embedded 10,000 MNIST digits",
+    )
     _option(train, "output_dir", default="train_output", help="where results.jsonl etc. go")
     _option(train, "holdout_fraction", type=float, default=0.2, help="fraction of each env held out (out split)")
     _option(train, "skip_model_save", action="store_true", help="do not write model.pkl")
     _option(train, "save_model_every_checkpoint", action="store_true", help="write model_step{N}.pkl")
     _option(train, "eval_batch_size", type=int, default=512, help="batch size of evaluation passes")
     _option(train, "device", default="auto", help="auto, cpu or cuda[:N]")
-    _option(train, "weights", default=None, metavar="none|imagenet|PATH",
-            help="initial featurizer weights: none (from scratch), imagenet (torchvision's file in "
-                 "torch.hub.get_dir()/checkpoints; never downloaded) or a state-dict file; default: "
-                 "imagenet for ResNet/AlexNet (DomainBed), none for MNIST_CNN")
-    _option(train, "image_size", type=int, default=224, help="image datasets: side of the network input "
-                                                             "(DomainBed: 224; e.g. 64 for CPU runs)")
-    _option(train, "num_workers", type=int, default=None,
-            help="image datasets: DataLoader worker processes (default: 8, at most the CPU count; 0 = none)")
-    _option(train, "class_map", default=None, metavar="FILE",
-            help="image folders: JSON mapping 'classfolder' or 'domain/classfolder' to a class name")
-    _option(train, "corrupt_images", default="error", choices=["error", "skip"],
-            help="image folders: stop on unreadable images (error) or leave them out and log them (skip)")
-    _option(train, "split_protocol", default=SPLIT_DOMAINBED, choices=SPLIT_PROTOCOLS,
-            help=f"{SPLIT_DOMAINBED}: in/out split by --holdout-fraction; {SPLIT_70_10_20}: the "
-                 "train/validation/test parts per domain of Mansilla et al., 'Domain Generalization via Gradient "
-                 "Surgery', ICCV 2021, Section 4.1 (records gain env{i}_test_acc)")
-    _option(train, "clean_eval", action="store_true",
-            help="image datasets: evaluate the training environments on clean images; by default they are "
-                 "evaluated on augmented images when hparam data_augmentation is on, as DomainBed does (its "
-                 "published tables), which changes the checkpoints training-domain validation selects; test "
-                 "environments are never augmented")
+    _option(
+        train,
+        "weights",
+        default=None,
+        metavar="none|imagenet|PATH",
+        help="initial featurizer weights: none (from scratch), imagenet (torchvision's file in "
+        "torch.hub.get_dir()/checkpoints; never downloaded) or a state-dict file; default: "
+        "imagenet for ResNet/AlexNet (DomainBed), none for MNIST_CNN",
+    )
+    _option(
+        train,
+        "image_size",
+        type=int,
+        default=224,
+        help="image datasets: side of the network input (DomainBed: 224; e.g. 64 for CPU runs)",
+    )
+    _option(
+        train,
+        "num_workers",
+        type=int,
+        default=None,
+        help="image datasets: DataLoader worker processes (default: 8, at most the CPU count; 0 = none)",
+    )
+    _option(
+        train,
+        "class_map",
+        default=None,
+        metavar="FILE",
+        help="image folders: JSON mapping 'classfolder' or 'domain/classfolder' to a class name",
+    )
+    _option(
+        train,
+        "corrupt_images",
+        default="error",
+        choices=["error", "skip"],
+        help="image folders: stop on unreadable images (error) or leave them out and log them (skip)",
+    )
+    _option(
+        train,
+        "split_protocol",
+        default=SPLIT_DOMAINBED,
+        choices=SPLIT_PROTOCOLS,
+        help=f"{SPLIT_DOMAINBED}: in/out split by --holdout-fraction; {SPLIT_70_10_20}: the "
+        "train/validation/test parts per domain of Mansilla et al., 'Domain Generalization via Gradient "
+        "Surgery', ICCV 2021, Section 4.1 (records gain env{i}_test_acc)",
+    )
+    _option(
+        train,
+        "clean_eval",
+        action="store_true",
+        help="image datasets: evaluate the training environments on clean images; by default they are "
+        "evaluated on augmented images when hparam data_augmentation is on, as DomainBed does (its "
+        "published tables), which changes the checkpoints training-domain validation selects; test "
+        "environments are never augmented",
+    )
     progress = train.add_mutually_exclusive_group()
-    progress.add_argument("--progress", dest="progress", action="store_true", default=None,
-                          help="always show the progress bar (default: only on a terminal)")
+    progress.add_argument(
+        "--progress",
+        dest="progress",
+        action="store_true",
+        default=None,
+        help="always show the progress bar (default: only on a terminal)",
+    )
     progress.add_argument("--no-progress", dest="progress", action="store_false")
 
-    sub.add_parser("list", help="list datasets and algorithms", description=LIST_DESCRIPTION,
-                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub.add_parser(
+        "list",
+        help="list datasets and algorithms",
+        description=LIST_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
 
     reproduce = sub.add_parser("reproduce", help="rerun a published experiment and print it beside the paper")
-    reproduce.add_argument("experiment", help="experiment name (`domaingrad reproduce --list` shows them)",
-                           nargs="?")
+    reproduce.add_argument("experiment", help="experiment name (`domaingrad reproduce --list` shows them)", nargs="?")
     reproduce.add_argument("--list", action="store_true", help="list the experiments")
     _option(reproduce, "data_dir", default=None, help="root holding MNIST/raw; omitted: the embedded digits")
     reproduce.add_argument("--restarts", type=int, default=10, help="independent runs (the papers use 10)")
     reproduce.add_argument("--steps", type=int, default=501, help="training steps per run")
     reproduce.add_argument("--seed", type=int, default=0, help="run r uses seed + r")
-    reproduce.add_argument("--methods", default=None, metavar="M[,M...]",
-                           help="comma-separated methods to run (fishr-colored-mnist: erm, irm, vrex, fishr); "
-                                "default: all")
-    reproduce.add_argument("--workers", type=int, default=None,
-                           help="processes running the runs in parallel, one thread each "
-                                "(default: the number of cores); results do not depend on it")
-    _option(reproduce, "label_noise", default=None, choices=("fixed", "per-step"),
-            help="label noise and colours drawn once per restart (the paper's) or afresh at every step; "
-                 "default: fixed on full MNIST, per-step on the embedded 10,000 digits")
-    reproduce.add_argument("--markdown", default=None, metavar="FILE",
-                           help="also write the table to FILE (refuses to overwrite an existing file)")
+    reproduce.add_argument(
+        "--methods",
+        default=None,
+        metavar="M[,M...]",
+        help="comma-separated methods to run (fishr-colored-mnist: erm, irm, vrex, fishr); default: all",
+    )
+    reproduce.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="processes running the runs in parallel, one thread each "
+        "(default: the number of cores); results do not depend on it",
+    )
+    _option(
+        reproduce,
+        "label_noise",
+        default=None,
+        choices=("fixed", "per-step"),
+        help="label noise and colours drawn once per restart (the paper's) or afresh at every step; "
+        "default: fixed on full MNIST, per-step on the embedded 10,000 digits",
+    )
+    reproduce.add_argument(
+        "--markdown",
+        default=None,
+        metavar="FILE",
+        help="also write the table to FILE (refuses to overwrite an existing file)",
+    )
     for module in MODULE_COMMANDS.values():
         importlib.import_module(module).add_parser(sub)
     return parser
@@ -163,8 +242,7 @@ def cmd_list() -> None:
         print(f"  {name:<22} {_summary(cls.__doc__ or '')}")
     entry_points(ALGORITHM_GROUP, ALGORITHMS)
     print("your own: --dataset package.module:Class, --algorithm package.module:Class (see the README, Plug-ins)")
-    print("deviations from DomainBed (MLDG with two training domains, the model.pkl layout): "
-          "domaingrad list --help")
+    print("deviations from DomainBed (MLDG with two training domains, the model.pkl layout): domaingrad list --help")
 
 
 def _summary(doc: str, width: int = 96) -> str:
@@ -193,8 +271,15 @@ def cmd_reproduce(ns: argparse.Namespace) -> None:
         extra["methods"] = [m.strip() for m in ns.methods.split(",") if m.strip()]
         if not extra["methods"]:
             raise DomainGradError("--methods needs at least one method name, e.g. --methods vrex,fishr")
-    results = module.run(data_dir=ns.data_dir, restarts=ns.restarts, steps=ns.steps, seed=ns.seed,
-                         label_noise=ns.label_noise, workers=workers, **extra)
+    results = module.run(
+        data_dir=ns.data_dir,
+        restarts=ns.restarts,
+        steps=ns.steps,
+        seed=ns.seed,
+        label_noise=ns.label_noise,
+        workers=workers,
+        **extra,
+    )
     table = module.format_table(results)
     print()
     print(table)
@@ -230,8 +315,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout = open(os.devnull, "w")
         return 0
     except KeyboardInterrupt:
-        print("domaingrad: interrupted; rerun the same command to resume from the last checkpoint",
-              file=sys.stderr)
+        print("domaingrad: interrupted; rerun the same command to resume from the last checkpoint", file=sys.stderr)
         return 130
     return 0
 

@@ -1,4 +1,5 @@
 """Errors meant for the user: each says what was expected and what to do."""
+
 from __future__ import annotations
 
 import sys
@@ -19,13 +20,17 @@ class NonFiniteLossError(DomainGradError):
     def __init__(self, step: int, values: dict[str, float], last_checkpoint_step: int | None):
         self.step = step
         self.values = values
-        kept = ("no checkpoint was written yet" if last_checkpoint_step is None
-                else f"the last good checkpoint (step {last_checkpoint_step}) and its results are kept")
+        kept = (
+            "no checkpoint was written yet"
+            if last_checkpoint_step is None
+            else f"the last good checkpoint (step {last_checkpoint_step}) and its results are kept"
+        )
         bad = ", ".join(f"{k}={v}" for k, v in values.items())
         super().__init__(
             f"training stopped: a non-finite value at step {step} ({bad}); {kept}. "
             "Lower the learning rate (--hparams '{\"lr\": ...}') or check the data; "
-            "the run is not marked done.")
+            "the run is not marked done."
+        )
 
 
 def report_error(exc: DomainGradError) -> int:

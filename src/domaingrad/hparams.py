@@ -8,6 +8,7 @@ shared by all. Resolving names to specs (an algorithm and a dataset to their
 hyperparameters, defaults, seeded draws and the hyperparameters of a run) sits above the
 algorithms and datasets, in :mod:`domaingrad.registry`.
 """
+
 from __future__ import annotations
 
 import json
@@ -50,18 +51,31 @@ def common_hparams(small_images: bool, dataset: str | None = None) -> list[HPara
     """
     specs = [
         HParam("data_augmentation", True, lambda r: True, "training augmentation (image datasets)"),
-        HParam("backbone", "auto", lambda r: "auto",
-               "featurizer: auto = DomainBed's choice (MNIST_CNN for 28x28, else ResNet-50, or ResNet-18 "
-               "with resnet18), or one of resnet18, resnet50, alexnet, mnist_cnn",
-               choices=("auto", "resnet18", "resnet50", "alexnet", "mnist_cnn")),
+        HParam(
+            "backbone",
+            "auto",
+            lambda r: "auto",
+            "featurizer: auto = DomainBed's choice (MNIST_CNN for 28x28, else ResNet-50, or ResNet-18 "
+            "with resnet18), or one of resnet18, resnet50, alexnet, mnist_cnn",
+            choices=("auto", "resnet18", "resnet50", "alexnet", "mnist_cnn"),
+        ),
         HParam("resnet18", False, lambda r: False, "ResNet-18 instead of ResNet-50 (image datasets)"),
-        HParam("freeze_bn", True, lambda r: True,
-               "keep the ResNets' BatchNorm layers in eval mode while training (DomainBed's freeze_bn)"),
-        HParam("resnet_dropout", 0.0, lambda r: float(r.choice([0.0, 0.1, 0.5])),
-               "dropout before the classifier (ResNets)"),
+        HParam(
+            "freeze_bn",
+            True,
+            lambda r: True,
+            "keep the ResNets' BatchNorm layers in eval mode while training (DomainBed's freeze_bn)",
+        ),
+        HParam(
+            "resnet_dropout", 0.0, lambda r: float(r.choice([0.0, 0.1, 0.5])), "dropout before the classifier (ResNets)"
+        ),
         HParam("class_balanced", False, lambda r: False, "sample minibatches class-balanced"),
-        HParam("nonlinear_classifier", False, lambda r: bool(r.choice([False, False])),
-               "MLP classifier head instead of linear"),
+        HParam(
+            "nonlinear_classifier",
+            False,
+            lambda r: bool(r.choice([False, False])),
+            "MLP classifier head instead of linear",
+        ),
     ]
     if small_images:
         specs += [
@@ -73,10 +87,15 @@ def common_hparams(small_images: bool, dataset: str | None = None) -> list[HPara
         specs += [
             HParam("lr", 5e-5, lambda r: float(10 ** r.uniform(-5, -3.5)), "Adam learning rate"),
             HParam("weight_decay", 0.0, lambda r: float(10 ** r.uniform(-6, -2)), "Adam weight decay"),
-            HParam("batch_size", 32, (lambda r: int(2 ** r.uniform(3, 5))) if dataset == "DomainNet"
-                   else (lambda r: int(2 ** r.uniform(3, 5.5))),
-                   "examples per domain per step (random search: int(2**U(3, 5)) on DomainNet, "
-                   "int(2**U(3, 5.5)) on the other image datasets)"),
+            HParam(
+                "batch_size",
+                32,
+                (lambda r: int(2 ** r.uniform(3, 5)))
+                if dataset == "DomainNet"
+                else (lambda r: int(2 ** r.uniform(3, 5.5))),
+                "examples per domain per step (random search: int(2**U(3, 5)) on DomainNet, "
+                "int(2**U(3, 5.5)) on the other image datasets)",
+            ),
         ]
     return specs
 
@@ -90,14 +109,20 @@ def coerce_hparam(spec: HParam, value: Any) -> Any:
     """
     name, default = spec.name, spec.default
     kind = type(default)
-    ok = (isinstance(value, bool) if kind is bool
-          else isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float
-          else isinstance(value, int) and not isinstance(value, bool) if kind is int
-          else isinstance(value, kind))
+    ok = (
+        isinstance(value, bool)
+        if kind is bool
+        else isinstance(value, (int, float)) and not isinstance(value, bool)
+        if kind is float
+        else isinstance(value, int) and not isinstance(value, bool)
+        if kind is int
+        else isinstance(value, kind)
+    )
     if not ok:
         raise DomainGradError(
             f"hyperparameter {name!r} must be of type {kind.__name__} (default {default!r}), "
-            f"got {value!r} of type {type(value).__name__}")
+            f"got {value!r} of type {type(value).__name__}"
+        )
     if spec.choices is not None and value not in spec.choices:
         raise DomainGradError(f"hyperparameter {name!r} must be one of {list(spec.choices)}, got {value!r}")
     return float(value) if kind is float else value
@@ -114,8 +139,10 @@ def parse_hparams_json(text: str | None) -> dict[str, Any]:
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise DomainGradError(f"--hparams is not valid JSON ({exc.msg} at position {exc.pos}): "
-                              f"{text!r}; expected an object such as '{{\"lr\": 1e-3}}'") from exc
+        raise DomainGradError(
+            f"--hparams is not valid JSON ({exc.msg} at position {exc.pos}): "
+            f"{text!r}; expected an object such as '{{\"lr\": 1e-3}}'"
+        ) from exc
     if not isinstance(value, dict):
         raise DomainGradError(f"--hparams must be a JSON object such as '{{\"lr\": 1e-3}}', got {text!r}")
     return value

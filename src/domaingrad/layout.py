@@ -20,6 +20,7 @@ status of a failed last attempt) and ``err.txt`` (stderr of every attempt); and
 
 Nothing here imports torch: the report reads sweeps without it.
 """
+
 from __future__ import annotations
 
 import json
@@ -76,9 +77,9 @@ class JobState(str, Enum):
     ``running`` and ``failed``)."""
 
     NOT_LAUNCHED = "not launched"  # no job directory (listed in sweep.json only)
-    INCOMPLETE = "incomplete"      # directory exists, not done, not running, last attempt did not fail
-    FAILED = "failed"              # last attempt exited with an error (see err.txt)
-    RUNNING = "running"            # a process holds the job's lock
+    INCOMPLETE = "incomplete"  # directory exists, not done, not running, last attempt did not fail
+    FAILED = "failed"  # last attempt exited with an error (see err.txt)
+    RUNNING = "running"  # a process holds the job's lock
     DONE = "done"
 
 
@@ -104,8 +105,9 @@ def step_record_error(record: object) -> str | None:
     return None
 
 
-def read_results(path: Path, check: Callable[[Any], str | None] = step_record_error
-                 ) -> tuple[list[dict], list[Problem]]:
+def read_results(
+    path: Path, check: Callable[[Any], str | None] = step_record_error
+) -> tuple[list[dict], list[Problem]]:
     """Parse one ``results.jsonl``: (usable records in file order, problems with line numbers).
 
     Never raises for content: an unreadable file, undecodable, truncated or non-JSON
@@ -148,8 +150,10 @@ class ManifestError(DomainGradError):
     def __init__(self, path: Path, reason: str):
         self.path = path
         self.reason = reason
-        super().__init__(f"cannot read the sweep manifest {path} ({reason}); it is left untouched. "
-                         "Move it away to start a new manifest.")
+        super().__init__(
+            f"cannot read the sweep manifest {path} ({reason}); it is left untouched. "
+            "Move it away to start a new manifest."
+        )
 
 
 def manifest_path(sweep_dir: str | os.PathLike) -> Path:

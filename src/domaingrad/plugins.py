@@ -16,6 +16,7 @@ An algorithm or dataset that lives outside domaingrad is named in one of three w
 This module knows nothing of algorithms or datasets: the registries
 (:mod:`domaingrad.algorithms`, :mod:`domaingrad.data`) check what it loads.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -51,28 +52,34 @@ def load_spec(spec: str, option: str) -> Any:
             import, or a missing attribute; each says what was expected.
     """
     if not is_spec(spec):
-        raise DomainGradError(f"{option} {spec!r} is not of the form package.module:Attribute "
-                              "(e.g. my_package.my_module:MyAlg)")
+        raise DomainGradError(
+            f"{option} {spec!r} is not of the form package.module:Attribute (e.g. my_package.my_module:MyAlg)"
+        )
     module_name, attribute = spec.split(":")
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
-        if exc.name is not None and module_name.startswith(exc.name) and \
-                module_name[len(exc.name):len(exc.name) + 1] in ("", "."):
+        if (
+            exc.name is not None
+            and module_name.startswith(exc.name)
+            and module_name[len(exc.name) : len(exc.name) + 1] in ("", ".")
+        ):
             raise DomainGradError(
                 f"{option} {spec}: no module named {exc.name!r}. The module must be importable here (and in "
                 f"sweep workers): install its package, or add the folder holding it to PYTHONPATH "
-                f"(e.g. PYTHONPATH=/path/to/folder domaingrad ...)") from exc
+                f"(e.g. PYTHONPATH=/path/to/folder domaingrad ...)"
+            ) from exc
         raise DomainGradError(f"{option} {spec}: importing {module_name} failed: {exc}") from exc
     except Exception as exc:  # noqa: BLE001 - any error inside the user's module is reported as such
-        raise DomainGradError(f"{option} {spec}: importing {module_name} failed "
-                              f"({type(exc).__name__}: {exc})") from exc
+        raise DomainGradError(f"{option} {spec}: importing {module_name} failed ({type(exc).__name__}: {exc})") from exc
     target: Any = module
     for part in attribute.split("."):
         if not hasattr(target, part):
             public = sorted(n for n in vars(module) if not n.startswith("_"))
-            raise DomainGradError(f"{option} {spec}: module {module_name} has no attribute {attribute!r}; "
-                                  f"it defines: {', '.join(public) or 'nothing public'}")
+            raise DomainGradError(
+                f"{option} {spec}: module {module_name} has no attribute {attribute!r}; "
+                f"it defines: {', '.join(public) or 'nothing public'}"
+            )
         target = getattr(target, part)
     return target
 
@@ -94,8 +101,10 @@ def load_entry_point(group: str, name: str, option: str) -> Any | None:
             try:
                 return ep.load()
             except Exception as exc:  # noqa: BLE001 - a broken plug-in is the user's to fix
-                raise DomainGradError(f"{option} {name}: the entry point {ep.value!r} (group {group}) failed "
-                                      f"to load ({type(exc).__name__}: {exc})") from exc
+                raise DomainGradError(
+                    f"{option} {name}: the entry point {ep.value!r} (group {group}) failed "
+                    f"to load ({type(exc).__name__}: {exc})"
+                ) from exc
     return None
 
 
@@ -107,8 +116,9 @@ def check_new_name(name: str, builtin: frozenset[str], kind: str) -> None:
         ValueError: naming the rule broken (a programming error of the registering code).
     """
     if not isinstance(name, str) or not name or ":" in name:
-        raise ValueError(f"a {kind} name is a non-empty string without ':' (which marks package.module:Class "
-                         f"specs), got {name!r}")
+        raise ValueError(
+            f"a {kind} name is a non-empty string without ':' (which marks package.module:Class specs), got {name!r}"
+        )
     if name in builtin:
         raise ValueError(f"{name!r} is one of domaingrad's own {kind}s; register yours under another name")
 

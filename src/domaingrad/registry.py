@@ -11,6 +11,7 @@ defaults; any other seed draws every hyperparameter from *its own* generator, se
 ``seed_hash(seed_hash(hparams_seed, trial_seed), name)``, so adding a hyperparameter
 never changes the others and the common draws match DomainBed's for the same seeds.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -34,8 +35,10 @@ def _specs(algorithm: str, small_images: bool, dataset: str | None) -> dict[str,
     declared = list(algorithm_class(algorithm).hparam_specs(small_images))
     for spec in common_hparams(small_images, dataset) + declared:
         if spec.name in specs:
-            raise ValueError(f"hyperparameter {spec.name!r} declared twice for {algorithm} "
-                             "(its hparam_specs repeats it or a common hyperparameter)")
+            raise ValueError(
+                f"hyperparameter {spec.name!r} declared twice for {algorithm} "
+                "(its hparam_specs repeats it or a common hyperparameter)"
+            )
         specs[spec.name] = spec
     return specs
 
@@ -68,8 +71,10 @@ def draw_hparams(algorithm: str, dataset: str, seed: int) -> dict[str, Any]:
     Raises:
         DomainGradError: for an unknown algorithm or dataset.
     """
-    return {name: spec.draw(np.random.RandomState(seed_hash(seed, name)))
-            for name, spec in hparam_specs(algorithm, dataset).items()}
+    return {
+        name: spec.draw(np.random.RandomState(seed_hash(seed, name)))
+        for name, spec in hparam_specs(algorithm, dataset).items()
+    }
 
 
 def random_hparams(algorithm: str, dataset: str, hparams_seed: int, trial_seed: int) -> dict[str, Any]:
@@ -85,20 +90,23 @@ def random_hparams(algorithm: str, dataset: str, hparams_seed: int, trial_seed: 
     return draw_hparams(algorithm, dataset, seed_hash(hparams_seed, trial_seed))
 
 
-def _override(hparams: dict[str, Any], specs: dict[str, HParam], overrides: Mapping[str, Any] | None,
-              where: str) -> dict[str, Any]:
+def _override(
+    hparams: dict[str, Any], specs: dict[str, HParam], overrides: Mapping[str, Any] | None, where: str
+) -> dict[str, Any]:
     if overrides is not None and not isinstance(overrides, Mapping):
         raise TypeError(f"hyperparameters are a dict of name -> value, got {type(overrides).__name__}")
     for name, value in (overrides or {}).items():
         if name not in specs:
-            raise DomainGradError(f"unknown hyperparameter {name!r} for {where}; "
-                                  f"valid names: {', '.join(sorted(specs))}")
+            raise DomainGradError(
+                f"unknown hyperparameter {name!r} for {where}; valid names: {', '.join(sorted(specs))}"
+            )
         hparams[name] = coerce_hparam(specs[name], value)
     return hparams
 
 
-def resolve_hparams(algorithm: str, dataset: str, hparams_seed: int, trial_seed: int,
-                    overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def resolve_hparams(
+    algorithm: str, dataset: str, hparams_seed: int, trial_seed: int, overrides: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
     """The hyperparameters of one training run, as DomainBed's ``train.py`` computes them.
 
     ``hparams_seed`` 0 gives the defaults; otherwise :func:`random_hparams`. Then
@@ -117,9 +125,16 @@ def resolve_hparams(algorithm: str, dataset: str, hparams_seed: int, trial_seed:
     return _override(hparams, hparam_specs(algorithm, dataset), overrides, f"{algorithm} on {dataset}")
 
 
-def create_algorithm(name: str, input_shape: tuple[int, ...], num_classes: int, num_domains: int,
-                     hparams: Mapping[str, Any] | None = None, *, dataset: str | None = None,
-                     weights: str = "none") -> Algorithm:
+def create_algorithm(
+    name: str,
+    input_shape: tuple[int, ...],
+    num_classes: int,
+    num_domains: int,
+    hparams: Mapping[str, Any] | None = None,
+    *,
+    dataset: str | None = None,
+    weights: str = "none",
+) -> Algorithm:
     """Build the algorithm named ``name`` (a registered name, ``package.module:Class`` or an
     entry point) for inputs of shape ``input_shape``, with its featurizers' initial
     ``weights``.
@@ -173,9 +188,11 @@ def _backbone_of(module: nn.Module) -> str | None:
 
 #: backbone -> (the sub-module holding torchvision's names, its first convolution, ignored
 #: prefixes: the ImageNet classification head, display name)
-_TARGETS = {"resnet18": ("network", "conv1.weight", ("fc.",), "ResNet-18"),
-            "resnet50": ("network", "conv1.weight", ("fc.",), "ResNet-50"),
-            "alexnet": ("network", "features.0.weight", ("classifier.6.",), "AlexNet")}
+_TARGETS = {
+    "resnet18": ("network", "conv1.weight", ("fc.",), "ResNet-18"),
+    "resnet50": ("network", "conv1.weight", ("fc.",), "ResNet-50"),
+    "alexnet": ("network", "features.0.weight", ("classifier.6.",), "AlexNet"),
+}
 
 
 def load_initial_weights(module: nn.Module, weights: str) -> int:
@@ -221,5 +238,15 @@ def load_initial_weights(module: nn.Module, weights: str) -> int:
     return loaded
 
 
-__all__ = ["create_algorithm", "default_hparams", "draw_hparams", "get_dataset", "hparam_specs",
-           "list_algorithms", "list_datasets", "load_initial_weights", "random_hparams", "resolve_hparams"]
+__all__ = [
+    "create_algorithm",
+    "default_hparams",
+    "draw_hparams",
+    "get_dataset",
+    "hparam_specs",
+    "list_algorithms",
+    "list_datasets",
+    "load_initial_weights",
+    "random_hparams",
+    "resolve_hparams",
+]

@@ -1,4 +1,5 @@
 """Seeding helpers shared by the protocol (DomainBed's ``misc.seed_hash``)."""
+
 from __future__ import annotations
 
 import hashlib

@@ -4,6 +4,7 @@ The run is the one ``domaingrad train`` makes (DomainBed's ``train.py`` protocol
 Gulrajani and Lopez-Paz, "In Search of Lost Domain Generalization", ICLR 2021), with the
 same records, checkpoints and resume; the result keeps the trained algorithm in memory.
 """
+
 from __future__ import annotations
 
 import os
@@ -56,8 +57,11 @@ class TrainResult:
         environment ``t``."""
         out: dict[int, dict[str, float]] = {}
         for i in range(len(self.environments)):
-            out[i] = {kind: self.final[f"env{i}_{kind}_acc"] for kind in ("in", "out", "test")
-                      if f"env{i}_{kind}_acc" in self.final}
+            out[i] = {
+                kind: self.final[f"env{i}_{kind}_acc"]
+                for kind in ("in", "out", "test")
+                if f"env{i}_{kind}_acc" in self.final
+            }
         return out
 
 
@@ -74,12 +78,24 @@ def _name(value: str | type, registry: Mapping[str, Any], kind: str) -> str:
     return spec_of(value)
 
 
-def train(dataset: str | type[MultipleDomainDataset] = "ColoredMNIST", algorithm: str | type[Algorithm] = "ERM",
-          test_envs: Sequence[int] = (0,), hparams: Mapping[str, Any] | None = None, steps: int | None = None,
-          output_dir: str | os.PathLike | None = None, *, checkpoint_freq: int | None = None,
-          hparams_seed: int = 0, trial_seed: int = 0, seed: int = 0, data_dir: str | os.PathLike | None = None,
-          device: str = "auto", stream: IO[str] | None = None, verbose: bool = True,
-          **options: Any) -> TrainResult:
+def train(
+    dataset: str | type[MultipleDomainDataset] = "ColoredMNIST",
+    algorithm: str | type[Algorithm] = "ERM",
+    test_envs: Sequence[int] = (0,),
+    hparams: Mapping[str, Any] | None = None,
+    steps: int | None = None,
+    output_dir: str | os.PathLike | None = None,
+    *,
+    checkpoint_freq: int | None = None,
+    hparams_seed: int = 0,
+    trial_seed: int = 0,
+    seed: int = 0,
+    data_dir: str | os.PathLike | None = None,
+    device: str = "auto",
+    stream: IO[str] | None = None,
+    verbose: bool = True,
+    **options: Any,
+) -> TrainResult:
     """Train one model, as ``domaingrad train`` does, and return the records and the
     trained algorithm.
 
@@ -117,8 +133,9 @@ def train(dataset: str | type[MultipleDomainDataset] = "ColoredMNIST", algorithm
             class, or a class without an importable name.
     """
     if hparams is not None and not isinstance(hparams, Mapping):
-        raise TypeError(f"hparams is a dict of name -> value (JSON text is for the command line), "
-                        f"got {type(hparams).__name__}")
+        raise TypeError(
+            f"hparams is a dict of name -> value (JSON text is for the command line), got {type(hparams).__name__}"
+        )
     known = {f.name for f in fields(TrainArgs)}
     unknown = sorted(set(options) - known)
     if unknown:
@@ -129,16 +146,31 @@ def train(dataset: str | type[MultipleDomainDataset] = "ColoredMNIST", algorithm
     try:
         with tempfile.TemporaryDirectory(prefix="domaingrad-train-") as scratch:
             directory = Path(output_dir) if output_dir is not None else Path(scratch) / "run"
-            args = TrainArgs(dataset=_name(dataset, DATASETS, "dataset"),
-                             algorithm=_name(algorithm, ALGORITHMS, "algorithm"),
-                             test_envs=[int(e) for e in test_envs], steps=steps, checkpoint_freq=checkpoint_freq,
-                             hparams=dict(hparams or {}), hparams_seed=hparams_seed, trial_seed=trial_seed,
-                             seed=seed, data_dir=None if data_dir is None else str(data_dir),
-                             output_dir=str(directory), device=device, **options)
+            args = TrainArgs(
+                dataset=_name(dataset, DATASETS, "dataset"),
+                algorithm=_name(algorithm, ALGORITHMS, "algorithm"),
+                test_envs=[int(e) for e in test_envs],
+                steps=steps,
+                checkpoint_freq=checkpoint_freq,
+                hparams=dict(hparams or {}),
+                hparams_seed=hparams_seed,
+                trial_seed=trial_seed,
+                seed=seed,
+                data_dir=None if data_dir is None else str(data_dir),
+                output_dir=str(directory),
+                device=device,
+                **options,
+            )
             outcome = run_training(args, stream)
     finally:
         if not verbose and stream is not None:
             stream.close()
     run = outcome.run
-    return TrainResult(outcome.records, run.algorithm, run.hparams, run.dataset.environment_names,
-                       list(args.test_envs), None if output_dir is None else Path(output_dir))
+    return TrainResult(
+        outcome.records,
+        run.algorithm,
+        run.hparams,
+        run.dataset.environment_names,
+        list(args.test_envs),
+        None if output_dir is None else Path(output_dir),
+    )

@@ -1,5 +1,6 @@
 """DomainBed's baselines (invariance, alignment, robust, mixing, meta): each update is
 checked against the method's formula written out by hand in the test."""
+
 from __future__ import annotations
 
 import copy
@@ -56,8 +57,10 @@ def build(cls, num_domains=2, seed=0, shape=SHAPE, num_classes=3, **overrides):
 
 def batches(num_domains=2, seed=0, n=4, shape=SHAPE, num_classes=3):
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(n, *shape, generator=g), torch.randint(0, num_classes, (n,), generator=g))
-            for _ in range(num_domains)]
+    return [
+        (torch.randn(n, *shape, generator=g), torch.randint(0, num_classes, (n,), generator=g))
+        for _ in range(num_domains)
+    ]
 
 
 def params_of(module):
@@ -82,6 +85,7 @@ def adam_step(network, objective):
 
 
 # -- every algorithm ------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("cls", ALL, ids=lambda c: c.__name__)
 def test_update_returns_finite_floats_and_changes_every_parameter(cls):
@@ -108,27 +112,30 @@ def test_hparam_specs_are_new_names_with_defaults_inside_their_search(cls):
             assert all(type(d) is type(spec.default) for d in draws), spec.name
 
 
-@pytest.mark.parametrize("name,cls,default,low,high", [
-    ("irm_lambda", IRM, 1e2, 10 ** -1, 10 ** 5),
-    ("irm_penalty_anneal_iters", IRM, 500, 1, 10 ** 4),
-    ("vrex_lambda", VREx, 1e1, 10 ** -1, 10 ** 5),
-    ("vrex_penalty_anneal_iters", VREx, 500, 1, 10 ** 4),
-    ("sd_reg", SD, 0.1, 1e-5, 1e-1),
-    ("mmd_gamma", CORAL, 1.0, 0.1, 10),
-    ("mmd_gamma", MMD, 1.0, 0.1, 10),
-    ("groupdro_eta", GroupDRO, 1e-2, 1e-3, 1e-1),
-    ("mixup_alpha", Mixup, 0.2, 0.1, 10),
-    ("mldg_beta", MLDG, 1.0, 0.1, 10),
-    ("n_meta_test", MLDG, 2, 1, 2),
-    ("meta_lr", Fish, 0.5, 0.05, 0.5),
-    ("lambda", DANN, 1.0, 1e-2, 1e2),
-    ("d_steps_per_g_step", DANN, 1, 1, 7),
-    ("grad_penalty", DANN, 0.0, 1e-2, 10),
-    ("beta1", DANN, 0.5, 0.0, 0.5),
-    ("mlp_width", DANN, 256, 64, 1023),
-    ("mlp_depth", DANN, 3, 3, 5),
-    ("lr_d", DANN, 1e-3, 10 ** -4.5, 10 ** -2.5),
-])
+@pytest.mark.parametrize(
+    "name,cls,default,low,high",
+    [
+        ("irm_lambda", IRM, 1e2, 10**-1, 10**5),
+        ("irm_penalty_anneal_iters", IRM, 500, 1, 10**4),
+        ("vrex_lambda", VREx, 1e1, 10**-1, 10**5),
+        ("vrex_penalty_anneal_iters", VREx, 500, 1, 10**4),
+        ("sd_reg", SD, 0.1, 1e-5, 1e-1),
+        ("mmd_gamma", CORAL, 1.0, 0.1, 10),
+        ("mmd_gamma", MMD, 1.0, 0.1, 10),
+        ("groupdro_eta", GroupDRO, 1e-2, 1e-3, 1e-1),
+        ("mixup_alpha", Mixup, 0.2, 0.1, 10),
+        ("mldg_beta", MLDG, 1.0, 0.1, 10),
+        ("n_meta_test", MLDG, 2, 1, 2),
+        ("meta_lr", Fish, 0.5, 0.05, 0.5),
+        ("lambda", DANN, 1.0, 1e-2, 1e2),
+        ("d_steps_per_g_step", DANN, 1, 1, 7),
+        ("grad_penalty", DANN, 0.0, 1e-2, 10),
+        ("beta1", DANN, 0.5, 0.0, 0.5),
+        ("mlp_width", DANN, 256, 64, 1023),
+        ("mlp_depth", DANN, 3, 3, 5),
+        ("lr_d", DANN, 1e-3, 10**-4.5, 10**-2.5),
+    ],
+)
 def test_domainbed_defaults_and_search_ranges(name, cls, default, low, high):
     spec = {s.name: s for s in cls.hparam_specs(True)}[name]
     assert spec.default == default
@@ -138,12 +145,13 @@ def test_domainbed_defaults_and_search_ranges(name, cls, default, low, high):
 
 # -- IRM ------------------------------------------------------------------------------------
 
+
 def irm_penalty_by_hand(logits, y):
     """Autograd on an explicit scale variable s, then the closed form
     d/ds CE(s z, y) at s=1 = mean_i (sum_c softmax(z_i)_c z_ic - z_iy)."""
     s = torch.ones((), requires_grad=True)
-    g1, = torch.autograd.grad(F.cross_entropy(logits[::2] * s, y[::2]), s, create_graph=True)
-    g2, = torch.autograd.grad(F.cross_entropy(logits[1::2] * s, y[1::2]), s, create_graph=True)
+    (g1,) = torch.autograd.grad(F.cross_entropy(logits[::2] * s, y[::2]), s, create_graph=True)
+    (g2,) = torch.autograd.grad(F.cross_entropy(logits[1::2] * s, y[1::2]), s, create_graph=True)
 
     def closed(z, t):
         return ((z.softmax(1) * z).sum(1) - z.gather(1, t[:, None])[:, 0]).mean()
@@ -162,8 +170,8 @@ def test_irm_penalty_is_the_product_of_the_two_half_batch_scale_gradients():
     assert penalty.item() == pytest.approx(expected.item(), rel=1e-5)
     assert abs(penalty.item()) > 1e-4
     # differentiable (create_graph): its gradient wrt the logits is the closed form's
-    got, = torch.autograd.grad(penalty, logits)
-    want, = torch.autograd.grad(expected, logits)
+    (got,) = torch.autograd.grad(penalty, logits)
+    (want,) = torch.autograd.grad(expected, logits)
     assert torch.allclose(got, want, atol=1e-6) and got.abs().sum() > 0
 
 
@@ -200,6 +208,7 @@ def test_irm_update_is_adam_on_nll_plus_penalty(tiny):
 
 
 # -- VREx, SD, CORAL, MMD, GroupDRO: formulas on small tensors and whole updates --------------
+
 
 def test_vrex_objective_on_a_small_vector():
     losses = torch.tensor([0.5, 1.0, 2.1])
@@ -242,8 +251,7 @@ def test_group_dro_weights_on_a_small_vector():
 
 
 def _pairs_mean(features, distance):
-    values = [distance(features[i], features[j]) for i in range(len(features))
-              for j in range(i + 1, len(features))]
+    values = [distance(features[i], features[j]) for i in range(len(features)) for j in range(i + 1, len(features))]
     return sum(values) / len(values)
 
 
@@ -255,37 +263,46 @@ def _mmd_by_hand(a, b):
     def k(u, v):
         d2 = torch.cdist(u, v) ** 2
         return sum(torch.exp(-g * d2) for g in [0.001, 0.01, 0.1, 1, 10, 100, 1000]).mean()
+
     return k(a, a) + k(b, b) - 2 * k(a, b)
 
 
 def _objective(cls, mb, hp):
     """The method's objective written out by hand, a function of ERM's network."""
+
     def alignment(distance):
         def f(net):
             feats = [net[0](x) for x, _ in mb]
             ce = sum(F.cross_entropy(net[1](z), y) for z, (_, y) in zip(feats, mb)) / len(mb)
             return ce + hp["mmd_gamma"] * _pairs_mean(feats, distance)
+
         return f
 
     if cls is VREx:
+
         def f(net):
             losses = torch.stack([F.cross_entropy(net(x), y) for x, y in mb])
             return losses.mean() + 1.0 * losses.var(unbiased=False)
+
         return f
     if cls is SD:
+
         def f(net):
             logits = net(torch.cat([x for x, _ in mb]))
-            return F.cross_entropy(logits, torch.cat([y for _, y in mb])) + hp["sd_reg"] * (logits ** 2).mean()
+            return F.cross_entropy(logits, torch.cat([y for _, y in mb])) + hp["sd_reg"] * (logits**2).mean()
+
         return f
     if cls is CORAL:
         return alignment(_coral_by_hand)
     if cls is MMD:
         return alignment(_mmd_by_hand)
     if cls is GroupDRO:
+
         def f(net):
             losses = torch.stack([F.cross_entropy(net(x), y) for x, y in mb])
             q = torch.exp(hp["groupdro_eta"] * losses.detach())
             return (q / q.sum() * losses).sum()
+
         return f
     raise AssertionError(cls)
 
@@ -318,6 +335,7 @@ def test_group_dro_q_accumulates_over_steps(tiny):
 
 # -- DANN -----------------------------------------------------------------------------------
 
+
 def test_dann_alternates_discriminator_and_generator_steps(tiny):
     algo = build(DANN, num_domains=3, d_steps_per_g_step=2, grad_penalty=0.5)
     kinds = []
@@ -327,8 +345,9 @@ def test_dann_alternates_discriminator_and_generator_steps(tiny):
         (kind,) = out
         kinds.append(kind)
         disc_moved = any(not torch.equal(p, q) for p, q in zip(disc, algo.discriminator.parameters()))
-        gen_moved = any(not torch.equal(p, q) for p, q in
-                        zip(gen, nn.ModuleList([algo.featurizer, algo.classifier]).parameters()))
+        gen_moved = any(
+            not torch.equal(p, q) for p, q in zip(gen, nn.ModuleList([algo.featurizer, algo.classifier]).parameters())
+        )
         assert (disc_moved, gen_moved) == ((True, False) if kind == "disc_loss" else (False, True))
     # update_count t = 1..6: a discriminator step when t % 3 < 2
     assert kinds == ["disc_loss", "gen_loss", "disc_loss", "disc_loss", "gen_loss", "disc_loss"]
@@ -347,6 +366,7 @@ def test_dann_generator_loss_is_ce_minus_lambda_times_discriminator_loss(tiny):
 
 # -- Mixup ----------------------------------------------------------------------------------
 
+
 def test_mixup_update_matches_a_hand_written_cyclic_mixup(tiny):
     algo, ref = build(Mixup, num_domains=3), build(Mixup, num_domains=3)
     mb = batches(3, n=5)
@@ -356,7 +376,7 @@ def test_mixup_update_matches_a_hand_written_cyclic_mixup(tiny):
     perm = torch.randperm(3, generator=g).tolist()
     lams = []
     for _ in range(3):
-        seed = int(torch.randint(2 ** 31, (1,), generator=g))
+        seed = int(torch.randint(2**31, (1,), generator=g))
         lams.append(float(np.random.RandomState(seed).beta(0.2, 0.2)))
 
     def objective(net):
@@ -374,6 +394,7 @@ def test_mixup_update_matches_a_hand_written_cyclic_mixup(tiny):
 
 
 # -- MLDG -----------------------------------------------------------------------------------
+
 
 def test_domainbed_split_has_no_pair_when_all_domains_are_meta_test():
     g = torch.Generator().manual_seed(0)
@@ -419,6 +440,7 @@ def test_mldg_update_matches_first_order_mldg_by_hand(num_domains, tiny):
 
 # -- Fish -----------------------------------------------------------------------------------
 
+
 def test_fish_matches_domainbed_style_reference_over_two_updates(tiny):
     algo, ref = build(Fish, num_domains=3, meta_lr=0.1), build(Fish, num_domains=3)
     net = ref.network
@@ -449,9 +471,20 @@ def test_fish_matches_domainbed_style_reference_over_two_updates(tiny):
 
 # -- exact resume ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("cls,overrides", [
-    (GroupDRO, {}), (IRM, {"irm_penalty_anneal_iters": 4}), (VREx, {"vrex_penalty_anneal_iters": 4}),
-    (Mixup, {}), (MLDG, {}), (Fish, {}), (DANN, {})], ids=lambda v: getattr(v, "__name__", ""))
+
+@pytest.mark.parametrize(
+    "cls,overrides",
+    [
+        (GroupDRO, {}),
+        (IRM, {"irm_penalty_anneal_iters": 4}),
+        (VREx, {"vrex_penalty_anneal_iters": 4}),
+        (Mixup, {}),
+        (MLDG, {}),
+        (Fish, {}),
+        (DANN, {}),
+    ],
+    ids=lambda v: getattr(v, "__name__", ""),
+)
 def test_training_state_round_trip_continues_identically(cls, overrides, tiny):
     a = build(cls, num_domains=3, **overrides)
     for step in range(3):

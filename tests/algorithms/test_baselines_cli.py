@@ -1,5 +1,6 @@
 """Fishr and the DomainBed baselines train on Colored MNIST through the CLI (built from
 1,200 real digits given as a --data-dir, so that evaluation is quick)."""
+
 from __future__ import annotations
 
 import math
@@ -15,9 +16,25 @@ BASELINES = ["Fishr", "IRM", "VREx", "CORAL", "MMD", "DANN", "GroupDRO", "Mixup"
 @pytest.mark.parametrize("name", BASELINES)
 def test_trains_on_colored_mnist_through_the_cli(tmp_path, run_cli, small_mnist_dir, name):
     out = tmp_path / "run"
-    code, _, err = run_cli("train", "--dataset", "ColoredMNIST", "--algorithm", name, "--test-envs", "2",
-                           "--steps", "3", "--checkpoint-freq", "10", "--hparams", '{"batch_size": 8}',
-                           "--data-dir", small_mnist_dir, "--output-dir", out)
+    code, _, err = run_cli(
+        "train",
+        "--dataset",
+        "ColoredMNIST",
+        "--algorithm",
+        name,
+        "--test-envs",
+        "2",
+        "--steps",
+        "3",
+        "--checkpoint-freq",
+        "10",
+        "--hparams",
+        '{"batch_size": 8}',
+        "--data-dir",
+        small_mnist_dir,
+        "--output-dir",
+        out,
+    )
     assert code == 0, err
     first, record = read_records(out / "results.jsonl")[0]
     assert (first["step"], record["step"]) == (0, 2)

@@ -3,6 +3,7 @@ Specificity and Invariance for In and Out of Domain Generalization", ECCV 2020):
 straight-through masks, the soft-IoU penalty (summed or averaged over domain pairs), the
 three predictions and the own-domain hard-mask source evaluation against hand-written
 forwards, mask statistics, resume."""
+
 from __future__ import annotations
 
 import io
@@ -40,8 +41,10 @@ def build(cls, num_domains=3, **kwargs):
 
 def batches(num_domains=3, seed=0, n=4, num_classes=3):
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(n, *SHAPE, generator=g), torch.randint(0, num_classes, (n,), generator=g))
-            for _ in range(num_domains)]
+    return [
+        (torch.randn(n, *SHAPE, generator=g), torch.randint(0, num_classes, (n,), generator=g))
+        for _ in range(num_domains)
+    ]
 
 
 def randomise_masks(algo, seed=1):
@@ -105,9 +108,14 @@ def test_overlap_reduction_defaults_to_the_papers_sum():
     assert out["loss"] == pytest.approx(out["ce"] + 0.1 * out["siou"], rel=1e-6)
 
 
-@pytest.mark.parametrize("overrides,match", [
-    (dict(dmg_overlap_reduction="max"), "dmg_overlap_reduction"),
-    (dict(dmg_source_predict="soft"), "dmg_source_predict"), (dict(dmg_predict="vote"), "dmg_predict")])
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        (dict(dmg_overlap_reduction="max"), "dmg_overlap_reduction"),
+        (dict(dmg_source_predict="soft"), "dmg_source_predict"),
+        (dict(dmg_predict="vote"), "dmg_predict"),
+    ],
+)
 def test_bad_hyperparameters_are_refused(overrides, match):
     with pytest.raises(DomainGradError, match=match):
         build(DMG, **overrides)
@@ -128,8 +136,9 @@ def test_source_evaluation_uses_each_domains_own_hard_mask_or_the_test_rule():
         own = [algo.predict_source(x, d) for d in range(3)]
         expected = [manual_logits(algo, x, {n: h[d].expand(5, -1) for n, h in hard.items()}) for d in range(3)]
         test_rule = algo.predict(x)
-        per_domain = torch.stack([manual_logits(algo, x, {n: p[d].expand(5, -1) for n, p in probs.items()})
-                                  for d in range(3)])
+        per_domain = torch.stack(
+            [manual_logits(algo, x, {n: p[d].expand(5, -1) for n, p in probs.items()}) for d in range(3)]
+        )
     for d in range(3):
         torch.testing.assert_close(own[d], expected[d], rtol=1e-5, atol=1e-6)
     assert not torch.allclose(own[0], own[1], atol=1e-4)
@@ -194,8 +203,9 @@ def test_pred_ens_mask_ens_and_kd_against_manual_forwards():
     x = batches(n=5)[0][0]
     probs = algo.soft_masks()
     with torch.no_grad():
-        per_domain = torch.stack([manual_logits(algo, x, {n: p[d].expand(5, -1) for n, p in probs.items()})
-                                  for d in range(3)])
+        per_domain = torch.stack(
+            [manual_logits(algo, x, {n: p[d].expand(5, -1) for n, p in probs.items()}) for d in range(3)]
+        )
         mean_mask = manual_logits(algo, x, {n: p.mean(0).expand(5, -1) for n, p in probs.items()})
         hard_kd = manual_logits(algo, x, {n: (p[1] > 0.5).float().expand(5, -1) for n, p in probs.items()})
         results = {}
@@ -207,8 +217,9 @@ def test_pred_ens_mask_ens_and_kd_against_manual_forwards():
     for d in range(3):
         torch.testing.assert_close(kd[d], per_domain[d], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(kd_hard, hard_kd, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(F.softmax(results["pred_ens"], 1), F.softmax(per_domain, 2).mean(0),
-                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        F.softmax(results["pred_ens"], 1), F.softmax(per_domain, 2).mean(0), rtol=1e-5, atol=1e-6
+    )
     torch.testing.assert_close(results["pred_ens_logits"], per_domain.mean(0), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(results["mask_ens"], mean_mask, rtol=1e-5, atol=1e-6)
     outs = [F.softmax(results[m], 1) for m in DMG.PREDICT] + [F.softmax(kd[0], 1), F.softmax(kd_hard, 1)]
@@ -293,7 +304,10 @@ def test_trains_on_mnist_cnn(cls):
     assert all(not torch.equal(p, q) for p, q in zip(before, algo.parameters()))
     if cls is DMG:
         assert {n: tuple(p.shape) for n, p in algo.mask_logits.items()} == {
-            "conv2": (2, 128), "conv3": (2, 128), "features": (2, 128)}
+            "conv2": (2, 128),
+            "conv3": (2, 128),
+            "features": (2, 128),
+        }
     assert algo.predict(torch.zeros(3, 2, 28, 28)).shape == (3, 2)
 
 
@@ -304,10 +318,31 @@ def test_dmg_trains_on_real_pacs_photos_with_resnet18(real_photos_dir, run_cli, 
     from domaingrad.run.output import read_records
 
     out = tmp_path / "run"
-    code, _, err = run_cli("train", "--dataset", "PACS", "--data-dir", real_photos_dir, "--algorithm", "DMG",
-                           "--test-envs", "0", "--steps", "2", "--checkpoint-freq", "2", "--image-size", "32",
-                           "--weights", "none", "--num-workers", "0",
-                           "--hparams", '{"resnet18": true, "batch_size": 4}', "--output-dir", out)
+    code, _, err = run_cli(
+        "train",
+        "--dataset",
+        "PACS",
+        "--data-dir",
+        real_photos_dir,
+        "--algorithm",
+        "DMG",
+        "--test-envs",
+        "0",
+        "--steps",
+        "2",
+        "--checkpoint-freq",
+        "2",
+        "--image-size",
+        "32",
+        "--weights",
+        "none",
+        "--num-workers",
+        "0",
+        "--hparams",
+        '{"resnet18": true, "batch_size": 4}',
+        "--output-dir",
+        out,
+    )
     assert code == 0, err
     record = read_records(out / "results.jsonl")[0][-1]
     assert record["step"] == 1 and (out / "done").exists()
@@ -324,7 +359,10 @@ def test_dmg_on_alexnet_masks_fc6_fc7_fc8_inputs_with_dropout_off():
     algo = DMG((3, 64, 64), 7, 2, hp)
     assert algo.layers == ("pool5", "fc6", "features")
     assert {n: tuple(p.shape) for n, p in algo.mask_logits.items()} == {
-        "pool5": (2, 9216), "fc6": (2, 4096), "features": (2, 4096)}
+        "pool5": (2, 9216),
+        "fc6": (2, 4096),
+        "features": (2, 4096),
+    }
     assert algo.featurizer.drop6.p == 0.0 and algo.featurizer.drop7.p == 0.0
     algo.eval()
     with torch.no_grad():

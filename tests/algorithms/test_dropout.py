@@ -3,6 +3,7 @@ GSNR-guided DropBlock (Listings 1 and 2 and Table 4 of the supplementary materia
 Michalkiewicz et al., "Domain Generalization Guided by Gradient Signal to Noise Ratio of
 Parameters", ICCV 2023) and Meta-GSNR (domaingrad's reading): updates against literal or
 per-sample re-implementations, the Table 4 rows, bad hyperparameters and exact resume."""
+
 from __future__ import annotations
 
 import copy
@@ -43,8 +44,13 @@ class StagedCNN(nn.Module):
 
     def __init__(self, input_shape):
         super().__init__()
-        self.convs = nn.ModuleList([nn.Conv2d(input_shape[0], 4, 3, padding=1), nn.Conv2d(4, 6, 3, 2, padding=1),
-                                    nn.Conv2d(6, 6, 3, padding=1)])
+        self.convs = nn.ModuleList(
+            [
+                nn.Conv2d(input_shape[0], 4, 3, padding=1),
+                nn.Conv2d(4, 6, 3, 2, padding=1),
+                nn.Conv2d(6, 6, 3, padding=1),
+            ]
+        )
         self.norms = nn.ModuleList([nn.GroupNorm(2, 4), nn.GroupNorm(2, 6), nn.GroupNorm(2, 6)])
 
     def blocks(self):
@@ -75,8 +81,10 @@ def build(cls, num_domains=2, seed=0, num_classes=3, **overrides):
 
 def batches(num_domains=2, seed=0, n=3, num_classes=3, shape=SHAPE):
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(n, *shape, generator=g), torch.randint(0, num_classes, (n,), generator=g))
-            for _ in range(num_domains)]
+    return [
+        (torch.randn(n, *shape, generator=g), torch.randint(0, num_classes, (n,), generator=g))
+        for _ in range(num_domains)
+    ]
 
 
 def concat(mbs):
@@ -84,6 +92,7 @@ def concat(mbs):
 
 
 # -- RSC ---------------------------------------------------------------------------------
+
 
 class TinyFeaturizer(nn.Module):
     n_outputs = 12
@@ -137,6 +146,7 @@ def test_rsc_update_matches_domainbed(monkeypatch, f_factor, b_factor):
 
 # -- RSC, the official variant ---------------------------------------------------------
 
+
 def test_rsc_default_variant_is_domainbed():
     """DomainBed's tables used DomainBed's RSC: it stays the default, with no state of the
     official variant (so checkpoints and random streams of DomainBed runs are unchanged)."""
@@ -157,11 +167,11 @@ def test_rsc_official_feature_mask_on_a_hand_checked_example():
     """2 samples, 4 channels, 3x3 maps. Spatial: ceil(9/3) = 3 positions muted in every
     channel; channel: ceil(4/3.2) = 2 channels muted at every position."""
     features = torch.zeros(2, 4, 3, 3)
-    features[0, 0] = torch.tensor([[5., 0., 8.], [1., 7., 2.], [6., 3., 4.]])
-    features[1, 3] = torch.tensor([[2., 9., 1.], [0., 3., 8.], [7., 4., 6.]])
+    features[0, 0] = torch.tensor([[5.0, 0.0, 8.0], [1.0, 7.0, 2.0], [6.0, 3.0, 4.0]])
+    features[1, 3] = torch.tensor([[2.0, 9.0, 1.0], [0.0, 3.0, 8.0], [7.0, 4.0, 6.0]])
     features[1, 1] = 100.0  # its channel weight below is 0: no effect on sample 1's spatial score
     # gradient constant over each map: its spatial mean is that constant
-    weights = torch.tensor([[2., 1., 3., -1.], [-1., 0., 0.5, 3.]])
+    weights = torch.tensor([[2.0, 1.0, 3.0, -1.0], [-1.0, 0.0, 0.5, 3.0]])
     grads = weights[:, :, None, None].expand(2, 4, 3, 3).clone()
     grads[0, 1, 0, 0] += 9.0  # a spatial pattern with mean 1 more: channel 1's mean is 2
     grads[0, 1, 0, 1] -= 9.0  # ... back to 1 (mean unchanged)
@@ -175,13 +185,15 @@ def test_rsc_official_feature_mask_on_a_hand_checked_example():
     channel = rsc_official_feature_mask(features, grads, spatial=False)
     assert channel.shape == (2, 4, 1, 1)
     # sample 0: weights 2, 1, 3, -1 -> channels 2 and 0 muted; sample 1: -1, 0, .5, 3 -> 3 and 2
-    assert torch.equal(channel.flatten(1), torch.tensor([[0., 1., 0., 1.], [1., 1., 0., 0.]]))
+    assert torch.equal(channel.flatten(1), torch.tensor([[0.0, 1.0, 0.0, 1.0], [1.0, 1.0, 0.0, 0.0]]))
     # other fractions; a count reaching the row length mutes everything (a 1x1 map)
-    assert torch.equal(rsc_official_feature_mask(features, grads, True, spatial_drop_factor=0.0),
-                       torch.ones(2, 1, 3, 3))
+    assert torch.equal(
+        rsc_official_feature_mask(features, grads, True, spatial_drop_factor=0.0), torch.ones(2, 1, 3, 3)
+    )
     assert int((rsc_official_feature_mask(features, grads, True, spatial_drop_factor=0.5) == 0).sum()) == 2 * 5
-    assert torch.equal(rsc_official_feature_mask(features[:, :, :1, :1], grads[:, :, :1, :1], True),
-                       torch.zeros(2, 1, 1, 1))
+    assert torch.equal(
+        rsc_official_feature_mask(features[:, :, :1, :1], grads[:, :, :1, :1], True), torch.zeros(2, 1, 1, 1)
+    )
     with pytest.raises(DomainGradError, match="same shape"):
         rsc_official_feature_mask(features, grads[:, :3], True)
 
@@ -219,11 +231,13 @@ def official_rsc_reference_mask(algo, x, y, spatial, percent):
     def capture(name, out):
         outs[name] = out
         return out
+
     featurizer(x, stage_fn=capture)
     a = outs["conv4"].detach().requires_grad_()
 
     def head(z):
         return classifier(featurizer(x, stage_fn=lambda n, o: z if n == "conv4" else o))
+
     logits = head(a)
     grads = autograd.grad(logits.gather(1, y[:, None]).sum(), a)[0]
     n, c, h, w = a.shape
@@ -233,9 +247,9 @@ def official_rsc_reference_mask(algo, x, y, spatial, percent):
         m = torch.ones(c, h * w)
         if spatial:
             score = (a[i].detach() * weights[:, None, None]).sum(0).flatten()
-            m[:, score.argsort(descending=True)[:math.ceil(h * w / 3)]] = 0
+            m[:, score.argsort(descending=True)[: math.ceil(h * w / 3)]] = 0
         else:
-            m[weights.argsort(descending=True)[:math.ceil(c / 3.2)]] = 0
+            m[weights.argsort(descending=True)[: math.ceil(c / 3.2)]] = 0
         masks.append(m.view(c, h, w))
     mask = torch.stack(masks)
     with torch.no_grad():
@@ -243,7 +257,7 @@ def official_rsc_reference_mask(algo, x, y, spatial, percent):
         after = F.softmax(head(a * mask), 1).gather(1, y[:, None]).squeeze(1)
     drop = (before - after - 1e-4).clamp(min=0)
     muted = torch.zeros(n, dtype=torch.bool)
-    top = drop.argsort(descending=True)[:round(n * percent)]
+    top = drop.argsort(descending=True)[: round(n * percent)]
     muted[top[drop[top] > 0]] = True
     mask[~muted] = 1
     return mask, muted
@@ -324,10 +338,15 @@ def test_rsc_official_layers_after_the_stage_on_resnet18(monkeypatch, freeze_bn)
     assert math.isfinite(algo.update(mbs)["loss"])
 
 
-@pytest.mark.parametrize("overrides,match", [
-    (dict(rsc_variant="paper"), "rsc_variant"), (dict(rsc_variant="official", rsc_stage="layer9"), "layer9"),
-    (dict(rsc_variant="official", rsc_spatial_prob=1.5), "rsc_spatial_prob"),
-    (dict(rsc_variant="official", rsc_batch_percent_every=0.0), "rsc_batch_percent_every")])
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        (dict(rsc_variant="paper"), "rsc_variant"),
+        (dict(rsc_variant="official", rsc_stage="layer9"), "layer9"),
+        (dict(rsc_variant="official", rsc_spatial_prob=1.5), "rsc_spatial_prob"),
+        (dict(rsc_variant="official", rsc_batch_percent_every=0.0), "rsc_batch_percent_every"),
+    ],
+)
 def test_bad_rsc_hyperparameters_are_refused(overrides, match):
     with pytest.raises(DomainGradError, match=match):
         build(RSC, **overrides)
@@ -341,6 +360,7 @@ def test_rsc_official_needs_a_featurizer_with_stages(monkeypatch):
 
 
 # -- DropBlock and DB+gsnr -------------------------------------------------------------
+
 
 def stage_outputs_forward(algo, x, fn):
     """StagedCNN written out, ``fn(name, out)`` applied to each stage output."""
@@ -372,12 +392,14 @@ def test_gsnr_dropblock_update_follows_listings_1_and_2():
     def keep(name, out):
         blocks.append(out)
         return out
+
     loss = F.cross_entropy(stage_outputs_forward(ref, images, keep), labels)
     grads = [torch.autograd.grad(loss, block, retain_graph=True)[0] for block in blocks]
     torch.set_rng_state(algo.generator.get_state())
     it = iter(grads)
     class_logits = stage_outputs_forward(
-        ref, images, lambda n, o: listing2_drop_block2d_gsnr(o, next(it), p, p_gsnr, 3))
+        ref, images, lambda n, o: listing2_drop_block2d_gsnr(o, next(it), p, p_gsnr, 3)
+    )
     loss = F.cross_entropy(class_logits, labels)
     ref.optimizer.zero_grad()
     loss.backward()
@@ -435,15 +457,22 @@ def test_table_4_rows_map_to_the_documented_options():
     assert all(r.item() == pytest.approx(0.5) for r in build(MetaGSNR).ratios().values())
 
 
-@pytest.mark.parametrize("overrides,match", [
-    (dict(dropblock_size=4), "positive odd"), (dict(dropblock_p=1.5), "dropblock_p"),
-    (dict(dropblock_stages="conv2,layer9"), "layer9"), (dict(gsnr_p=-0.1), "gsnr_p")])
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        (dict(dropblock_size=4), "positive odd"),
+        (dict(dropblock_p=1.5), "dropblock_p"),
+        (dict(dropblock_stages="conv2,layer9"), "layer9"),
+        (dict(gsnr_p=-0.1), "gsnr_p"),
+    ],
+)
 def test_bad_hyperparameters_are_refused(overrides, match):
     with pytest.raises(DomainGradError, match=match):
         build(GSNRDropBlock, **overrides)
 
 
 # -- Meta-GSNR ---------------------------------------------------------------------------
+
 
 def test_meta_gsnr_without_meta_learning_is_db_gsnr():
     kw = dict(dropblock_p=0.2, gsnr_p=0.7)
@@ -493,6 +522,7 @@ def test_meta_gsnr_ratio_gradient_is_the_meta_test_derivative_through_the_seeds(
             return out
         keep = 1 - expand_blocks(seeds, 3)
         return out * keep * (keep.numel() / (1e-6 + keep.sum()))
+
     loss_tr = F.cross_entropy(ref.classifier(ref.featurizer(x_tr, stage_fn=drop)), y_tr)
     named = dict(ref.network.named_parameters())
     grads = autograd.grad(loss_tr, list(named.values()), create_graph=True)
@@ -525,8 +555,14 @@ def test_meta_gsnr_network_gradient_is_train_plus_beta_meta_test():
 
 # -- every algorithm --------------------------------------------------------------------
 
-ALGORITHMS = [(RSC, {}), (RSC, {"rsc_variant": "official"}), (DropBlock, {}), (GSNRDropBlock, {}),
-              (GSNRDropBlock, {"gsnr_p": 0.5}), (MetaGSNR, {})]
+ALGORITHMS = [
+    (RSC, {}),
+    (RSC, {"rsc_variant": "official"}),
+    (DropBlock, {}),
+    (GSNRDropBlock, {}),
+    (GSNRDropBlock, {"gsnr_p": 0.5}),
+    (MetaGSNR, {}),
+]
 ALGORITHM_IDS = ["RSC", "RSC-official", "DropBlock", "GSNRDropBlock", "GSNRDropBlock-listing2", "MetaGSNR"]
 
 
@@ -573,10 +609,31 @@ def test_trains_on_real_pacs_photos_with_resnet18(real_photos_dir, run_cli, tmp_
     from domaingrad.run.output import read_records
 
     out = tmp_path / "run"
-    code, _, err = run_cli("train", "--dataset", "PACS", "--data-dir", real_photos_dir, "--algorithm", name,
-                           "--test-envs", "0", "--steps", "2", "--checkpoint-freq", "2", "--image-size", "32",
-                           "--weights", "none", "--num-workers", "0",
-                           "--hparams", '{"resnet18": true, "batch_size": 4}', "--output-dir", out)
+    code, _, err = run_cli(
+        "train",
+        "--dataset",
+        "PACS",
+        "--data-dir",
+        real_photos_dir,
+        "--algorithm",
+        name,
+        "--test-envs",
+        "0",
+        "--steps",
+        "2",
+        "--checkpoint-freq",
+        "2",
+        "--image-size",
+        "32",
+        "--weights",
+        "none",
+        "--num-workers",
+        "0",
+        "--hparams",
+        '{"resnet18": true, "batch_size": 4}',
+        "--output-dir",
+        out,
+    )
     assert code == 0, err
     record = read_records(out / "results.jsonl")[0][-1]
     assert record["step"] == 1 and math.isfinite(record["loss"]) and (out / "done").exists()

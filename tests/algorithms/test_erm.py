@@ -1,4 +1,5 @@
 """ERM and the algorithm contract."""
+
 from __future__ import annotations
 
 import pytest

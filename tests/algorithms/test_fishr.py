@@ -1,4 +1,5 @@
 """Fishr (DomainBed version): penalty, EMA, annealing, optimizer reset and resume."""
+
 from __future__ import annotations
 
 import copy
@@ -54,8 +55,9 @@ def make(num_domains=2, num_classes=3, seed=0, input_shape=INPUT, **overrides):
 
 def batches(sizes=(4, 4), seed=0, num_classes=3, input_shape=INPUT):
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(n, *input_shape, generator=g), torch.randint(0, num_classes, (n,), generator=g))
-            for n in sizes]
+    return [
+        (torch.randn(n, *input_shape, generator=g), torch.randint(0, num_classes, (n,), generator=g)) for n in sizes
+    ]
 
 
 # ---------------------------------------------------------------- brute force
@@ -69,7 +71,7 @@ def brute_variances(algo, minibatches):
     for x, y in minibatches:
         gs = []
         for i in range(len(x)):
-            loss = F.cross_entropy(algo.classifier(algo.featurizer(x[i:i + 1])), y[i:i + 1])
+            loss = F.cross_entropy(algo.classifier(algo.featurizer(x[i : i + 1])), y[i : i + 1])
             g = torch.autograd.grad(loss, params, create_graph=True)
             gs.append(torch.cat([t.flatten() for t in g]))
         mean = sum(gs) / len(gs)
@@ -196,8 +198,9 @@ def test_optimizer_recreated_exactly_once_at_the_anneal_step(tiny, monkeypatch, 
     else:
         assert changed_at == [anneal] and len(calls) == 1
     # the live optimizer covers the whole network and has taken the steps since it was made
-    assert {id(p) for g in algo.optimizer.param_groups for p in g["params"]} == \
-        {id(p) for p in algo.network.parameters()}
+    assert {id(p) for g in algo.optimizer.param_groups for p in g["params"]} == {
+        id(p) for p in algo.network.parameters()
+    }
     first = next(algo.network.parameters())
     assert int(algo.optimizer.state[first]["step"]) == 6 - anneal
 
@@ -260,7 +263,11 @@ def test_default_network_runs():
 def test_hparams():
     specs = {s.name: s for s in Fishr.hparam_specs(True)}
     assert {n: s.default for n, s in specs.items()} == {
-        "lambda": 1000.0, "penalty_anneal_iters": 1500, "ema": 0.95, "fishr_penalty": "domainbed"}
+        "lambda": 1000.0,
+        "penalty_anneal_iters": 1500,
+        "ema": 0.95,
+        "fishr_penalty": "domainbed",
+    }
     assert specs["fishr_penalty"].choices == ("domainbed", "irm_setup")
     for seed in range(20):
         r = np.random.RandomState

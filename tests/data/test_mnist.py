@@ -1,4 +1,5 @@
 """Colored and Rotated MNIST measured against their DomainBed definitions."""
+
 from __future__ import annotations
 
 import math
@@ -62,9 +63,17 @@ def test_rotated_mnist_is_bit_identical_to_domainbeds_pil_rotation(pool):
     assert data.input_shape == (1, 28, 28) and data.num_classes == 10
 
     def domainbed(images, angle):  # DomainBed's rotate_dataset, one PIL image at a time
-        rot = transforms.Compose([transforms.ToPILImage(), transforms.Lambda(
-            lambda x: rotate(x, angle, fill=(0,), interpolation=torchvision.transforms.InterpolationMode.BILINEAR)),
-            transforms.ToTensor()])
+        rot = transforms.Compose(
+            [
+                transforms.ToPILImage(),
+                transforms.Lambda(
+                    lambda x: rotate(
+                        x, angle, fill=(0,), interpolation=torchvision.transforms.InterpolationMode.BILINEAR
+                    )
+                ),
+                transforms.ToTensor(),
+            ]
+        )
         return torch.stack([rot(im) for im in images])
 
     for i, angle in enumerate([0, 15, 30, 45, 60, 75]):
@@ -96,7 +105,7 @@ def test_splits_follow_domainbed_and_are_deterministic(colored):
     assert sorted(out1.indices.tolist() + in1.indices.tolist()) == list(range(len(env)))
     keys = list(range(len(env)))
     np.random.RandomState(seed_hash(4, 1)).shuffle(keys)  # DomainBed misc.split_dataset
-    assert out1.indices.tolist() == keys[:len(out1)]
+    assert out1.indices.tolist() == keys[: len(out1)]
 
 
 def test_minibatches_are_seeded_resumable_and_from_the_split(colored):
@@ -122,6 +131,7 @@ def test_class_balanced_minibatches_balance_classes():
     env = get_dataset("ColoredMNIST", seed=0)[0]
     idx = torch.cat([torch.nonzero(env.y == 0).flatten()[:100], torch.nonzero(env.y == 1).flatten()[:900]])
     from domaingrad.data import Split
+
     split = Split(env, idx)
     balanced = InfiniteMinibatches([split], 4000, seed=0, class_balanced=True)
     plain = InfiniteMinibatches([split], 4000, seed=0)
@@ -131,5 +141,6 @@ def test_class_balanced_minibatches_balance_classes():
 
 def test_unknown_dataset_lists_valid_names():
     from domaingrad.errors import DomainGradError
+
     with pytest.raises(DomainGradError, match="valid datasets: ColoredMNIST, RotatedMNIST"):
         get_dataset("ColouredMNIST")

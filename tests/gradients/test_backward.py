@@ -60,17 +60,29 @@ def test_the_three_input_forms_give_the_same_grads_as_the_rule():
     assert expected.stats["conflict_pairs"] > 0  # the case exercises a projection
 
 
-@pytest.mark.parametrize("name, make, options", [
-    ("pcgrad", lambda: PCGrad(generator=torch.Generator().manual_seed(3)),
-     lambda: {"generator": torch.Generator().manual_seed(3)}),
-    ("corgrad", lambda: CorGrad(slices=2, min_slice=2, generator=torch.Generator().manual_seed(1)),
-     lambda: {"slices": 2, "min_slice": 2, "generator": torch.Generator().manual_seed(1)}),
-    ("agr_sum", lambda: AgrSum(reduction="mean"), lambda: {"reduction": "mean"}),
-    ("agr_rand", lambda: AgrRand(generator=torch.Generator().manual_seed(4)),
-     lambda: {"generator": torch.Generator().manual_seed(4)}),
-    ("and_mask", lambda: ANDMask(tau=0.5), lambda: {"tau": 0.5}),
-    ("sand_mask", lambda: SANDMask(tau=0.3, k=2.0), lambda: {"tau": 0.3, "k": 2.0}),
-])
+@pytest.mark.parametrize(
+    "name, make, options",
+    [
+        (
+            "pcgrad",
+            lambda: PCGrad(generator=torch.Generator().manual_seed(3)),
+            lambda: {"generator": torch.Generator().manual_seed(3)},
+        ),
+        (
+            "corgrad",
+            lambda: CorGrad(slices=2, min_slice=2, generator=torch.Generator().manual_seed(1)),
+            lambda: {"slices": 2, "min_slice": 2, "generator": torch.Generator().manual_seed(1)},
+        ),
+        ("agr_sum", lambda: AgrSum(reduction="mean"), lambda: {"reduction": "mean"}),
+        (
+            "agr_rand",
+            lambda: AgrRand(generator=torch.Generator().manual_seed(4)),
+            lambda: {"generator": torch.Generator().manual_seed(4)},
+        ),
+        ("and_mask", lambda: ANDMask(tau=0.5), lambda: {"tau": 0.5}),
+        ("sand_mask", lambda: SANDMask(tau=0.3, k=2.0), lambda: {"tau": 0.3, "k": 2.0}),
+    ],
+)
 def test_objects_names_and_functions_give_identical_grads(name, make, options):
     results = []
     for rule, kwargs in ((name, options()), (RULES[name], options()), (make(), {})):
@@ -117,7 +129,8 @@ def test_a_corgrad_object_counts_the_backward_calls():
     for step in range(3):
         model, losses = model_and_losses(step)
         assert surgery_backward(losses, model.parameters(), rule=rule)["alpha"] == pytest.approx(
-            0.8 * (1 - math.log(step + 1) / math.log(5)))
+            0.8 * (1 - math.log(step + 1) / math.log(5))
+        )
     assert rule.step == 3
 
 
@@ -125,24 +138,35 @@ def w_param():
     return torch.nn.Parameter(torch.ones(2))
 
 
-@pytest.mark.parametrize("call, match", [
-    (lambda: surgery_backward([], [w_param()]), "at least one domain"),
-    (lambda: surgery_backward([w_param().sum()], [w_param()], rule="gradnorm"), "unknown surgery rule 'gradnorm'"),
-    (lambda: surgery_backward([w_param().sum()], [w_param()], rule=3), "rule must be a rule name"),
-    (lambda: surgery_backward([w_param().sum()], [w_param()], rule=PCGrad(), generator=torch.Generator()),
-     "PCGrad takes its options in its constructor"),
-    (lambda: surgery_backward([w_param().sum()], [torch.nn.Parameter(torch.ones(2), requires_grad=False)]),
-     "no parameter that requires grad"),
-    (lambda: surgery_backward([torch.tensor(1.0)], [w_param()]), "loss 0 does not require grad"),
-    (lambda: surgery_backward([w_param().sum(), w_param() * 2], [w_param()]), "losses_or_grads\\[1\\] is a tensor"),
-    (lambda: surgery_backward([[torch.ones(2)], [torch.ones(2), torch.ones(2)]], [w_param()]),
-     "losses_or_grads\\[1\\] is 2 entries"),
-    (lambda: surgery_backward([[torch.ones(3)]], [w_param()]), "gradient 0 of domain 0 has shape \\(3,\\)"),
-    (lambda: surgery_backward([1.0, 2.0], [w_param()]), "losses_or_grads\\[0\\] is float"),
-    (lambda: surgery_backward([torch.ones(2, 3)], [w_param()]), "one tensor per parameter"),
-    (lambda: surgery_backward([w_param().sum()], [w_param()], rule=lambda g: [g[0][0]]),
-     "returned a list, expected a SurgeryResult"),
-])
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda: surgery_backward([], [w_param()]), "at least one domain"),
+        (lambda: surgery_backward([w_param().sum()], [w_param()], rule="gradnorm"), "unknown surgery rule 'gradnorm'"),
+        (lambda: surgery_backward([w_param().sum()], [w_param()], rule=3), "rule must be a rule name"),
+        (
+            lambda: surgery_backward([w_param().sum()], [w_param()], rule=PCGrad(), generator=torch.Generator()),
+            "PCGrad takes its options in its constructor",
+        ),
+        (
+            lambda: surgery_backward([w_param().sum()], [torch.nn.Parameter(torch.ones(2), requires_grad=False)]),
+            "no parameter that requires grad",
+        ),
+        (lambda: surgery_backward([torch.tensor(1.0)], [w_param()]), "loss 0 does not require grad"),
+        (lambda: surgery_backward([w_param().sum(), w_param() * 2], [w_param()]), "losses_or_grads\\[1\\] is a tensor"),
+        (
+            lambda: surgery_backward([[torch.ones(2)], [torch.ones(2), torch.ones(2)]], [w_param()]),
+            "losses_or_grads\\[1\\] is 2 entries",
+        ),
+        (lambda: surgery_backward([[torch.ones(3)]], [w_param()]), "gradient 0 of domain 0 has shape \\(3,\\)"),
+        (lambda: surgery_backward([1.0, 2.0], [w_param()]), "losses_or_grads\\[0\\] is float"),
+        (lambda: surgery_backward([torch.ones(2, 3)], [w_param()]), "one tensor per parameter"),
+        (
+            lambda: surgery_backward([w_param().sum()], [w_param()], rule=lambda g: [g[0][0]]),
+            "returned a list, expected a SurgeryResult",
+        ),
+    ],
+)
 def test_bad_inputs_raise_clear_errors(call, match):
     with pytest.raises(ValueError, match=match):
         call()

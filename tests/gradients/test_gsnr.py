@@ -2,6 +2,7 @@
 supplementary material of Michalkiewicz, Faraki, Yu, Chandraker, Baktashmotlagh, "Domain
 Generalization Guided by Gradient Signal to Noise Ratio of Parameters" (ICCV 2023) and
 torchvision, plus the drop fractions and the guard of the listing's unchecked index."""
+
 from __future__ import annotations
 
 import math
@@ -27,13 +28,20 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def listing2_drop_block2d_gsnr(
-    input: Tensor, grads: Tensor, p: float, p_gsnr: float, block_size: int,
-    inplace: bool = False, eps: float = 1e-06, training: bool = True
+    input: Tensor,
+    grads: Tensor,
+    p: float,
+    p_gsnr: float,
+    block_size: int,
+    inplace: bool = False,
+    eps: float = 1e-06,
+    training: bool = True,
 ) -> Tensor:
     """Listing 2 of the supplementary material of Michalkiewicz et al. (ICCV 2023),
     copied literally (docstring removed)."""
+
     def calc_gsnr(grads, eps=10**-7):
-        ''' computes batch-wise gsnr '''
+        """computes batch-wise gsnr"""
         grads_mean = grads.reshape(grads.shape[0], -1).mean(dim=0)
         grads_var = grads.reshape(grads.shape[0], -1).var(dim=0)
         gsnr = grads_mean**2 / (grads_var + eps)
@@ -56,18 +64,16 @@ def listing2_drop_block2d_gsnr(
     thresh_idx = int(thresh_idx)
     thresh_val = torch.sort(gsnr.flatten(), descending=True)[0][thresh_idx]
     window_size = H - block_size + 1
-    noise = gsnr[:, :, block_size-1:block_size-1+window_size, block_size-1:block_size-1+window_size]
+    noise = gsnr[:, :, block_size - 1 : block_size - 1 + window_size, block_size - 1 : block_size - 1 + window_size]
     noise = (noise >= thresh_val) * 1.0
-    assert noise.shape == (N//N, C, H - block_size + 1, W - block_size + 1)
+    assert noise.shape == (N // N, C, H - block_size + 1, W - block_size + 1)
 
-    noise_gsnr = torch.empty((1, C, H - block_size + 1, W - block_size + 1),
-                             dtype=input.dtype, device=input.device)
+    noise_gsnr = torch.empty((1, C, H - block_size + 1, W - block_size + 1), dtype=input.dtype, device=input.device)
     noise_gsnr.bernoulli_(p_gsnr)
     noise = noise * noise_gsnr
 
     noise = F.pad(noise, [block_size // 2] * 4, value=0)
-    noise = F.max_pool2d(noise, stride=(1, 1), kernel_size=(block_size, block_size),
-                         padding=block_size // 2)
+    noise = F.max_pool2d(noise, stride=(1, 1), kernel_size=(block_size, block_size), padding=block_size // 2)
     noise = 1 - noise  # now high gsnr values are zeroed
     normalize_scale = noise.numel() / (eps + noise.sum())
     if inplace:
@@ -86,13 +92,15 @@ def test_batch_gsnr_is_squared_mean_over_unbiased_variance():
     grads = torch.randn(5, 2, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     mean = grads.sum(0) / 5
     var = ((grads - mean) ** 2).sum(0) / 4
-    torch.testing.assert_close(batch_gsnr(grads), mean ** 2 / (var + 1e-7), rtol=1e-12, atol=0)
+    torch.testing.assert_close(batch_gsnr(grads), mean**2 / (var + 1e-7), rtol=1e-12, atol=0)
     with pytest.raises(DomainGradError, match="at least 2 samples"):
         batch_gsnr(grads[:1])
 
 
-@pytest.mark.parametrize("p,p_gsnr,block_size,seed", [
-    (0.1, 0.5, 3, 0), (0.3, 0.8, 1, 1), (0.05, 1.0, 5, 2), (0.2, 0.3, 3, 3), (0.15, 0.6, 7, 4)])
+@pytest.mark.parametrize(
+    "p,p_gsnr,block_size,seed",
+    [(0.1, 0.5, 3, 0), (0.3, 0.8, 1, 1), (0.05, 1.0, 5, 2), (0.2, 0.3, 3, 3), (0.15, 0.6, 7, 4)],
+)
 def test_matches_the_listing_on_fixed_tensors(p, p_gsnr, block_size, seed):
     x, grads = tensors(seed=seed)
     torch.manual_seed(100 + seed)  # the listing draws M2 from the global generator
@@ -149,7 +157,8 @@ def spaced_gsnr(block_size=3, size=12, spacing=4):
     gsnr = torch.rand(1, size, size, generator=torch.Generator().manual_seed(3))  # in [0, 1)
     rows = torch.arange(0, size - b + 1, spacing) + b - 1
     gsnr[0, rows[:, None], rows[None, :]] = 10.0 + torch.arange(len(rows) ** 2, dtype=torch.float32).view(
-        len(rows), len(rows))
+        len(rows), len(rows)
+    )
     return gsnr, len(rows) ** 2
 
 

@@ -134,10 +134,7 @@ def test_matches_plain_autograd_float64(n_domains: int, in_channels: int) -> Non
     torch.manual_seed(n_domains * 10 + in_channels)
     n_cls = 2 if in_channels == 2 else 10
     model = MNIST_CNN(in_channels, n_cls).double()
-    mbs = [
-        (x.double(), y)
-        for x, y in make_batches([2] * n_domains, (in_channels, 28, 28), n_cls)
-    ]
+    mbs = [(x.double(), y) for x, y in make_batches([2] * n_domains, (in_channels, 28, 28), n_cls)]
     want = reference(model, mbs)
     # (the sequential path is checked in float32 below, with the very same kernels)
     res = per_domain_gradients(model, mbs, method="vmap")
@@ -227,9 +224,7 @@ def test_unused_parameter_gets_zero_gradient(method: str) -> None:
     model = MNIST_CNN(1, 10)
     model.unused = nn.Linear(3, 3)
     mbs = make_batches([2, 2], (1, 28, 28), 10)
-    res = per_domain_gradients(
-        model, mbs, params=[model.unused.weight, model.classifier.bias], method=method
-    )
+    res = per_domain_gradients(model, mbs, params=[model.unused.weight, model.classifier.bias], method=method)
     assert res.grads[0].shape == (2, 3, 3)
     assert torch.count_nonzero(res.grads[0]) == 0
     assert torch.count_nonzero(res.grads[1]) > 0
@@ -339,8 +334,7 @@ def test_auto_falls_back_to_sequential_with_batchnorm(monkeypatch) -> None:
     twin = copy.deepcopy(model)
     want_g, _, _ = reference(twin, mbs)
     # auto must not even try vmap here, whatever the device
-    monkeypatch.setattr(pd_mod, "_auto_method", lambda problem, device: (
-        "vmap" if problem is None else "sequential"))
+    monkeypatch.setattr(pd_mod, "_auto_method", lambda problem, device: "vmap" if problem is None else "sequential")
     monkeypatch.setattr(pd_mod, "_vmap_path", _fail)
     res = per_domain_gradients(model, mbs, method="auto")
     assert_grads_close(res.grads, want_g)
@@ -380,8 +374,7 @@ def test_auto_unequal_batch_sizes_uses_sequential(monkeypatch) -> None:
     model = MNIST_CNN(1, 10)
     mbs = make_batches([3, 2], (1, 28, 28), 10)
     want_g, _, _ = reference(model, mbs)
-    monkeypatch.setattr(pd_mod, "_auto_method", lambda problem, device: (
-        "vmap" if problem is None else "sequential"))
+    monkeypatch.setattr(pd_mod, "_auto_method", lambda problem, device: "vmap" if problem is None else "sequential")
     monkeypatch.setattr(pd_mod, "_vmap_path", _fail)
     res = per_domain_gradients(model, mbs, method="auto")
     assert_grads_close(res.grads, want_g)

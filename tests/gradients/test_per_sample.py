@@ -1,4 +1,5 @@
 """Per-sample gradients (torch.func path and the linear cross-entropy closed form)."""
+
 from __future__ import annotations
 
 import pytest
@@ -20,8 +21,7 @@ def mlp(seed: int = 0) -> nn.Module:
 
 def data(n: int = 5, features: int = 4, classes: int = 3, seed: int = 1):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(n, features, generator=g, dtype=torch.float64),
-            torch.randint(0, classes, (n,), generator=g))
+    return (torch.randn(n, features, generator=g, dtype=torch.float64), torch.randint(0, classes, (n,), generator=g))
 
 
 def loop_gradients(module, x, y, names, create_graph=False):
@@ -29,7 +29,7 @@ def loop_gradients(module, x, y, names, create_graph=False):
     params = dict(module.named_parameters())
     out = {n: [] for n in names}
     for i in range(len(x)):
-        loss = F.cross_entropy(module(x[i:i + 1]), y[i:i + 1])
+        loss = F.cross_entropy(module(x[i : i + 1]), y[i : i + 1])
         gs = torch.autograd.grad(loss, [params[n] for n in names], create_graph=create_graph)
         for n, g in zip(names, gs):
             out[n].append(g)
@@ -62,8 +62,14 @@ def test_subset_of_parameters_and_order():
 
 def test_conv_groupnorm_network_equals_loop():
     torch.manual_seed(3)
-    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.GroupNorm(2, 4),
-                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)).double()
+    model = nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.GroupNorm(2, 4),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 3),
+    ).double()
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 2, 6, 6, generator=g, dtype=torch.float64)
     y = torch.tensor([0, 2, 1])

@@ -1,4 +1,5 @@
 """torchvision backbones: stage names and shapes, DomainBed's choice, frozen BatchNorm."""
+
 from __future__ import annotations
 
 import pytest
@@ -25,8 +26,12 @@ def test_resnet18_stages_and_output():
     net = models.featurizer_for((3, 32, 32), {"backbone": "resnet18"}).eval()
     x = torch.randn(2, 3, 32, 32)
     out, seen = _stages(net, x)
-    assert seen == {"layer1": (2, 64, 8, 8), "layer2": (2, 128, 4, 4), "layer3": (2, 256, 2, 2),
-                    "layer4": (2, 512, 1, 1)}
+    assert seen == {
+        "layer1": (2, 64, 8, 8),
+        "layer2": (2, 128, 4, 4),
+        "layer3": (2, 256, 2, 2),
+        "layer4": (2, 512, 1, 1),
+    }
     assert list(seen) == list(net.stage_names) and out.shape == (2, net.n_outputs) == (2, 512)
     assert all(seen[n][1] == net.stage_channels[n] for n in seen)
     assert torch.equal(out, net(x))
@@ -51,8 +56,15 @@ def test_alexnet_stages_and_output():
     net = models.featurizer_for((3, 64, 64), {"backbone": "alexnet"}).eval()
     x = torch.randn(2, 3, 64, 64)
     out, seen = _stages(net, x)
-    assert seen == {"conv1": (2, 64, 7, 7), "conv2": (2, 192, 3, 3), "conv3": (2, 384, 3, 3), "conv4": (2, 256, 3, 3),
-                    "conv5": (2, 256, 1, 1), "pool5": (2, 9216), "fc6": (2, 4096)}
+    assert seen == {
+        "conv1": (2, 64, 7, 7),
+        "conv2": (2, 192, 3, 3),
+        "conv3": (2, 384, 3, 3),
+        "conv4": (2, 256, 3, 3),
+        "conv5": (2, 256, 1, 1),
+        "pool5": (2, 9216),
+        "fc6": (2, 4096),
+    }
     assert tuple(seen) == net.stage_names and out.shape == (2, 4096)
     tv = net.network  # torchvision's AlexNet without fc8 gives the same features in eval mode
     assert torch.allclose(out, tv(x), atol=1e-5)

@@ -1,4 +1,5 @@
 """DomainBed's MNIST_CNN and the classifier head."""
+
 from __future__ import annotations
 
 import pytest

@@ -1,4 +1,5 @@
 """Initial weights: a saved state dict, the torchvision cache (imagenet), and the errors."""
+
 from __future__ import annotations
 
 import pytest

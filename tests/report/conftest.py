@@ -1,4 +1,5 @@
 """Hand-made results.jsonl records and sweep directories (no training)."""
+
 from __future__ import annotations
 
 import json
@@ -7,20 +8,50 @@ from pathlib import Path
 import pytest
 
 #: DomainBed's args beyond the grouping keys (DomainBed's train.py writes all of these)
-DOMAINBED_EXTRA_ARGS = {"checkpoint_freq": None, "data_dir": "/data", "holdout_fraction": 0.2, "hparams": None,
-                        "output_dir": "out", "save_model_every_checkpoint": False, "seed": 0,
-                        "skip_model_save": False, "steps": None, "task": "domain_generalization",
-                        "uda_holdout_fraction": 0}
+DOMAINBED_EXTRA_ARGS = {
+    "checkpoint_freq": None,
+    "data_dir": "/data",
+    "holdout_fraction": 0.2,
+    "hparams": None,
+    "output_dir": "out",
+    "save_model_every_checkpoint": False,
+    "seed": 0,
+    "skip_model_save": False,
+    "steps": None,
+    "task": "domain_generalization",
+    "uda_holdout_fraction": 0,
+}
 
 
-def make_record(step: int, in_accs: list[float], out_accs: list[float], *, dataset: str = "ColoredMNIST",
-                algorithm: str = "ERM", test_envs: list[int] = (0,), trial_seed: int = 0, hparams_seed: int = 0,
-                test_accs: list[float] | None = None) -> dict:
+def make_record(
+    step: int,
+    in_accs: list[float],
+    out_accs: list[float],
+    *,
+    dataset: str = "ColoredMNIST",
+    algorithm: str = "ERM",
+    test_envs: list[int] = (0,),
+    trial_seed: int = 0,
+    hparams_seed: int = 0,
+    test_accs: list[float] | None = None,
+) -> dict:
     """One DomainBed-style results.jsonl record; ``test_accs`` makes it a 70/10/20 record."""
-    record = {"step": step, "epoch": step / 10, "loss": 0.5, "mem_gb": 0.0, "step_time": 0.01,
-              "hparams": {"lr": 1e-3, "batch_size": 64},
-              "args": {**DOMAINBED_EXTRA_ARGS, "dataset": dataset, "algorithm": algorithm,
-                       "test_envs": list(test_envs), "trial_seed": trial_seed, "hparams_seed": hparams_seed}}
+    record = {
+        "step": step,
+        "epoch": step / 10,
+        "loss": 0.5,
+        "mem_gb": 0.0,
+        "step_time": 0.01,
+        "hparams": {"lr": 1e-3, "batch_size": 64},
+        "args": {
+            **DOMAINBED_EXTRA_ARGS,
+            "dataset": dataset,
+            "algorithm": algorithm,
+            "test_envs": list(test_envs),
+            "trial_seed": trial_seed,
+            "hparams_seed": hparams_seed,
+        },
+    }
     for i, (a, b) in enumerate(zip(in_accs, out_accs)):
         record[f"env{i}_in_acc"], record[f"env{i}_out_acc"] = a, b
     if test_accs is not None:
@@ -53,8 +84,16 @@ def cmnist_trials(accs: dict[tuple[str, int, int], float], steps: int = 2) -> li
             last = step == steps - 1
             in_accs = [0.9, 0.9, 0.9]
             in_accs[env] = acc if last else 0.0
-            records.append(make_record(step * 100, in_accs, [0.6 if last else 0.5] * 3, algorithm=algorithm,
-                                       test_envs=[env], trial_seed=trial))
+            records.append(
+                make_record(
+                    step * 100,
+                    in_accs,
+                    [0.6 if last else 0.5] * 3,
+                    algorithm=algorithm,
+                    test_envs=[env],
+                    trial_seed=trial,
+                )
+            )
     return records
 
 

@@ -9,6 +9,7 @@ b93c22a: ``Q.group`` returns its groups sorted by key, ``Q.sorted`` ranks a NaN 
 infinity and ``Q.argmax`` is Python's ``max`` -- together they decide ties and NaN, which
 ``test_domainbed_parity.py`` exercises.
 """
+
 from __future__ import annotations
 
 import collections
@@ -34,10 +35,12 @@ def make_selector_fn(selector):
             return lambda obj: tuple(make_selector_fn(p.strip())(obj) for p in parts)
         if "." in selector:
             parts = selector.split(".")
+
             def f(obj):
                 for p in parts:
                     obj = obj[p]
                 return obj
+
             return f
         return lambda obj: obj[selector]
     return selector
@@ -106,13 +109,16 @@ class Q:
 
     def sorted(self, key=None):
         if key is None:
+
             def key(x):
                 return x
+
         def key2(x):
             x = key(x)
             if isinstance(x, (np.floating, float)) and np.isnan(x):
                 return float("-inf")
             return x
+
         return Q(sorted(self._list, key=key2))
 
 
@@ -123,10 +129,12 @@ def get_test_records(records):
 class SelectionMethod:
     @classmethod
     def hparams_accs(self, records):
-        return (records.group("args.hparams_seed")
-                .map(lambda _, run_records: (self.run_acc(run_records), run_records))
-                .filter(lambda x: x[0] is not None)
-                .sorted(key=lambda x: x[0]["val_acc"])[::-1])
+        return (
+            records.group("args.hparams_seed")
+            .map(lambda _, run_records: (self.run_acc(run_records), run_records))
+            .filter(lambda x: x[0] is not None)
+            .sorted(key=lambda x: x[0]["val_acc"])[::-1]
+        )
 
     @classmethod
     def sweep_acc(self, records):
@@ -157,8 +165,7 @@ class IIDAccuracySelectionMethod(SelectionMethod):
                 break
             if i != test_env:
                 val_env_keys.append(f"env{i}_out_acc")
-        return {"val_acc": np.mean([record[key] for key in val_env_keys]),
-                "test_acc": record[f"env{test_env}_in_acc"]}
+        return {"val_acc": np.mean([record[key] for key in val_env_keys]), "test_acc": record[f"env{test_env}_in_acc"]}
 
     @classmethod
     def run_acc(self, run_records):
@@ -184,7 +191,7 @@ class LeaveOneOutSelectionMethod(SelectionMethod):
         for r in records.filter(lambda r: len(r["args"]["test_envs"]) == 2):
             val_env = (set(r["args"]["test_envs"]) - set([test_env])).pop()
             val_accs[val_env] = r[f"env{val_env}_in_acc"]
-        val_accs = list(val_accs[:test_env]) + list(val_accs[test_env + 1:])
+        val_accs = list(val_accs[:test_env]) + list(val_accs[test_env + 1 :])
         if any([v == -1 for v in val_accs]):
             return None
         val_acc = np.sum(val_accs) / (n_envs - 1)
@@ -192,8 +199,7 @@ class LeaveOneOutSelectionMethod(SelectionMethod):
 
     @classmethod
     def run_acc(self, records):
-        step_accs = records.group("step").map(lambda step, step_records: self._step_acc(step_records)) \
-            .filter_not_none()
+        step_accs = records.group("step").map(lambda step, step_records: self._step_acc(step_records)).filter_not_none()
         if len(step_accs):
             return step_accs.argmax("val_acc")
         return None
@@ -205,8 +211,12 @@ def get_grouped_records(records):
         for test_env in r["args"]["test_envs"]:
             group = (r["args"]["trial_seed"], r["args"]["dataset"], r["args"]["algorithm"], test_env)
             result[group].append(r)
-    return Q([{"trial_seed": t, "dataset": d, "algorithm": a, "test_env": e, "records": Q(r)}
-              for (t, d, a, e), r in result.items()])
+    return Q(
+        [
+            {"trial_seed": t, "dataset": d, "algorithm": a, "test_env": e, "records": Q(r)}
+            for (t, d, a, e), r in result.items()
+        ]
+    )
 
 
 def format_mean(data, latex):
@@ -222,9 +232,11 @@ def format_mean(data, latex):
 def results_tables(records, selection_method, alg_names, dataset_names, num_envs, latex=False):
     """print_results_tables, returning {dataset or "Averages": table rows} instead of printing."""
     records = Q(records)
-    grouped_records = get_grouped_records(records).map(
-        lambda group: {**group, "sweep_acc": selection_method.sweep_acc(group["records"])}
-    ).filter(lambda g: g["sweep_acc"] is not None)
+    grouped_records = (
+        get_grouped_records(records)
+        .map(lambda group: {**group, "sweep_acc": selection_method.sweep_acc(group["records"])})
+        .filter(lambda g: g["sweep_acc"] is not None)
+    )
     out = {}
     for dataset in dataset_names:
         test_envs = range(num_envs[dataset])
@@ -232,8 +244,9 @@ def results_tables(records, selection_method, alg_names, dataset_names, num_envs
         for i, algorithm in enumerate(alg_names):
             means = []
             for j, test_env in enumerate(test_envs):
-                trial_accs = (grouped_records.filter_equals("dataset, algorithm, test_env",
-                                                            (dataset, algorithm, test_env)).select("sweep_acc"))
+                trial_accs = grouped_records.filter_equals(
+                    "dataset, algorithm, test_env", (dataset, algorithm, test_env)
+                ).select("sweep_acc")
                 mean, err, table[i][j] = format_mean(trial_accs, latex)
                 means.append(mean)
             if None in means:
@@ -245,8 +258,11 @@ def results_tables(records, selection_method, alg_names, dataset_names, num_envs
     for i, algorithm in enumerate(alg_names):
         means = []
         for j, dataset in enumerate(dataset_names):
-            trial_averages = (grouped_records.filter_equals("algorithm, dataset", (algorithm, dataset))
-                              .group("trial_seed").map(lambda trial_seed, group: group.select("sweep_acc").mean()))
+            trial_averages = (
+                grouped_records.filter_equals("algorithm, dataset", (algorithm, dataset))
+                .group("trial_seed")
+                .map(lambda trial_seed, group: group.select("sweep_acc").mean())
+            )
             mean, err, table[i][j] = format_mean(trial_averages, latex)
             means.append(mean)
         if None in means:

@@ -5,6 +5,7 @@ ratios of small counts, so that equal validation accuracies are frequent and exa
 NaN validation accuracies (an empty split) sprinkled in, job directories named in an
 order unrelated to hparams_seed and some results.jsonl files not in step order.
 """
+
 from __future__ import annotations
 
 import math
@@ -26,9 +27,11 @@ from tests.report.conftest import make_record, write_job
 DATASETS = {"ColoredMNIST": 3, "RotatedMNIST": 6}
 ALGORITHMS = ["ERM", "IRM", "AgrSum"]
 #: domaingrad's method and its transcribed DomainBed counterpart
-PAIRS = {"iid": (IIDAccuracySelectionMethod, ref.IIDAccuracySelectionMethod),
-         "loo": (LeaveOneOutSelectionMethod, ref.LeaveOneOutSelectionMethod),
-         "oracle": (OracleSelectionMethod, ref.OracleSelectionMethod)}
+PAIRS = {
+    "iid": (IIDAccuracySelectionMethod, ref.IIDAccuracySelectionMethod),
+    "loo": (LeaveOneOutSelectionMethod, ref.LeaveOneOutSelectionMethod),
+    "oracle": (OracleSelectionMethod, ref.OracleSelectionMethod),
+}
 
 
 def _env_sets(dataset, n_envs):
@@ -49,9 +52,19 @@ def _random_sweep(root, rng):
                     if rng.rand() < 0.12:
                         continue
                     for hseed in range(2):
-                        records = [make_record(step, list(rng.rand(n_envs)), list(rng.rand(n_envs)),
-                                               dataset=dataset, algorithm=algorithm, test_envs=test_envs,
-                                               trial_seed=trial, hparams_seed=hseed) for step in (0, 100, 200)]
+                        records = [
+                            make_record(
+                                step,
+                                list(rng.rand(n_envs)),
+                                list(rng.rand(n_envs)),
+                                dataset=dataset,
+                                algorithm=algorithm,
+                                test_envs=test_envs,
+                                trial_seed=trial,
+                                hparams_seed=hseed,
+                            )
+                            for step in (0, 100, 200)
+                        ]
                         write_job(root, f"{job:04d}", records)
                         job += 1
 
@@ -80,9 +93,18 @@ def _tied_nan_sweep(root, rng):
                             val = [math.nan if rng.rand() < 0.08 or e == empty else v for e, v in enumerate(val)]
                             reported = [float(v) for v in rng.randint(0, 9, n_envs) / 8]
                             in_accs, out_accs = (reported, val) if len(test_envs) == 1 else (val, reported)
-                            records.append(make_record(step, in_accs, out_accs, dataset=dataset,
-                                                       algorithm=algorithm, test_envs=test_envs,
-                                                       trial_seed=trial, hparams_seed=hseed))
+                            records.append(
+                                make_record(
+                                    step,
+                                    in_accs,
+                                    out_accs,
+                                    dataset=dataset,
+                                    algorithm=algorithm,
+                                    test_envs=test_envs,
+                                    trial_seed=trial,
+                                    hparams_seed=hseed,
+                                )
+                            )
                         if rng.rand() < 1 / 3:
                             records = [records[i] for i in rng.permutation(len(records))]
                         write_job(root, f"{names[job]:04d}", records)
@@ -93,8 +115,7 @@ def _assert_tables_equal(sweep, report, algorithms):
     """Every table of every section equals the reference's; returns the number of non-X cells."""
     n_cells = 0
     for section in report.sections:
-        expected = ref.results_tables(sweep.records, PAIRS[section.method.key][1], algorithms, list(DATASETS),
-                                      DATASETS)
+        expected = ref.results_tables(sweep.records, PAIRS[section.method.key][1], algorithms, list(DATASETS), DATASETS)
         assert [t.dataset or "Averages" for t in section.tables] == list(expected)
         for table in section.tables:
             got = [[c.text for c in row] + [avg] for row, (_, avg) in zip(table.cells, table.avg)]

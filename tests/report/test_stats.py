@@ -1,4 +1,5 @@
 """Paired Wilcoxon signed-rank tests against a baseline, checked against scipy and by enumeration."""
+
 from __future__ import annotations
 
 import itertools
@@ -12,9 +13,9 @@ from domaingrad.report.render import render
 from domaingrad.report.summary import build_report
 from tests.report.conftest import cmnist_trials, write_job
 
-ERM = [.50, .52, .54, .56, .58, .60, .62]
-UP = [.01, .02, .03, .04, .05, .06, .07]          # AgrSum better on every trial
-MIXED = [.01, -.02, .03, -.04, .05, -.06, .07]    # IRM: W+ = 1+3+5+7 = 16, W- = 2+4+6 = 12
+ERM = [0.50, 0.52, 0.54, 0.56, 0.58, 0.60, 0.62]
+UP = [0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07]  # AgrSum better on every trial
+MIXED = [0.01, -0.02, 0.03, -0.04, 0.05, -0.06, 0.07]  # IRM: W+ = 1+3+5+7 = 16, W- = 2+4+6 = 12
 
 
 def _exact_two_sided_p(diffs):
@@ -22,9 +23,10 @@ def _exact_two_sided_p(diffs):
     ranks = [sorted(abs(d) for d in diffs).index(abs(d)) + 1 for d in diffs]
     w = min(sum(r for r, d in zip(ranks, diffs) if d > 0), sum(r for r, d in zip(ranks, diffs) if d < 0))
     n = len(ranks)
-    extreme = sum(1 for signs in itertools.product([0, 1], repeat=n)
-                  if sum(r for r, s in zip(range(1, n + 1), signs) if s) <= w)
-    return min(1.0, 2 * extreme / 2 ** n)
+    extreme = sum(
+        1 for signs in itertools.product([0, 1], repeat=n) if sum(r for r, s in zip(range(1, n + 1), signs) if s) <= w
+    )
+    return min(1.0, 2 * extreme / 2**n)
 
 
 @pytest.fixture
@@ -36,7 +38,7 @@ def report(sweep_dir):
         accs[("IRM", 0, t)] = ERM[t] + MIXED[t]
         accs[("AgrSum", 1, t)] = ERM[t] + UP[t]
         if t < 6:
-            accs[("ERM", 1, t)] = ERM[t]   # env 1: the baseline lacks trial 6 -> 6 pairs
+            accs[("ERM", 1, t)] = ERM[t]  # env 1: the baseline lacks trial 6 -> 6 pairs
     write_job(sweep_dir, "job", cmnist_trials(accs))
     return build_report(load_sweep(sweep_dir), selection="iid", baseline="ERM")
 
@@ -46,19 +48,19 @@ def test_wilcoxon_matches_scipy_and_exact_enumeration(report):
     assert set(tests) == {("AgrSum", 0), ("IRM", 0), ("AgrSum", 1)}
     agr = tests[("AgrSum", 0)]
     assert agr.trial_seeds == list(range(7))
-    assert agr.p_value == pytest.approx(2 / 2 ** 7)  # every difference positive: the most extreme of 128
+    assert agr.p_value == pytest.approx(2 / 2**7)  # every difference positive: the most extreme of 128
     assert agr.p_value == pytest.approx(stats.wilcoxon([e + u for e, u in zip(ERM, UP)], ERM).pvalue)
     irm = tests[("IRM", 0)]
     assert irm.p_value == pytest.approx(_exact_two_sided_p(MIXED))
     assert irm.p_value == pytest.approx(stats.wilcoxon([e + m for e, m in zip(ERM, MIXED)], ERM).pvalue)
     assert irm.p_value > 0.05 and agr.significant and not irm.significant
     paired = tests[("AgrSum", 1)]  # paired by trial seed: only the 6 seeds both have
-    assert paired.trial_seeds == list(range(6)) and paired.p_value == pytest.approx(2 / 2 ** 6)
+    assert paired.trial_seeds == list(range(6)) and paired.p_value == pytest.approx(2 / 2**6)
 
 
 def test_asterisk_in_tables_and_p_values_in_json(report):
     markdown = render(report, "markdown")
-    dataset_table = markdown[markdown.index("### ColoredMNIST"):markdown.index("### Averages")]
+    dataset_table = markdown[markdown.index("### ColoredMNIST") : markdown.index("### Averages")]
     rows = {line.split(" | ")[0].strip("| "): line for line in dataset_table.splitlines() if line.startswith("| ")}
     agr_cells = rows["AgrSum"].strip("| ").split(" | ")
     irm_cells = rows["IRM"].strip("| ").split(" | ")
@@ -76,7 +78,7 @@ def test_asterisk_in_tables_and_p_values_in_json(report):
 
 
 def test_few_trials_note(sweep_dir):
-    accs = {(a, 0, t): v + t / 100 for t in range(3) for a, v in (("ERM", .5), ("IRM", .6))}
+    accs = {(a, 0, t): v + t / 100 for t in range(3) for a, v in (("ERM", 0.5), ("IRM", 0.6))}
     write_job(sweep_dir, "job", cmnist_trials(accs))
     report = build_report(load_sweep(sweep_dir), selection="iid", baseline="ERM")
     (test,) = report.sections[0].tests

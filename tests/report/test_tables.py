@@ -1,4 +1,5 @@
 """Tables as DomainBed's collect_results builds them, and their Markdown/LaTeX/CSV/JSON forms."""
+
 from __future__ import annotations
 
 import csv
@@ -32,8 +33,17 @@ def test_format_mean_is_domainbeds():
 
 
 # ERM: env0 trials .70/.80, env1 .50/.60, env2 trial 0 only .10 ; IRM: env0 and env1 only
-ACCS = {("ERM", 0, 0): .70, ("ERM", 0, 1): .80, ("ERM", 1, 0): .50, ("ERM", 1, 1): .60, ("ERM", 2, 0): .10,
-        ("IRM", 0, 0): .65, ("IRM", 0, 1): .75, ("IRM", 1, 0): .55, ("IRM", 1, 1): .45}
+ACCS = {
+    ("ERM", 0, 0): 0.70,
+    ("ERM", 0, 1): 0.80,
+    ("ERM", 1, 0): 0.50,
+    ("ERM", 1, 1): 0.60,
+    ("ERM", 2, 0): 0.10,
+    ("IRM", 0, 0): 0.65,
+    ("IRM", 0, 1): 0.75,
+    ("IRM", 1, 0): 0.55,
+    ("IRM", 1, 1): 0.45,
+}
 
 
 @pytest.fixture
@@ -46,12 +56,15 @@ def test_dataset_and_averages_tables(report):
     dataset_table, averages = report.sections[0].tables
     assert dataset_table.columns == ["+90%", "+80%", "-90%", "Avg"] and dataset_table.rows == ["ERM", "IRM"]
     erm, irm = dataset_table.cells
-    assert [c.text for c in erm] == [f"75.0 +/- {_sem_percent([.7, .8]):.1f}", f"55.0 +/- {_sem_percent([.5, .6]):.1f}",
-                                     "10.0 +/- 0.0"]
+    assert [c.text for c in erm] == [
+        f"75.0 +/- {_sem_percent([0.7, 0.8]):.1f}",
+        f"55.0 +/- {_sem_percent([0.5, 0.6]):.1f}",
+        "10.0 +/- 0.0",
+    ]
     assert dataset_table.avg[0] == (pytest.approx((75 + 55 + 10) / 3), f"{(75 + 55 + 10) / 3:.1f}")
     assert irm[2].text == "X" and dataset_table.avg[1] == (None, "X")  # a missing env makes Avg X
     # averages: per trial the mean over its envs (trial 0: (.7+.5+.1)/3, trial 1: (.8+.6)/2), then mean +- SE
-    trial_means = [(.7 + .5 + .1) / 3, (.8 + .6) / 2]
+    trial_means = [(0.7 + 0.5 + 0.1) / 3, (0.8 + 0.6) / 2]
     cell = averages.cells[0][0]
     assert cell.mean == pytest.approx(100 * sum(trial_means) / 2)
     assert cell.err == pytest.approx(_sem_percent(trial_means))
@@ -94,7 +107,10 @@ def test_csv_and_json_round_trip(report):
             for cell in row["cells"]:
                 from_json[(table["dataset"] or "Averages", row["algorithm"], cell["column"])] = cell
             from_json[(table["dataset"] or "Averages", row["algorithm"], "Avg")] = {
-                "mean": row["avg"], "text": row["avg_text"], "values": None}
+                "mean": row["avg"],
+                "text": row["avg_text"],
+                "values": None,
+            }
     assert len(rows) == len(from_json) == 2 * 4 + 2 * 2
     for row in rows:
         cell = from_json[(row["table"], row["algorithm"], row["column"])]

@@ -1,4 +1,5 @@
 """Tests of the Fishr IRM-setup Colored MNIST reproduction."""
+
 from __future__ import annotations
 
 import math
@@ -56,8 +57,9 @@ def test_environment_construction(digits, environments):
     tr_idx, te_idx = fcm.split_indices(len(digits.labels))
     g = torch.Generator().manual_seed(0)
     perm = torch.as_tensor(tr_idx)[torch.randperm(len(tr_idx), generator=g)]
-    clean = torch.cat([(digits.labels[perm][0::2] < 5), (digits.labels[perm][1::2] < 5),
-                       (digits.labels[torch.as_tensor(te_idx)] < 5)]).float()
+    clean = torch.cat(
+        [(digits.labels[perm][0::2] < 5), (digits.labels[perm][1::2] < 5), (digits.labels[torch.as_tensor(te_idx)] < 5)]
+    ).float()
     noisy = torch.cat([envs[0].y[:, 0], envs[1].y[:, 0], test.y[:, 0]])
     flipped = (clean != noisy).float().mean().item()
     assert abs(flipped - 0.25) < 4 * math.sqrt(0.25 * 0.75 / len(clean))
@@ -108,7 +110,7 @@ def test_per_sample_grads_closed_form_vs_vmap_vs_loop():
     loop = []
     for i in range(len(feats)):
         lin.zero_grad()
-        F.binary_cross_entropy_with_logits(lin(feats[i:i + 1]), y[i:i + 1]).backward()
+        F.binary_cross_entropy_with_logits(lin(feats[i : i + 1]), y[i : i + 1]).backward()
         loop.append(torch.cat([lin.weight.grad.flatten(), lin.bias.grad.flatten()]))
     loop = torch.stack(loop)
     assert closed.shape == (7, 6)
@@ -123,18 +125,18 @@ def test_fishr_penalty_vs_loops():
         grads = []
         for i in range(len(feats)):
             lin.zero_grad()
-            F.binary_cross_entropy_with_logits(lin(feats[i:i + 1]), y[i:i + 1]).backward()
+            F.binary_cross_entropy_with_logits(lin(feats[i : i + 1]), y[i : i + 1]).backward()
             grads.append(torch.cat([lin.weight.grad.flatten(), lin.bias.grad.flatten()]))
         n = len(grads)
         mean = [sum(g[k] for g in grads) / n for k in range(6)]
-        variances_loop.append(torch.tensor([sum((g[k] - mean[k]) ** 2 for g in grads) / n
-                                            for k in range(6)], dtype=torch.float64))
+        variances_loop.append(
+            torch.tensor([sum((g[k] - mean[k]) ** 2 for g in grads) / n for k in range(6)], dtype=torch.float64)
+        )
     expected = 0.0
     for k in range(6):
         m = (variances_loop[0][k] + variances_loop[1][k]) / 2
         expected += (variances_loop[0][k] - m) ** 2 + (variances_loop[1][k] - m) ** 2
-    variances = [fcm.gradient_variance(fcm.per_sample_classifier_grads(f, lin(f), y))
-                 for f, y, _ in envs]
+    variances = [fcm.gradient_variance(fcm.per_sample_classifier_grads(f, lin(f), y)) for f, y, _ in envs]
     for v, vl in zip(variances, variances_loop):
         assert torch.allclose(v, vl, atol=1e-12)
     assert torch.allclose(fcm.fishr_penalty(variances), torch.as_tensor(expected), atol=1e-12)
@@ -155,7 +157,7 @@ def test_irm_penalty_vs_autograd_scale():
     scale = torch.tensor(1.0, dtype=torch.float64, requires_grad=True)
     loss = F.binary_cross_entropy_with_logits(logits * scale, y)
     (g,) = torch.autograd.grad(loss, scale, create_graph=True)
-    expected = g ** 2
+    expected = g**2
     got = fcm.irm_penalty(logits, y)
     assert torch.allclose(got, expected, atol=1e-12)
     # and the gradients w.r.t. the parameters agree too (the penalty is trained on)
@@ -171,7 +173,7 @@ def test_vrex_penalty_is_the_fishr_scripts_squared_difference():
     b = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
     p = fcm.vrex_penalty([a, b])
     assert torch.isclose(p, torch.tensor(0.16, dtype=torch.float64), rtol=1e-12, atol=0)
-    assert not torch.isclose(p, torch.tensor(0.04, dtype=torch.float64))   # the variance
+    assert not torch.isclose(p, torch.tensor(0.04, dtype=torch.float64))  # the variance
     assert torch.isclose(fcm.vrex_penalty([b, a]), p, rtol=1e-12, atol=0)
     # differentiable: d/dL_0 = 2 (L_0 - L_1), d/dL_1 = -2 (L_0 - L_1)
     ga, gb = torch.autograd.grad(p, [a, b])
@@ -194,16 +196,23 @@ def test_methods_validated():
 
 
 def test_format_table_contains_paper_numbers():
-    res = {m: {"train": [0.7, 0.72], "test": [0.6, 0.62], "gray_test": [0.65, 0.66]}
-           for m in fcm.METHODS}
+    res = {m: {"train": [0.7, 0.72], "test": [0.6, 0.62], "gray_test": [0.65, 0.66]} for m in fcm.METHODS}
     for r in res.values():
         for k in ("train", "test", "gray_test"):
             r[f"{k}_mean"], r[f"{k}_std"] = float(np.mean(r[k])), float(np.std(r[k]))
     meta = {"label_noise": "per-step", "n_digits": 10000, "steps": 501, "restarts": 2}
     table = fcm.format_table({"methods": res, "meta": meta})
-    for s in ("86.4 / 14.0 / 71.0", "71.0 / 65.6 / 66.1", "71.7 / 67.2 / 68.6",
-              "71.0 / 69.5 / 70.2", "V-REx", "71.0 +- 1.0", "61.0 +- 1.0", "drawn afresh every step",
-              "10000 digits"):
+    for s in (
+        "86.4 / 14.0 / 71.0",
+        "71.0 / 65.6 / 66.1",
+        "71.7 / 67.2 / 68.6",
+        "71.0 / 69.5 / 70.2",
+        "V-REx",
+        "71.0 +- 1.0",
+        "61.0 +- 1.0",
+        "drawn afresh every step",
+        "10000 digits",
+    ):
         assert s in table
     assert table.splitlines()[0].startswith("| method | train | test | gray test")
 
@@ -251,8 +260,7 @@ def test_results_do_not_depend_on_workers():
 def test_cli_markdown_never_overwrites(run_cli, tmp_path):
     target = tmp_path / "table.md"
     target.write_text("mine")
-    code, _, err = run_cli("reproduce", "fishr-colored-mnist", "--restarts", "1", "--steps", "1",
-                           "--markdown", target)
+    code, _, err = run_cli("reproduce", "fishr-colored-mnist", "--restarts", "1", "--steps", "1", "--markdown", target)
     assert code == 2 and "exists" in err and target.read_text() == "mine"
 
 
@@ -262,8 +270,7 @@ def test_reduced_reproduction_ordering(run_cli, tmp_path):
     three invariance penalties follow the shape instead, and their test accuracy is far
     above ERM's (measured on this form: ERM 11.7, IRM 63.8, V-REx 67.7, Fishr 62.9)."""
     results = fcm.run(restarts=1, steps=201, n_digits=2000, workers=2, log=lambda s: None)
-    acc = {m: {k: results["methods"][m][f"{k}_mean"] for k in ("train", "test", "gray_test")}
-           for m in fcm.METHODS}
+    acc = {m: {k: results["methods"][m][f"{k}_mean"] for k in ("train", "test", "gray_test")} for m in fcm.METHODS}
     assert acc["ERM"]["test"] < 0.3 and acc["ERM"]["train"] > 0.8
     for m in ("IRM", "VREx", "Fishr"):
         assert acc[m]["test"] > acc["ERM"]["test"] + 0.3, (m, acc)
@@ -271,13 +278,13 @@ def test_reduced_reproduction_ordering(run_cli, tmp_path):
 
 
 def test_cli_methods_selects_the_methods_to_run(run_cli):
-    code, out, err = run_cli("reproduce", "fishr-colored-mnist", "--restarts", "1", "--steps", "2",
-                             "--workers", "1", "--methods", "vrex,erm")
+    code, out, err = run_cli(
+        "reproduce", "fishr-colored-mnist", "--restarts", "1", "--steps", "2", "--workers", "1", "--methods", "vrex,erm"
+    )
     assert code == 0, err
     rows = [line for line in out.splitlines() if line.startswith("| ") and not line.startswith("| method")]
     assert [r.split(" |")[0] for r in rows] == ["| V-REx", "| ERM"]
-    code, _, err = run_cli("reproduce", "fishr-colored-mnist", "--restarts", "1", "--steps", "1",
-                           "--methods", "coral")
+    code, _, err = run_cli("reproduce", "fishr-colored-mnist", "--restarts", "1", "--steps", "1", "--methods", "coral")
     assert code != 0 and "unknown method" in err
     code, _, err = run_cli("reproduce", "fishr-colored-mnist", "--methods", ",")
     assert code != 0 and "at least one method" in err

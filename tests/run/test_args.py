@@ -1,5 +1,6 @@
 """The arguments of a run (domaingrad.run.args): hyperparameters as a dict, written as
 DomainBed's JSON text on disk, checked once per run."""
+
 from __future__ import annotations
 
 import importlib
@@ -15,8 +16,15 @@ from tests.conftest import train_until_interrupted
 
 
 def debug_args(tmp_path, **changes) -> TrainArgs:
-    fields = {"dataset": "Debug28", "test_envs": [0], "steps": 4, "checkpoint_freq": 2,
-              "hparams": {"batch_size": 8, "lr": 0.002}, "output_dir": str(tmp_path / "run"), "progress": False}
+    fields = {
+        "dataset": "Debug28",
+        "test_envs": [0],
+        "steps": 4,
+        "checkpoint_freq": 2,
+        "hparams": {"batch_size": 8, "lr": 0.002},
+        "output_dir": str(tmp_path / "run"),
+        "progress": False,
+    }
     return TrainArgs(**{**fields, **changes})
 
 
@@ -51,8 +59,9 @@ def test_a_run_saved_with_hparams_as_text_resumes_from_the_dict(tmp_path, monkey
     resumed = run_training(args, stream=io.StringIO()).records
     assert "resuming from the checkpoint at step 2" in (tmp_path / "run" / "out.txt").read_text()
     timing = {"step_time", "wall_time", "mem_gb", "args"}
-    assert [{k: v for k, v in r.items() if k not in timing} for r in resumed] == \
-        [{k: v for k, v in r.items() if k not in timing} for r in reference]
+    assert [{k: v for k, v in r.items() if k not in timing} for r in resumed] == [
+        {k: v for k, v in r.items() if k not in timing} for r in reference
+    ]
     assert read_records(tmp_path / "run" / "results.jsonl")[0][-1]["step"] == 3
     with pytest.raises(DomainGradError, match="finished run"):
         train(args, stream=io.StringIO())

@@ -1,4 +1,5 @@
 """Bad input gets a clear error that says what was expected, and loses nothing."""
+
 from __future__ import annotations
 
 import math
@@ -13,19 +14,24 @@ from tests.conftest import make_idx_folder
 DEBUG = ["train", "--dataset", "Debug28", "--test-envs", "0", "--hparams", '{"batch_size": 4}']
 
 
-@pytest.mark.parametrize("args, message", [
-    (["train", "--dataset", "ColouredMNIST"], "unknown dataset 'ColouredMNIST'; valid datasets: ColoredMNIST"),
-    (["train", "--algorithm", "EMR"], "unknown algorithm 'EMR'; valid algorithms: ERM"),
-    (["train", "--dataset", "Debug28", "--test-envs", "3"],
-     "test env 3 is out of range: Debug28 has 3 environments, 0..2"),
-    (["train", "--dataset", "Debug28", "--test-envs", "-1"], "test env -1 is out of range"),
-    (["train", "--dataset", "Debug28", "--hparams", '{"lrr": 0.1}'], "unknown hyperparameter 'lrr'.*valid names"),
-    (["train", "--dataset", "Debug28", "--hparams", '{"lr": "big"}'], "'lr' must be of type float"),
-    (["train", "--dataset", "Debug28", "--hparams", '{"lr": 1e-3'], "--hparams is not valid JSON"),
-    (["train", "--dataset", "Debug28", "--hparams", '{"batch_size": 0}'], "batch_size must be a positive integer"),
-    (["train", "--dataset", "Debug28", "--hparams", '{"lr": -1.0}'], "cannot build ERM with these hyperparameters"),
-    (["train", "--dataset", "Debug28", "--steps", "0"], "--steps must be a positive integer"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["train", "--dataset", "ColouredMNIST"], "unknown dataset 'ColouredMNIST'; valid datasets: ColoredMNIST"),
+        (["train", "--algorithm", "EMR"], "unknown algorithm 'EMR'; valid algorithms: ERM"),
+        (
+            ["train", "--dataset", "Debug28", "--test-envs", "3"],
+            "test env 3 is out of range: Debug28 has 3 environments, 0..2",
+        ),
+        (["train", "--dataset", "Debug28", "--test-envs", "-1"], "test env -1 is out of range"),
+        (["train", "--dataset", "Debug28", "--hparams", '{"lrr": 0.1}'], "unknown hyperparameter 'lrr'.*valid names"),
+        (["train", "--dataset", "Debug28", "--hparams", '{"lr": "big"}'], "'lr' must be of type float"),
+        (["train", "--dataset", "Debug28", "--hparams", '{"lr": 1e-3'], "--hparams is not valid JSON"),
+        (["train", "--dataset", "Debug28", "--hparams", '{"batch_size": 0}'], "batch_size must be a positive integer"),
+        (["train", "--dataset", "Debug28", "--hparams", '{"lr": -1.0}'], "cannot build ERM with these hyperparameters"),
+        (["train", "--dataset", "Debug28", "--steps", "0"], "--steps must be a positive integer"),
+    ],
+)
 def test_bad_arguments_are_explained(tmp_path, run_cli, args, message):
     out = tmp_path / "out"
     code, _, err = run_cli(*args, "--output-dir", out)
@@ -52,8 +58,19 @@ def test_data_dir_with_truncated_mnist(tmp_path, run_cli):
 def test_user_mnist_folder_is_used_and_logged(tmp_path, run_cli):
     make_idx_folder(tmp_path / "MNIST" / "raw", n_train=60, n_test=30)
     out = tmp_path / "o"
-    code, _, _ = run_cli("train", "--data-dir", tmp_path, "--output-dir", out, "--test-envs", "2",
-                         "--steps", "1", "--hparams", '{"batch_size": 4}')
+    code, _, _ = run_cli(
+        "train",
+        "--data-dir",
+        tmp_path,
+        "--output-dir",
+        out,
+        "--test-envs",
+        "2",
+        "--steps",
+        "1",
+        "--hparams",
+        '{"batch_size": 4}',
+    )
     assert code == 0
     assert f"90 images from IDX files in {tmp_path / 'MNIST' / 'raw'}" in (out / "out.txt").read_text()
 
@@ -106,7 +123,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, run_cli, mo
 
 def test_real_divergence_is_caught(tmp_path, run_cli):
     out = tmp_path / "o"
-    code, _, err = run_cli(*DEBUG[:-1], '{"batch_size": 4, "lr": 1e30}', "--steps", "30",
-                           "--checkpoint-freq", "50", "--output-dir", out)
+    code, _, err = run_cli(
+        *DEBUG[:-1], '{"batch_size": 4, "lr": 1e30}', "--steps", "30", "--checkpoint-freq", "50", "--output-dir", out
+    )
     assert code == 1 and "non-finite value at step" in err
     assert not (out / "done").exists()

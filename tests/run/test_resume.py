@@ -1,4 +1,5 @@
 """Resume: a run killed at any moment and restarted ends identical to an uninterrupted one."""
+
 from __future__ import annotations
 
 import json
@@ -13,8 +14,24 @@ import torch
 
 from domaingrad.run.output import read_records
 
-ARGS = ["train", "--dataset", "Debug28", "--test-envs", "1", "--steps", "24", "--checkpoint-freq", "4",
-        "--hparams", '{"batch_size": 6}', "--seed", "3", "--trial-seed", "1", "--no-progress"]
+ARGS = [
+    "train",
+    "--dataset",
+    "Debug28",
+    "--test-envs",
+    "1",
+    "--steps",
+    "24",
+    "--checkpoint-freq",
+    "4",
+    "--hparams",
+    '{"batch_size": 6}',
+    "--seed",
+    "3",
+    "--trial-seed",
+    "1",
+    "--no-progress",
+]
 TIMING_KEYS = {"step_time", "mem_gb", "wall_time"}
 
 
@@ -50,8 +67,8 @@ def test_killed_runs_resume_to_identical_results(tmp_path):
     assert [r["step"] for r in expected] == [0, 4, 8, 12, 16, 20, 23]
 
     out = tmp_path / "killed"
-    run_until_killed(out, 1, 0.0)      # right after a record lands
-    run_until_killed(out, 3, 0.15)     # somewhere between checkpoints
+    run_until_killed(out, 1, 0.0)  # right after a record lands
+    run_until_killed(out, 3, 0.15)  # somewhere between checkpoints
     assert not (out / "done").exists()
     done = subprocess.run(command(out), capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
@@ -68,12 +85,15 @@ def test_killed_runs_resume_to_identical_results(tmp_path):
 def test_reconcile_restores_or_deduplicates_the_checkpoint_record(tmp_path):
     """The three states a kill can leave around the checkpoint of step 4."""
     from domaingrad.run.output import RunDirectory
+
     rec = [{"step": s, "env0_in_acc": s / 10} for s in (0, 4)]
     line = [json.dumps(r, sort_keys=True) for r in rec]
     state = {"record": rec[1]}
-    for written in (line[0] + "\n",                                 # killed before the append
-                    line[0] + "\n" + line[1][:9],                   # killed mid-append
-                    line[0] + "\n" + line[1] + "\n"):              # killed after the append
+    for written in (
+        line[0] + "\n",  # killed before the append
+        line[0] + "\n" + line[1][:9],  # killed mid-append
+        line[0] + "\n" + line[1] + "\n",
+    ):  # killed after the append
         (tmp_path / "results.jsonl").write_text(written)
         kept = RunDirectory(tmp_path).reconcile_results(state)
         assert kept == rec

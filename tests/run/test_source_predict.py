@@ -1,5 +1,6 @@
 """Training environments are evaluated with ``predict_source`` and their training-domain
 index (DMG's ``dmg_source_predict``), test environments with ``predict``."""
+
 from __future__ import annotations
 
 import json
@@ -15,9 +16,16 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def test_training_envs_use_their_own_domain_and_test_envs_the_test_rule(tmp_path, monkeypatch):
-    args = TrainArgs(dataset="Debug28", algorithm="DMG", test_envs=[1], steps=1, checkpoint_freq=1,
-                     output_dir=str(tmp_path), device="cpu",
-                     hparams=json.dumps({"dmg_source_predict": "own_hard", "dmg_layers": "features"}))
+    args = TrainArgs(
+        dataset="Debug28",
+        algorithm="DMG",
+        test_envs=[1],
+        steps=1,
+        checkpoint_freq=1,
+        output_dir=str(tmp_path),
+        device="cpu",
+        hparams=json.dumps({"dmg_source_predict": "own_hard", "dmg_layers": "features"}),
+    )
     run = TrainingRun.prepare(args)
     algo = run.algorithm
     assert isinstance(algo, DMG)

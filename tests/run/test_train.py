@@ -1,4 +1,5 @@
 """`domaingrad train`: records, files, the ERM signature on real Colored MNIST."""
+
 from __future__ import annotations
 
 import pytest
@@ -9,9 +10,23 @@ from domaingrad.run.output import read_records
 
 def test_debug_run_writes_domainbed_records(tmp_path, run_cli):
     out = tmp_path / "run"
-    code, stdout, _ = run_cli("train", "--dataset", "Debug28", "--test_envs", "0", "--steps", "7",
-                              "--checkpoint_freq", "3", "--output_dir", out, "--hparams", '{"batch_size": 8}',
-                              "--trial-seed", "2")
+    code, stdout, _ = run_cli(
+        "train",
+        "--dataset",
+        "Debug28",
+        "--test_envs",
+        "0",
+        "--steps",
+        "7",
+        "--checkpoint_freq",
+        "3",
+        "--output_dir",
+        out,
+        "--hparams",
+        '{"batch_size": 8}',
+        "--trial-seed",
+        "2",
+    )
     assert code == 0
     records, bad = read_records(out / "results.jsonl")
     assert bad == [] and [r["step"] for r in records] == [0, 3, 6]
@@ -43,8 +58,21 @@ def test_list_names_every_dataset_and_algorithm(run_cli):
 def test_erm_colored_mnist_signature(tmp_path, run_cli):
     """ERM learns the colour: training envs near 90% / 80%, the -90% env far below."""
     out = tmp_path / "cmnist"
-    code, _, _ = run_cli("train", "--dataset", "ColoredMNIST", "--test-envs", "2", "--steps", "81",
-                         "--checkpoint-freq", "80", "--hparams", '{"batch_size": 32}', "--output-dir", out)
+    code, _, _ = run_cli(
+        "train",
+        "--dataset",
+        "ColoredMNIST",
+        "--test-envs",
+        "2",
+        "--steps",
+        "81",
+        "--checkpoint-freq",
+        "80",
+        "--hparams",
+        '{"batch_size": 32}',
+        "--output-dir",
+        out,
+    )
     assert code == 0
     last = read_records(out / "results.jsonl")[0][-1]
     assert last["env0_in_acc"] > 0.7 and last["env1_in_acc"] > 0.7
@@ -54,8 +82,19 @@ def test_erm_colored_mnist_signature(tmp_path, run_cli):
 @pytest.mark.slow
 def test_rotated_mnist_runs_on_embedded_digits(tmp_path, run_cli):
     out = tmp_path / "rmnist"
-    code, stdout, _ = run_cli("train", "--dataset", "RotatedMNIST", "--test-envs", "0", "--steps", "1",
-                              "--hparams", '{"batch_size": 8}', "--output-dir", out)
+    code, stdout, _ = run_cli(
+        "train",
+        "--dataset",
+        "RotatedMNIST",
+        "--test-envs",
+        "0",
+        "--steps",
+        "1",
+        "--hparams",
+        '{"batch_size": 8}',
+        "--output-dir",
+        out,
+    )
     assert code == 0
     records = read_records(out / "results.jsonl")[0]
     assert [r["step"] for r in records] == [0]

@@ -1,4 +1,5 @@
 """Fixtures of the sweep tests: a tiny MNIST folder and helpers to build sweep flags."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -17,7 +18,26 @@ def tiny_mnist_dir(tmp_path_factory) -> Path:
 
 def sweep_flags(data_dir: Path, steps: int = 3, checkpoint_freq: int = 2, test_envs: str = "0 1") -> list[str]:
     """ERM on ColoredMNIST, the test envs one at a time, the default hparams, one trial."""
-    return ["--datasets", "ColoredMNIST", "--algorithms", "ERM", "--single-test-envs", "--test-envs",
-            *test_envs.split(),
-            "--n-hparams", "1", "--n-trials", "1", "--steps", str(steps), "--checkpoint-freq", str(checkpoint_freq),
-            "--hparams", '{"batch_size": 8}', "--data-dir", str(data_dir), "--skip-confirmation", "--no-progress"]
+    return [
+        "--datasets",
+        "ColoredMNIST",
+        "--algorithms",
+        "ERM",
+        "--single-test-envs",
+        "--test-envs",
+        *test_envs.split(),
+        "--n-hparams",
+        "1",
+        "--n-trials",
+        "1",
+        "--steps",
+        str(steps),
+        "--checkpoint-freq",
+        str(checkpoint_freq),
+        "--hparams",
+        '{"batch_size": 8}',
+        "--data-dir",
+        str(data_dir),
+        "--skip-confirmation",
+        "--no-progress",
+    ]

@@ -1,4 +1,5 @@
 """Job listing and hashing against DomainBed's ``scripts/sweep.py``."""
+
 from __future__ import annotations
 
 import copy
@@ -24,8 +25,20 @@ def all_test_env_combinations(n):
             yield [i, j]
 
 
-def make_args_list(n_trials, dataset_names, algorithms, n_hparams_from, n_hparams, steps,
-                   data_dir, task, holdout_fraction, single_test_envs, hparams, num_environments):
+def make_args_list(
+    n_trials,
+    dataset_names,
+    algorithms,
+    n_hparams_from,
+    n_hparams,
+    steps,
+    data_dir,
+    task,
+    holdout_fraction,
+    single_test_envs,
+    hparams,
+    num_environments,
+):
     args_list = []
     for trial_seed in range(n_trials):
         for dataset in dataset_names:
@@ -37,41 +50,63 @@ def make_args_list(n_trials, dataset_names, algorithms, n_hparams_from, n_hparam
                 for test_envs in all_test_envs:
                     for hparams_seed in range(n_hparams_from, n_hparams):
                         train_args = {}
-                        train_args['dataset'] = dataset
-                        train_args['algorithm'] = algorithm
-                        train_args['test_envs'] = test_envs
-                        train_args['holdout_fraction'] = holdout_fraction
-                        train_args['hparams_seed'] = hparams_seed
-                        train_args['data_dir'] = data_dir
-                        train_args['task'] = task
-                        train_args['trial_seed'] = trial_seed
-                        train_args['seed'] = seed_hash(dataset, algorithm, test_envs, hparams_seed, trial_seed)
+                        train_args["dataset"] = dataset
+                        train_args["algorithm"] = algorithm
+                        train_args["test_envs"] = test_envs
+                        train_args["holdout_fraction"] = holdout_fraction
+                        train_args["hparams_seed"] = hparams_seed
+                        train_args["data_dir"] = data_dir
+                        train_args["task"] = task
+                        train_args["trial_seed"] = trial_seed
+                        train_args["seed"] = seed_hash(dataset, algorithm, test_envs, hparams_seed, trial_seed)
                         if steps is not None:
-                            train_args['steps'] = steps
+                            train_args["steps"] = steps
                         if hparams is not None:
-                            train_args['hparams'] = hparams
+                            train_args["hparams"] = hparams
                         args_list.append(train_args)
     return args_list
 
 
 def domainbed_dir_name(train_args):
     args_str = json.dumps(copy.deepcopy(train_args), sort_keys=True)
-    return hashlib.md5(args_str.encode('utf-8')).hexdigest()
+    return hashlib.md5(args_str.encode("utf-8")).hexdigest()
+
+
 # --- end of DomainBed's code ---
 
 
 N_ENVS = {"ColoredMNIST": 3, "RotatedMNIST": 6}
-SPEC = SweepSpec(datasets=("ColoredMNIST", "RotatedMNIST"), algorithms=("ERM", "Fishr"), n_hparams_from=1,
-                 n_hparams=3, n_trials=2, steps=11, hparams='{"lr": 0.01}', data_dir="/data/dg")
+SPEC = SweepSpec(
+    datasets=("ColoredMNIST", "RotatedMNIST"),
+    algorithms=("ERM", "Fishr"),
+    n_hparams_from=1,
+    n_hparams=3,
+    n_trials=2,
+    steps=11,
+    hparams='{"lr": 0.01}',
+    data_dir="/data/dg",
+)
 
 
 @pytest.mark.parametrize("single", [False, True])
 def test_jobs_are_domainbeds_in_order_with_its_directory_names(tmp_path, single):
     spec = replace(SPEC, single_test_envs=single)
     jobs = make_jobs(spec, tmp_path)
-    reference = make_args_list(2, spec.datasets, spec.algorithms, 1, 3, 11, "/data/dg", "domain_generalization",
-                               0.2, single, '{"lr": 0.01}', N_ENVS.__getitem__)
-    combos = (3 + 6) if single else (3 + 3) + (6 + 15)   # n singles + n(n-1)/2 pairs per dataset
+    reference = make_args_list(
+        2,
+        spec.datasets,
+        spec.algorithms,
+        1,
+        3,
+        11,
+        "/data/dg",
+        "domain_generalization",
+        0.2,
+        single,
+        '{"lr": 0.01}',
+        N_ENVS.__getitem__,
+    )
+    combos = (3 + 6) if single else (3 + 3) + (6 + 15)  # n singles + n(n-1)/2 pairs per dataset
     assert len(jobs) == len(reference) == 2 * 2 * combos * 2
     assert [j.id for j in jobs] == [domainbed_dir_name(a) for a in reference]
     for job, ref in zip(jobs, reference):
@@ -124,32 +159,61 @@ def test_fixed_hparams_from_a_run_rerun_on_more_trials(tmp_path, run_cli):
     drawn = resolve_hparams("ERM", "ColoredMNIST", 5, 0)
     (run / "results.jsonl").write_text(json.dumps({"step": 10, "hparams": drawn}) + "\n")
     (run / "done").write_text("done")
-    code, out, err = run_cli("sweep", "status", "--output-dir", tmp_path / "s", "--datasets", "ColoredMNIST",
-                             "--algorithms", "ERM", "--single-test-envs", "--test-envs", "2", "--hparams-from", run,
-                             "--n-trials", "4", "--list")
+    code, out, err = run_cli(
+        "sweep",
+        "status",
+        "--output-dir",
+        tmp_path / "s",
+        "--datasets",
+        "ColoredMNIST",
+        "--algorithms",
+        "ERM",
+        "--single-test-envs",
+        "--test-envs",
+        "2",
+        "--hparams-from",
+        run,
+        "--n-trials",
+        "4",
+        "--list",
+    )
     assert code == 0, err
     assert "4 jobs: 4 not launched" in out
-    jobs = make_jobs(SweepSpec(("ColoredMNIST",), ("ERM",), (2,), True, hparams_seeds=(0,), n_trials=4,
-                               hparams=json.dumps(drawn, sort_keys=True)), tmp_path / "s")
+    jobs = make_jobs(
+        SweepSpec(
+            ("ColoredMNIST",),
+            ("ERM",),
+            (2,),
+            True,
+            hparams_seeds=(0,),
+            n_trials=4,
+            hparams=json.dumps(drawn, sort_keys=True),
+        ),
+        tmp_path / "s",
+    )
     assert all(j.id in out for j in jobs)
     for job in jobs:  # every trial runs exactly the drawn set, although trial seeds differ
         overrides = json.loads(job.args["hparams"])
-        assert resolve_hparams("ERM", "ColoredMNIST", job.args["hparams_seed"], job.args["trial_seed"],
-                               overrides) == drawn
+        assert (
+            resolve_hparams("ERM", "ColoredMNIST", job.args["hparams_seed"], job.args["trial_seed"], overrides) == drawn
+        )
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--n-hparams-from", "3", "--n-hparams", "3"], "gives no draw"),
-    (["--hparams-seeds", "1", "--n-hparams", "3"], "either --hparams-seeds"),
-    (["--trial-seeds", "1", "--n-trials", "3"], "either --trial-seeds"),
-    (["--hparams", '{"nope": 1}'], "unknown hyperparameter 'nope'"),
-    (["--hparams", '{"lr": "x"}'], "must be of type float"),
-    (["--test-envs", "5"], "out of range"),
-    (["--algorithms", "NoSuchAlgorithm"], "unknown algorithm"),
-    (["--datasets", "NoSuchData"], "unknown dataset"),
-    (["--steps", "0"], "positive integer"),
-    (["--hparams-from", "/no/such/run"], "expected a finished run"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--n-hparams-from", "3", "--n-hparams", "3"], "gives no draw"),
+        (["--hparams-seeds", "1", "--n-hparams", "3"], "either --hparams-seeds"),
+        (["--trial-seeds", "1", "--n-trials", "3"], "either --trial-seeds"),
+        (["--hparams", '{"nope": 1}'], "unknown hyperparameter 'nope'"),
+        (["--hparams", '{"lr": "x"}'], "must be of type float"),
+        (["--test-envs", "5"], "out of range"),
+        (["--algorithms", "NoSuchAlgorithm"], "unknown algorithm"),
+        (["--datasets", "NoSuchData"], "unknown dataset"),
+        (["--steps", "0"], "positive integer"),
+        (["--hparams-from", "/no/such/run"], "expected a finished run"),
+    ],
+)
 def test_bad_sweep_flags_are_refused_with_advice(tmp_path, run_cli, flags, message):
     base = {"--datasets": "ColoredMNIST", "--algorithms": "ERM"}
     for flag, value in base.items():
@@ -164,8 +228,7 @@ def test_bad_sweep_flags_are_refused_with_advice(tmp_path, run_cli, flags, messa
 def test_train_options_reach_every_job_and_its_hash(tmp_path):
     from domaingrad.sweep.jobs import SweepSpec, make_jobs
 
-    base = dict(datasets=("ColoredMNIST",), algorithms=("ERM",), single_test_envs=True, hparams_seeds=(0,),
-                n_trials=1)
+    base = dict(datasets=("ColoredMNIST",), algorithms=("ERM",), single_test_envs=True, hparams_seeds=(0,), n_trials=1)
     plain = make_jobs(SweepSpec(**base), tmp_path)
     split = make_jobs(SweepSpec(**base, train_options={"split_protocol": "70/10/20"}), tmp_path)
     assert len(plain) == len(split) == 3
@@ -177,8 +240,7 @@ def test_train_options_reach_every_job_and_its_hash(tmp_path):
 def test_clean_eval_is_a_sweep_option_reaching_every_job(tmp_path, run_cli, capsys):
     from domaingrad.sweep.jobs import SweepSpec, make_jobs
 
-    base = dict(datasets=("ColoredMNIST",), algorithms=("ERM",), single_test_envs=True, hparams_seeds=(0,),
-                n_trials=1)
+    base = dict(datasets=("ColoredMNIST",), algorithms=("ERM",), single_test_envs=True, hparams_seeds=(0,), n_trials=1)
     clean = make_jobs(SweepSpec(**base, train_options={"clean_eval": True}), tmp_path)
     plain = make_jobs(SweepSpec(**base), tmp_path)
     assert all(j.args["clean_eval"] is True for j in clean)

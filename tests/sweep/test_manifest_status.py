@@ -1,4 +1,5 @@
 """The manifest, job states, status and delete-incomplete (no training)."""
+
 from __future__ import annotations
 
 import fcntl
@@ -15,23 +16,35 @@ from domaingrad.sweep.jobs import SweepSpec, job_state, make_jobs
 from domaingrad.sweep.manifest import manifest_jobs, merge_manifest
 from domaingrad.sweep.worker import EXIT_RUNNING_ELSEWHERE
 
-FLAGS = ["--datasets", "ColoredMNIST", "--algorithms", "ERM", "--single-test-envs", "--n-hparams", "2",
-         "--n-trials", "1", "--steps", "3"]
+FLAGS = [
+    "--datasets",
+    "ColoredMNIST",
+    "--algorithms",
+    "ERM",
+    "--single-test-envs",
+    "--n-hparams",
+    "2",
+    "--n-trials",
+    "1",
+    "--steps",
+    "3",
+]
 
 
 def spec(**kw) -> SweepSpec:
-    base = dict(datasets=("ColoredMNIST",), algorithms=("ERM",), single_test_envs=True, n_hparams=2, n_trials=1,
-                steps=3)
+    base = dict(
+        datasets=("ColoredMNIST",), algorithms=("ERM",), single_test_envs=True, n_hparams=2, n_trials=1, steps=3
+    )
     return SweepSpec(**{**base, **kw})
 
 
 def test_manifest_merges_and_never_drops_entries(tmp_path):
-    first = make_jobs(spec(), tmp_path)                       # 3 envs x 2 draws
+    first = make_jobs(spec(), tmp_path)  # 3 envs x 2 draws
     assert [j.id for j in merge_manifest(tmp_path, first)] == [j.id for j in first]
-    more = make_jobs(spec(n_trials=2), tmp_path)              # the same 6 and 6 new
+    more = make_jobs(spec(n_trials=2), tmp_path)  # the same 6 and 6 new
     merged = merge_manifest(tmp_path, more)
     assert len(merged) == 12 and [j.id for j in merged[:6]] == [j.id for j in first]
-    merge_manifest(tmp_path, first[:1])                       # a smaller launch drops nothing
+    merge_manifest(tmp_path, first[:1])  # a smaller launch drops nothing
     data = json.loads((tmp_path / "sweep.json").read_text())
     assert data["version"] == 1
     assert [e["id"] for e in data["jobs"]] == [j.id for j in merged]
@@ -57,8 +70,10 @@ def make_states(tmp_path):
         job.output_dir.mkdir()
         (job.output_dir / "results.jsonl").write_text('{"step": 0}\n')
     (failed.output_dir / "failed").write_text('{"returncode": 1}')
-    (failed.output_dir / "err.txt").write_text("=== domaingrad sweep attempt 1 ===\nold error\n"
-                                               "=== domaingrad sweep attempt 2 ===\nTraceback\nValueError: boom\n")
+    (failed.output_dir / "err.txt").write_text(
+        "=== domaingrad sweep attempt 1 ===\nold error\n"
+        "=== domaingrad sweep attempt 2 ===\nTraceback\nValueError: boom\n"
+    )
     (done.output_dir / "done").write_text("done")
     fd = os.open(running.output_dir / "lock", os.O_RDWR | os.O_CREAT)
     fcntl.flock(fd, fcntl.LOCK_EX)
@@ -69,14 +84,19 @@ def test_job_states_and_status_output(tmp_path, run_cli):
     jobs, fd = make_states(tmp_path)
     try:
         assert [job_state(j.output_dir) for j in jobs] == [
-            JobState.NOT_LAUNCHED, JobState.INCOMPLETE, JobState.FAILED, JobState.RUNNING, JobState.DONE]
-        code, out, err = run_cli("sweep", "status", "--output-dir", tmp_path)     # jobs from sweep.json
+            JobState.NOT_LAUNCHED,
+            JobState.INCOMPLETE,
+            JobState.FAILED,
+            JobState.RUNNING,
+            JobState.DONE,
+        ]
+        code, out, err = run_cli("sweep", "status", "--output-dir", tmp_path)  # jobs from sweep.json
         assert code == 0, err
         assert "5 jobs: 1 not launched, 1 incomplete, 1 failed, 1 running, 1 done" in out
         assert f"failed       {jobs[2].id}" in out and "ValueError: boom" in out
-        assert "old error" not in out                   # only the last attempt's stderr
+        assert "old error" not in out  # only the last attempt's stderr
         assert f"running      {jobs[3].id}" in out
-        code, out, _ = run_cli("sweep", "status", "--output-dir", tmp_path, *FLAGS)   # jobs from the flags
+        code, out, _ = run_cli("sweep", "status", "--output-dir", tmp_path, *FLAGS)  # jobs from the flags
         assert "6 jobs: 2 not launched, 1 incomplete, 1 failed, 1 running, 1 done" in out
     finally:
         os.close(fd)
@@ -102,9 +122,9 @@ def test_delete_incomplete_keeps_done_and_running_jobs(tmp_path, run_cli, monkey
     finally:
         os.close(fd)
     assert not jobs[1].output_dir.exists() and not jobs[2].output_dir.exists()
-    assert jobs[3].output_dir.exists()                                  # running: kept
+    assert jobs[3].output_dir.exists()  # running: kept
     assert {p.name: p.read_bytes() for p in jobs[4].output_dir.iterdir()} == done_files
-    assert len(manifest_jobs(tmp_path)) == 5                            # the manifest still lists all
+    assert len(manifest_jobs(tmp_path)) == 5  # the manifest still lists all
 
 
 def test_a_job_already_running_is_not_started_twice(tmp_path):
@@ -113,8 +133,12 @@ def test_a_job_already_running_is_not_started_twice(tmp_path):
     fd = os.open(job.output_dir / "lock", os.O_RDWR | os.O_CREAT)
     fcntl.flock(fd, fcntl.LOCK_EX)
     try:
-        result = subprocess.run([sys.executable, "-m", "domaingrad.sweep.worker", json.dumps(job.args)],
-                                capture_output=True, text=True, timeout=60)
+        result = subprocess.run(
+            [sys.executable, "-m", "domaingrad.sweep.worker", json.dumps(job.args)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
     finally:
         os.close(fd)
     assert result.returncode == EXIT_RUNNING_ELSEWHERE
@@ -128,9 +152,27 @@ def test_launch_without_jobs_to_run_only_updates_the_manifest(tmp_path, run_cli)
     for job in jobs:
         job.output_dir.mkdir(exist_ok=True)
         (job.output_dir / "done").write_text("done")
-    code, out, _ = run_cli("sweep", "launch", "--output-dir", tmp_path, "--datasets", "ColoredMNIST",
-                           "--algorithms", "ERM", "--single-test-envs", "--test-envs", "0", "1",
-                           "--n-hparams", "2", "--n-trials", "1", "--steps", "3", "-y")
+    code, out, _ = run_cli(
+        "sweep",
+        "launch",
+        "--output-dir",
+        tmp_path,
+        "--datasets",
+        "ColoredMNIST",
+        "--algorithms",
+        "ERM",
+        "--single-test-envs",
+        "--test-envs",
+        "0",
+        "1",
+        "--n-hparams",
+        "2",
+        "--n-trials",
+        "1",
+        "--steps",
+        "3",
+        "-y",
+    )
     assert code == 0
     assert "About to launch 0 jobs" in out
-    assert len(manifest_jobs(tmp_path)) == 5    # its 4 jobs are among the 5 listed
+    assert len(manifest_jobs(tmp_path)) == 5  # its 4 jobs are among the 5 listed

@@ -1,4 +1,5 @@
 """The progress view: counts of done, running, failed and left jobs, ETA, failure tails."""
+
 from __future__ import annotations
 
 import io
@@ -10,8 +11,7 @@ from domaingrad.sweep.worker import EXIT_RUNNING_ELSEWHERE
 
 
 def test_progress_counts_eta_and_failure_tail(tmp_path):
-    jobs = make_jobs(SweepSpec(("ColoredMNIST",), ("ERM",), single_test_envs=True, n_hparams=2, n_trials=1),
-                     tmp_path)
+    jobs = make_jobs(SweepSpec(("ColoredMNIST",), ("ERM",), single_test_envs=True, n_hparams=2, n_trials=1), tmp_path)
     lines, bar = io.StringIO(), io.StringIO()
     progress = SweepProgress(len(jobs), stream=lines, bar=True, bar_stream=bar)
     assert progress.eta_seconds() is None

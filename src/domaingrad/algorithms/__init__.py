@@ -4,6 +4,7 @@ An algorithm is named by its registered name (:data:`ALGORITHMS`,
 ``@register_algorithm``), a ``package.module:Class`` spec, or an entry point of the
 group ``domaingrad.algorithms`` (see :mod:`domaingrad.plugins`).
 """
+
 from __future__ import annotations
 
 import warnings
@@ -80,13 +81,17 @@ def register_algorithm(name: str) -> Callable[[A], A]:
 
     def decorate(cls: A) -> A:
         if not (isinstance(cls, type) and issubclass(cls, Algorithm)):
-            raise TypeError(f"@register_algorithm({name!r}) decorates a subclass of "
-                            f"domaingrad.algorithms.Algorithm, got {cls!r}")
+            raise TypeError(
+                f"@register_algorithm({name!r}) decorates a subclass of domaingrad.algorithms.Algorithm, got {cls!r}"
+            )
         if name in ALGORITHMS and ALGORITHMS[name] is not cls:
-            warnings.warn(f"register_algorithm: {name!r} was registered to {ALGORITHMS[name]!r}; "
-                          f"it now names {cls!r}", stacklevel=2)
+            warnings.warn(
+                f"register_algorithm: {name!r} was registered to {ALGORITHMS[name]!r}; it now names {cls!r}",
+                stacklevel=2,
+            )
         ALGORITHMS[name] = cls
         return cls
+
     return decorate
 
 
@@ -105,14 +110,18 @@ def algorithm_class(name: str) -> type[Algorithm]:
     found = plugins.load_entry_point(plugins.ALGORITHM_GROUP, name, "--algorithm")
     if found is not None:
         return _checked(found, f"{name} (entry point)")
-    raise DomainGradError(f"unknown algorithm {name!r}; valid algorithms: {', '.join(list_algorithms())}, "
-                          "or package.module:Class for your own class")
+    raise DomainGradError(
+        f"unknown algorithm {name!r}; valid algorithms: {', '.join(list_algorithms())}, "
+        "or package.module:Class for your own class"
+    )
 
 
 def _checked(obj: Any, what: str) -> type[Algorithm]:
     if not (isinstance(obj, type) and issubclass(obj, Algorithm)):
-        raise DomainGradError(f"--algorithm {what} is {obj!r}, not an algorithm: expected a subclass of "
-                              "domaingrad.algorithms.Algorithm (update/predict)")
+        raise DomainGradError(
+            f"--algorithm {what} is {obj!r}, not an algorithm: expected a subclass of "
+            "domaingrad.algorithms.Algorithm (update/predict)"
+        )
     return obj
 
 
@@ -123,7 +132,36 @@ def list_algorithms() -> list[str]:
     return names + [n for n in plugins.entry_point_names(plugins.ALGORITHM_GROUP) if n not in ALGORITHMS]
 
 
-__all__ = ["ALGORITHMS", "BUILTIN_ALGORITHMS", "CORAL", "DANN", "DMG", "ERM", "MLDG", "MMD", "RSC", "SD", "ANDMask",
-           "AgrRand", "AgrSum", "Algorithm", "CorGrad", "DropBlock", "Fish", "Fishr", "GSNRDropBlock",
-           "GradientSurgery", "GroupDRO", "IRM", "MetaGSNR", "Mixup", "MultiHeaded", "PCGrad", "SANDMask", "VREx",
-           "algorithm_class", "list_algorithms", "register_algorithm"]
+__all__ = [
+    "ALGORITHMS",
+    "BUILTIN_ALGORITHMS",
+    "CORAL",
+    "DANN",
+    "DMG",
+    "ERM",
+    "MLDG",
+    "MMD",
+    "RSC",
+    "SD",
+    "ANDMask",
+    "AgrRand",
+    "AgrSum",
+    "Algorithm",
+    "CorGrad",
+    "DropBlock",
+    "Fish",
+    "Fishr",
+    "GSNRDropBlock",
+    "GradientSurgery",
+    "GroupDRO",
+    "IRM",
+    "MetaGSNR",
+    "Mixup",
+    "MultiHeaded",
+    "PCGrad",
+    "SANDMask",
+    "VREx",
+    "algorithm_class",
+    "list_algorithms",
+    "register_algorithm",
+]

@@ -5,6 +5,7 @@ DomainBed (``domainbed/algorithms.py``: ``AbstractMMD``, ``AbstractDANN``;
 ``domainbed/networks.py``: ``MLP``; ``domainbed/hparams_registry.py``; Gulrajani &
 Lopez-Paz, ICLR 2021).
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -21,8 +22,12 @@ from .erm import ERM
 #: DomainBed's ``AbstractMMD.gaussian_kernel`` bandwidths
 GAUSSIAN_GAMMAS = (0.001, 0.01, 0.1, 1.0, 10.0, 100.0, 1000.0)
 
-_MMD_GAMMA = HParam("mmd_gamma", 1.0, lambda r: float(10 ** r.uniform(-1, 1)),
-                    "weight of the feature-distance penalty (DomainBed: 1.0, 10**U(-1,1))")
+_MMD_GAMMA = HParam(
+    "mmd_gamma",
+    1.0,
+    lambda r: float(10 ** r.uniform(-1, 1)),
+    "weight of the feature-distance penalty (DomainBed: 1.0, 10**U(-1,1))",
+)
 
 
 def coral_distance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -49,8 +54,7 @@ def squared_distances(x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
     return res.clamp_min(1e-30)
 
 
-def gaussian_kernel(x: torch.Tensor, y: torch.Tensor,
-                    gammas: tuple[float, ...] = GAUSSIAN_GAMMAS) -> torch.Tensor:
+def gaussian_kernel(x: torch.Tensor, y: torch.Tensor, gammas: tuple[float, ...] = GAUSSIAN_GAMMAS) -> torch.Tensor:
     """(n, m) kernel matrix sum_g exp(-g * ||x_i - y_j||**2) (DomainBed)."""
     dist = squared_distances(x, y)
     return sum((torch.exp(-g * dist) for g in gammas), torch.zeros_like(dist))
@@ -59,8 +63,7 @@ def gaussian_kernel(x: torch.Tensor, y: torch.Tensor,
 def mmd_distance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Biased MMD**2 estimate with the Gaussian mixture kernel:
     mean K(x, x) + mean K(y, y) - 2 mean K(x, y). x: (n, F), y: (m, F)."""
-    return (gaussian_kernel(x, x).mean() + gaussian_kernel(y, y).mean()
-            - 2 * gaussian_kernel(x, y).mean())
+    return gaussian_kernel(x, x).mean() + gaussian_kernel(y, y).mean() - 2 * gaussian_kernel(x, y).mean()
 
 
 class _AbstractMMD(ERM):
@@ -87,8 +90,9 @@ class _AbstractMMD(ERM):
 
     def update(self, minibatches: Minibatches, unlabeled=None) -> dict[str, float]:
         features = [self.featurizer(x) for x, _ in minibatches]
-        objective = torch.stack([F.cross_entropy(self.classifier(f), y)
-                                 for f, (_, y) in zip(features, minibatches)]).mean()
+        objective = torch.stack(
+            [F.cross_entropy(self.classifier(f), y) for f, (_, y) in zip(features, minibatches)]
+        ).mean()
         penalty = self.penalty(features)
         self.optimizer.zero_grad(set_to_none=True)
         (objective + self.hparams["mmd_gamma"] * penalty).backward()
@@ -176,56 +180,115 @@ class DANN(Algorithm):
     @classmethod
     def hparam_specs(cls, small_images: bool) -> list[HParam]:
         specs = [
-            HParam("lambda", 1.0, lambda r: float(10 ** r.uniform(-2, 2)),
-                   "weight of the adversarial term (DomainBed: 1.0, 10**U(-2,2))"),
-            HParam("weight_decay_d", 0.0, lambda r: float(10 ** r.uniform(-6, -2)),
-                   "discriminator weight decay (DomainBed: 0, 10**U(-6,-2))"),
-            HParam("d_steps_per_g_step", 1, lambda r: int(2 ** r.uniform(0, 3)),
-                   "discriminator steps per generator step (DomainBed: 1, int(2**U(0,3)))"),
-            HParam("grad_penalty", 0.0, lambda r: float(10 ** r.uniform(-2, 1)),
-                   "weight of the discriminator input-gradient penalty (DomainBed: 0, 10**U(-2,1))"),
-            HParam("beta1", 0.5, lambda r: float(r.choice([0.0, 0.5])),
-                   "Adam beta1 of both optimizers (DomainBed: 0.5, choice [0, 0.5])"),
-            HParam("mlp_width", 256, lambda r: int(2 ** r.uniform(6, 10)),
-                   "discriminator width (DomainBed: 256, int(2**U(6,10)))"),
-            HParam("mlp_depth", 3, lambda r: int(r.choice([3, 4, 5])),
-                   "discriminator depth in Linear layers (DomainBed: 3, choice [3,4,5])"),
-            HParam("mlp_dropout", 0.0, lambda r: float(r.choice([0.0, 0.1, 0.5])),
-                   "discriminator dropout (DomainBed: 0, choice [0,0.1,0.5])"),
+            HParam(
+                "lambda",
+                1.0,
+                lambda r: float(10 ** r.uniform(-2, 2)),
+                "weight of the adversarial term (DomainBed: 1.0, 10**U(-2,2))",
+            ),
+            HParam(
+                "weight_decay_d",
+                0.0,
+                lambda r: float(10 ** r.uniform(-6, -2)),
+                "discriminator weight decay (DomainBed: 0, 10**U(-6,-2))",
+            ),
+            HParam(
+                "d_steps_per_g_step",
+                1,
+                lambda r: int(2 ** r.uniform(0, 3)),
+                "discriminator steps per generator step (DomainBed: 1, int(2**U(0,3)))",
+            ),
+            HParam(
+                "grad_penalty",
+                0.0,
+                lambda r: float(10 ** r.uniform(-2, 1)),
+                "weight of the discriminator input-gradient penalty (DomainBed: 0, 10**U(-2,1))",
+            ),
+            HParam(
+                "beta1",
+                0.5,
+                lambda r: float(r.choice([0.0, 0.5])),
+                "Adam beta1 of both optimizers (DomainBed: 0.5, choice [0, 0.5])",
+            ),
+            HParam(
+                "mlp_width",
+                256,
+                lambda r: int(2 ** r.uniform(6, 10)),
+                "discriminator width (DomainBed: 256, int(2**U(6,10)))",
+            ),
+            HParam(
+                "mlp_depth",
+                3,
+                lambda r: int(r.choice([3, 4, 5])),
+                "discriminator depth in Linear layers (DomainBed: 3, choice [3,4,5])",
+            ),
+            HParam(
+                "mlp_dropout",
+                0.0,
+                lambda r: float(r.choice([0.0, 0.1, 0.5])),
+                "discriminator dropout (DomainBed: 0, choice [0,0.1,0.5])",
+            ),
         ]
         if small_images:
             specs += [
-                HParam("lr_g", 1e-3, lambda r: float(10 ** r.uniform(-4.5, -2.5)),
-                       "generator learning rate (DomainBed: 1e-3, 10**U(-4.5,-2.5))"),
-                HParam("lr_d", 1e-3, lambda r: float(10 ** r.uniform(-4.5, -2.5)),
-                       "discriminator learning rate (DomainBed: 1e-3, 10**U(-4.5,-2.5))"),
+                HParam(
+                    "lr_g",
+                    1e-3,
+                    lambda r: float(10 ** r.uniform(-4.5, -2.5)),
+                    "generator learning rate (DomainBed: 1e-3, 10**U(-4.5,-2.5))",
+                ),
+                HParam(
+                    "lr_d",
+                    1e-3,
+                    lambda r: float(10 ** r.uniform(-4.5, -2.5)),
+                    "discriminator learning rate (DomainBed: 1e-3, 10**U(-4.5,-2.5))",
+                ),
                 HParam("weight_decay_g", 0.0, lambda r: 0.0, "generator weight decay (DomainBed: 0, 0)"),
             ]
         else:
             specs += [
-                HParam("lr_g", 5e-5, lambda r: float(10 ** r.uniform(-5, -3.5)),
-                       "generator learning rate (DomainBed: 5e-5, 10**U(-5,-3.5))"),
-                HParam("lr_d", 5e-5, lambda r: float(10 ** r.uniform(-5, -3.5)),
-                       "discriminator learning rate (DomainBed: 5e-5, 10**U(-5,-3.5))"),
-                HParam("weight_decay_g", 0.0, lambda r: float(10 ** r.uniform(-6, -2)),
-                       "generator weight decay (DomainBed: 0, 10**U(-6,-2))"),
+                HParam(
+                    "lr_g",
+                    5e-5,
+                    lambda r: float(10 ** r.uniform(-5, -3.5)),
+                    "generator learning rate (DomainBed: 5e-5, 10**U(-5,-3.5))",
+                ),
+                HParam(
+                    "lr_d",
+                    5e-5,
+                    lambda r: float(10 ** r.uniform(-5, -3.5)),
+                    "discriminator learning rate (DomainBed: 5e-5, 10**U(-5,-3.5))",
+                ),
+                HParam(
+                    "weight_decay_g",
+                    0.0,
+                    lambda r: float(10 ** r.uniform(-6, -2)),
+                    "generator weight decay (DomainBed: 0, 10**U(-6,-2))",
+                ),
             ]
         return specs
 
-    def __init__(self, input_shape: tuple[int, ...], num_classes: int, num_domains: int,
-                 hparams: dict[str, Any]):
+    def __init__(self, input_shape: tuple[int, ...], num_classes: int, num_domains: int, hparams: dict[str, Any]):
         super().__init__(input_shape, num_classes, num_domains, hparams)
         self.register_buffer("update_count", torch.tensor(0, dtype=torch.long))
         self.featurizer = models.featurizer_for(input_shape, self.hparams)
-        self.classifier = models.classifier(self.featurizer.n_outputs, num_classes,
-                                            self.hparams["nonlinear_classifier"])
+        self.classifier = models.classifier(
+            self.featurizer.n_outputs, num_classes, self.hparams["nonlinear_classifier"]
+        )
         self.discriminator = MLP(self.featurizer.n_outputs, num_domains, self.hparams)
         betas = (self.hparams["beta1"], 0.9)
-        self.disc_opt = torch.optim.Adam(self.discriminator.parameters(), lr=self.hparams["lr_d"],
-                                         weight_decay=self.hparams["weight_decay_d"], betas=betas)
-        self.gen_opt = torch.optim.Adam(list(self.featurizer.parameters()) + list(self.classifier.parameters()),
-                                        lr=self.hparams["lr_g"], weight_decay=self.hparams["weight_decay_g"],
-                                        betas=betas)
+        self.disc_opt = torch.optim.Adam(
+            self.discriminator.parameters(),
+            lr=self.hparams["lr_d"],
+            weight_decay=self.hparams["weight_decay_d"],
+            betas=betas,
+        )
+        self.gen_opt = torch.optim.Adam(
+            list(self.featurizer.parameters()) + list(self.classifier.parameters()),
+            lr=self.hparams["lr_g"],
+            weight_decay=self.hparams["weight_decay_g"],
+            betas=betas,
+        )
 
     def update(self, minibatches: Minibatches, unlabeled=None) -> dict[str, float]:
         self.update_count += 1
@@ -233,12 +296,14 @@ class DANN(Algorithm):
         all_y = torch.cat([y for _, y in minibatches])
         all_z = self.featurizer(all_x)
         disc_out = self.discriminator(all_z)
-        disc_labels = torch.cat([torch.full((x.shape[0],), i, dtype=torch.int64, device=x.device)
-                                 for i, (x, _) in enumerate(minibatches)])
+        disc_labels = torch.cat(
+            [torch.full((x.shape[0],), i, dtype=torch.int64, device=x.device) for i, (x, _) in enumerate(minibatches)]
+        )
         disc_loss = F.cross_entropy(disc_out, disc_labels)
-        input_grad = autograd.grad(F.cross_entropy(disc_out, disc_labels, reduction="sum"),
-                                   [all_z], create_graph=True)[0]
-        grad_penalty = (input_grad ** 2).sum(dim=1).mean(dim=0)
+        input_grad = autograd.grad(F.cross_entropy(disc_out, disc_labels, reduction="sum"), [all_z], create_graph=True)[
+            0
+        ]
+        grad_penalty = (input_grad**2).sum(dim=1).mean(dim=0)
         disc_loss = disc_loss + self.hparams["grad_penalty"] * grad_penalty
 
         d_steps = self.hparams["d_steps_per_g_step"]

@@ -8,6 +8,7 @@ A user's algorithm subclasses :class:`Algorithm` (or :class:`~domaingrad.algorit
 and is registered with :func:`~domaingrad.algorithms.register_algorithm` or named as
 ``package.module:Class`` (see :mod:`domaingrad.plugins`).
 """
+
 from __future__ import annotations
 
 import copy
@@ -43,8 +44,7 @@ class Algorithm(nn.Module):
     saved and restored by :meth:`training_state` automatically, for exact resume.
     """
 
-    def __init__(self, input_shape: tuple[int, ...], num_classes: int, num_domains: int,
-                 hparams: dict[str, Any]):
+    def __init__(self, input_shape: tuple[int, ...], num_classes: int, num_domains: int, hparams: dict[str, Any]):
         super().__init__()
         self.input_shape = tuple(input_shape)
         self.num_classes = num_classes
@@ -59,8 +59,7 @@ class Algorithm(nn.Module):
         """This algorithm's own hyperparameters (beyond the common ones)."""
         return []
 
-    def update(self, minibatches: Minibatches, unlabeled: Sequence[torch.Tensor] | None = None
-               ) -> dict[str, float]:
+    def update(self, minibatches: Minibatches, unlabeled: Sequence[torch.Tensor] | None = None) -> dict[str, float]:
         """One training step.
 
         Args:
@@ -87,8 +86,11 @@ class Algorithm(nn.Module):
 
     # -- exact resume -------------------------------------------------------------------
     def _stateful_attributes(self) -> dict[str, Any]:
-        return {name: value for name, value in vars(self).items()
-                if isinstance(value, (torch.optim.Optimizer, torch.Generator))}
+        return {
+            name: value
+            for name, value in vars(self).items()
+            if isinstance(value, (torch.optim.Optimizer, torch.Generator))
+        }
 
     def training_state(self) -> dict[str, Any]:
         """Everything needed to continue training exactly: module state (parameters and

@@ -3,6 +3,7 @@
 Chattopadhyay, Balaji, Hoffman, "Learning to Balance Specificity and Invariance for In
 and Out of Domain Generalization", ECCV 2020 (official code: github.com/prithv1/DMG).
 """
+
 from __future__ import annotations
 
 import itertools
@@ -95,8 +96,10 @@ def resolve_layers(featurizer: Featurizer, spec: str) -> tuple[str, ...]:
     valid = (*featurizer.stage_names, FEATURES)
     bad = [n for n in names if n not in valid]
     if bad or not names:
-        raise DomainGradError(f"dmg_layers {spec!r}: unknown layer(s) {bad}; expected 'auto' or a comma-separated "
-                              f"list of: {', '.join(valid)}")
+        raise DomainGradError(
+            f"dmg_layers {spec!r}: unknown layer(s) {bad}; expected 'auto' or a comma-separated "
+            f"list of: {', '.join(valid)}"
+        )
     return tuple(n for n in valid if n in names)  # network order
 
 
@@ -176,39 +179,64 @@ class DMG(ERM):
     @classmethod
     def hparam_specs(cls, small_images: bool) -> list[HParam]:
         return [
-            HParam("dmg_lambda", 0.1, lambda r: float(10 ** r.uniform(-5, 0)),
-                   "lambda_O, weight of the soft-IoU overlap penalty (Chattopadhyay et al., ECCV 2020: 0.1, "
-                   "swept 0 and 1e-5..1)"),
-            HParam("dmg_overlap_reduction", "sum", lambda r: "sum",
-                   "overlap penalty over domain pairs: 'sum' (the paper's Eq. (2)) or 'mean' (official code)",
-                   choices=cls.OVERLAP_REDUCTION),
-            HParam("dmg_layers", "auto", lambda r: "auto",
-                   "masked layers: 'auto' (official placement) or comma-separated stage names / 'features'"),
-            HParam("dmg_predict", "pred_ens", lambda r: "pred_ens",
-                   "predict(): 'pred_ens' (average probabilities), 'pred_ens_logits' (official code), "
-                   "'mask_ens'", choices=cls.PREDICT),
-            HParam("dmg_source_predict", "test_rule", lambda r: "test_rule",
-                   "training-environment accuracies: 'test_rule' (dmg_predict) or 'own_hard' (each domain's "
-                   "own mask m^d > 0.5, the official validation)", choices=cls.SOURCE_PREDICT),
+            HParam(
+                "dmg_lambda",
+                0.1,
+                lambda r: float(10 ** r.uniform(-5, 0)),
+                "lambda_O, weight of the soft-IoU overlap penalty (Chattopadhyay et al., ECCV 2020: 0.1, "
+                "swept 0 and 1e-5..1)",
+            ),
+            HParam(
+                "dmg_overlap_reduction",
+                "sum",
+                lambda r: "sum",
+                "overlap penalty over domain pairs: 'sum' (the paper's Eq. (2)) or 'mean' (official code)",
+                choices=cls.OVERLAP_REDUCTION,
+            ),
+            HParam(
+                "dmg_layers",
+                "auto",
+                lambda r: "auto",
+                "masked layers: 'auto' (official placement) or comma-separated stage names / 'features'",
+            ),
+            HParam(
+                "dmg_predict",
+                "pred_ens",
+                lambda r: "pred_ens",
+                "predict(): 'pred_ens' (average probabilities), 'pred_ens_logits' (official code), 'mask_ens'",
+                choices=cls.PREDICT,
+            ),
+            HParam(
+                "dmg_source_predict",
+                "test_rule",
+                lambda r: "test_rule",
+                "training-environment accuracies: 'test_rule' (dmg_predict) or 'own_hard' (each domain's "
+                "own mask m^d > 0.5, the official validation)",
+                choices=cls.SOURCE_PREDICT,
+            ),
         ]
 
-    def __init__(self, input_shape: tuple[int, ...], num_classes: int, num_domains: int,
-                 hparams: dict[str, Any]):
+    def __init__(self, input_shape: tuple[int, ...], num_classes: int, num_domains: int, hparams: dict[str, Any]):
         super().__init__(input_shape, num_classes, num_domains, hparams)
-        for name, choices in (("dmg_predict", self.PREDICT), ("dmg_overlap_reduction", self.OVERLAP_REDUCTION),
-                              ("dmg_source_predict", self.SOURCE_PREDICT)):
+        for name, choices in (
+            ("dmg_predict", self.PREDICT),
+            ("dmg_overlap_reduction", self.OVERLAP_REDUCTION),
+            ("dmg_source_predict", self.SOURCE_PREDICT),
+        ):
             if self.hparams[name] not in choices:
-                raise DomainGradError(f"hyperparameter {name!r} must be one of {list(choices)}, "
-                                      f"got {self.hparams[name]!r}")
+                raise DomainGradError(
+                    f"hyperparameter {name!r} must be one of {list(choices)}, got {self.hparams[name]!r}"
+                )
         for name in ("drop6", "drop7"):  # AlexNet's dropout, off for DMG (official code)
             if isinstance(getattr(self.featurizer, name, None), nn.Dropout):
                 getattr(self.featurizer, name).p = 0.0
         self.layers = resolve_layers(self.featurizer, self.hparams["dmg_layers"])
         sizes = {**dict(self.featurizer.stage_channels), FEATURES: self.featurizer.n_outputs}
         self.mask_logits = nn.ParameterDict(
-            {name: nn.Parameter(torch.rand(num_domains, sizes[name])) for name in self.layers})
+            {name: nn.Parameter(torch.rand(num_domains, sizes[name])) for name in self.layers}
+        )
         self.optimizer = self.make_optimizer(list(self.network.parameters()) + list(self.mask_logits.parameters()))
-        self.generator = torch.Generator().manual_seed(int(torch.randint(2 ** 62, (1,))))
+        self.generator = torch.Generator().manual_seed(int(torch.randint(2**62, (1,))))
 
     def soft_masks(self) -> dict[str, torch.Tensor]:
         """Layer -> (D, k) probabilities ``sigmoid(mask_logits)``."""
@@ -217,8 +245,10 @@ class DMG(ERM):
     def forward_masked(self, x: torch.Tensor, masks: dict[str, torch.Tensor]) -> torch.Tensor:
         """Logits with each masked layer's output multiplied by ``masks[layer]`` of shape
         (B, k) (broadcast over H x W): x (B, *input_shape) -> (B, num_classes)."""
+
         def stage_fn(name: str, out: torch.Tensor) -> torch.Tensor:
             return out * _broadcast(masks[name], out) if name in masks else out
+
         features = self.featurizer(x, stage_fn=stage_fn)
         if FEATURES in masks:
             features = features * masks[FEATURES]
@@ -293,6 +323,7 @@ class DMG(ERM):
             if name == first:
                 out = out.repeat(D, *([1] * (out.ndim - 1)))
             return out * _broadcast(masks[name], out) if name in masks else out
+
         features = self.featurizer(x, stage_fn=stage_fn)
         if first == FEATURES:
             features = features.repeat(D, 1)
@@ -344,16 +375,24 @@ class MultiHeaded(ERM):
 
     @classmethod
     def hparam_specs(cls, small_images: bool) -> list[HParam]:
-        return [HParam("multihead_predict", "probabilities", lambda r: "probabilities",
-                       "how predict() averages the heads: 'probabilities' or 'logits'", choices=cls.PREDICT)]
+        return [
+            HParam(
+                "multihead_predict",
+                "probabilities",
+                lambda r: "probabilities",
+                "how predict() averages the heads: 'probabilities' or 'logits'",
+                choices=cls.PREDICT,
+            )
+        ]
 
-    def __init__(self, input_shape: tuple[int, ...], num_classes: int, num_domains: int,
-                 hparams: dict[str, Any]):
+    def __init__(self, input_shape: tuple[int, ...], num_classes: int, num_domains: int, hparams: dict[str, Any]):
         super().__init__(input_shape, num_classes, num_domains, hparams)
         from .. import models
-        self.heads = nn.ModuleList(models.classifier(self.featurizer.n_outputs, num_classes,
-                                                     self.hparams["nonlinear_classifier"])
-                                   for _ in range(num_domains))
+
+        self.heads = nn.ModuleList(
+            models.classifier(self.featurizer.n_outputs, num_classes, self.hparams["nonlinear_classifier"])
+            for _ in range(num_domains)
+        )
         del self.classifier, self.network
         self.optimizer = self.make_optimizer(list(self.featurizer.parameters()) + list(self.heads.parameters()))
 

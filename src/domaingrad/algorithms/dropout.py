@@ -3,6 +3,7 @@ regularization method for convolutional networks", NeurIPS 2018), GSNR-guided Dr
 ("DB+gsnr") and Meta-GSNR (Michalkiewicz, Faraki, Yu, Chandraker, Baktashmotlagh, "Domain
 Generalization Guided by Gradient Signal to Noise Ratio of Parameters", ICCV 2023, and its
 supplementary material). RSC is in :mod:`domaingrad.algorithms.rsc`."""
+
 from __future__ import annotations
 
 import math
@@ -35,8 +36,10 @@ def resolve_dropout_stages(featurizer: Featurizer, spec: str) -> tuple[tuple[str
     names = tuple(n.strip() for n in spec.split(",") if n.strip())
     bad = [n for n in names if n not in featurizer.stage_names]
     if bad or not names:
-        raise DomainGradError(f"dropblock_stages {spec!r}: unknown stage(s) {bad}; expected 'auto' or a "
-                              f"comma-separated list of: {', '.join(featurizer.stage_names)}")
+        raise DomainGradError(
+            f"dropblock_stages {spec!r}: unknown stage(s) {bad}; expected 'auto' or a "
+            f"comma-separated list of: {', '.join(featurizer.stage_names)}"
+        )
     return names, True
 
 
@@ -56,16 +59,27 @@ class DropBlock(ERM):
     def hparam_specs(cls, small_images: bool) -> list[HParam]:
         sizes = [1, 3] if small_images else [1, 3, 5, 7]
         return [
-            HParam("dropblock_p", 0.1, lambda r: float(r.uniform(0.05, 0.3)),
-                   "DropBlock drop probability p (domaingrad default 0.1, search U(0.05,0.3))"),
-            HParam("dropblock_size", 3 if small_images else 5, lambda r: int(r.choice(sizes)),
-                   f"DropBlock block size, odd (clamped to the map); search {sizes}"),
-            HParam("dropblock_stages", "auto", lambda r: "auto",
-                   "stages whose outputs are dropped: 'auto' (all 4-D stages) or comma-separated names"),
+            HParam(
+                "dropblock_p",
+                0.1,
+                lambda r: float(r.uniform(0.05, 0.3)),
+                "DropBlock drop probability p (domaingrad default 0.1, search U(0.05,0.3))",
+            ),
+            HParam(
+                "dropblock_size",
+                3 if small_images else 5,
+                lambda r: int(r.choice(sizes)),
+                f"DropBlock block size, odd (clamped to the map); search {sizes}",
+            ),
+            HParam(
+                "dropblock_stages",
+                "auto",
+                lambda r: "auto",
+                "stages whose outputs are dropped: 'auto' (all 4-D stages) or comma-separated names",
+            ),
         ]
 
-    def __init__(self, input_shape: tuple[int, ...], num_classes: int, num_domains: int,
-                 hparams: dict[str, Any]):
+    def __init__(self, input_shape: tuple[int, ...], num_classes: int, num_domains: int, hparams: dict[str, Any]):
         super().__init__(input_shape, num_classes, num_domains, hparams)
         if not 0.0 <= self.hparams["dropblock_p"] <= 1.0:
             raise DomainGradError(f"hyperparameter 'dropblock_p' must be in [0, 1], got {self.hparams['dropblock_p']}")
@@ -73,24 +87,30 @@ class DropBlock(ERM):
         if size < 1 or size % 2 == 0:
             raise DomainGradError(f"hyperparameter 'dropblock_size' must be a positive odd integer, got {size}")
         self.stages, self.stages_explicit = resolve_dropout_stages(self.featurizer, self.hparams["dropblock_stages"])
-        self.generator = torch.Generator().manual_seed(int(torch.randint(2 ** 62, (1,))))
+        self.generator = torch.Generator().manual_seed(int(torch.randint(2**62, (1,))))
 
-    def stage_hook(self, fn: Callable[[str, torch.Tensor], torch.Tensor]
-                   ) -> Callable[[str, torch.Tensor], torch.Tensor]:
+    def stage_hook(
+        self, fn: Callable[[str, torch.Tensor], torch.Tensor]
+    ) -> Callable[[str, torch.Tensor], torch.Tensor]:
         """A ``stage_fn`` applying ``fn(name, out)`` to the chosen stages (4-D outputs)."""
+
         def stage_fn(name: str, out: torch.Tensor) -> torch.Tensor:
             if name not in self.stages:
                 return out
             if out.ndim != 4:
                 if self.stages_explicit:
-                    raise DomainGradError(f"stage {name!r} has output shape {tuple(out.shape)}; DropBlock needs "
-                                          f"(N, C, H, W) maps, choose other dropblock_stages")
+                    raise DomainGradError(
+                        f"stage {name!r} has output shape {tuple(out.shape)}; DropBlock needs "
+                        f"(N, C, H, W) maps, choose other dropblock_stages"
+                    )
                 return out
             return fn(name, out)
+
         return stage_fn
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor,
-                   drop: Callable[[str, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    def train_step(
+        self, x: torch.Tensor, y: torch.Tensor, drop: Callable[[str, torch.Tensor], torch.Tensor]
+    ) -> torch.Tensor:
         """Forward with ``drop`` applied to the chosen stages, CE, backward, Adam step."""
         loss = F.cross_entropy(self.classifier(self.featurizer(x, stage_fn=self.stage_hook(drop))), y)
         self.optimizer.zero_grad(set_to_none=True)
@@ -162,13 +182,16 @@ class GSNRDropBlock(DropBlock):
     @classmethod
     def hparam_specs(cls, small_images: bool) -> list[HParam]:
         return super().hparam_specs(small_images) + [
-            HParam("gsnr_p", 1.0, lambda r: 1.0,
-                   "probability that a top-GSNR seed is dropped (Bernoulli mask M2); 1 = M2 = 1, Table 4's "
-                   "DB+gsnr (default, not searched); < 1 = Listing 2's Bernoulli mask"),
+            HParam(
+                "gsnr_p",
+                1.0,
+                lambda r: 1.0,
+                "probability that a top-GSNR seed is dropped (Bernoulli mask M2); 1 = M2 = 1, Table 4's "
+                "DB+gsnr (default, not searched); < 1 = Listing 2's Bernoulli mask",
+            ),
         ]
 
-    def __init__(self, input_shape: tuple[int, ...], num_classes: int, num_domains: int,
-                 hparams: dict[str, Any]):
+    def __init__(self, input_shape: tuple[int, ...], num_classes: int, num_domains: int, hparams: dict[str, Any]):
         super().__init__(input_shape, num_classes, num_domains, hparams)
         if not 0.0 <= self.hparams["gsnr_p"] <= 1.0:
             raise DomainGradError(f"hyperparameter 'gsnr_p' must be in [0, 1], got {self.hparams['gsnr_p']}")
@@ -181,12 +204,18 @@ class GSNRDropBlock(DropBlock):
         def keep(name: str, out: torch.Tensor) -> torch.Tensor:
             outputs[name] = out
             return out
+
         loss = F.cross_entropy(self.classifier(self.featurizer(x, stage_fn=self.stage_hook(keep))), y)
         grads = autograd.grad(loss, list(outputs.values()))
         return dict(zip(outputs, grads))
 
-    def gsnr_drop(self, grads: dict[str, torch.Tensor], p_gsnr: dict[str, Any] | None = None,
-                  use_m1: bool = True, use_m2: bool = True) -> Callable[[str, torch.Tensor], torch.Tensor]:
+    def gsnr_drop(
+        self,
+        grads: dict[str, torch.Tensor],
+        p_gsnr: dict[str, Any] | None = None,
+        use_m1: bool = True,
+        use_m2: bool = True,
+    ) -> Callable[[str, torch.Tensor], torch.Tensor]:
         """The second pass's ``drop(name, out)``: GSNR-guided DropBlock with ``grads[name]``
         and M2 ~ Bernoulli(``p_gsnr[name]``, default ``gsnr_p``); a plain probability of
         1 sets M2 = 1 without a draw."""
@@ -196,6 +225,7 @@ class GSNRDropBlock(DropBlock):
             q = self.hparams["gsnr_p"] if p_gsnr is None else p_gsnr[name]
             m2 = use_m2 and (isinstance(q, torch.Tensor) or q != 1.0)
             return drop_block2d_gsnr(out, grads[name], p, q, b, self.generator, use_m1=use_m1, use_m2=m2)
+
         return drop
 
     def update(self, minibatches: Minibatches, unlabeled=None) -> dict[str, float]:
@@ -244,26 +274,42 @@ class MetaGSNR(GSNRDropBlock):
     def hparam_specs(cls, small_images: bool) -> list[HParam]:
         inherited = [s for s in super().hparam_specs(small_images) if s.name != "gsnr_p"]
         return inherited + [
-            HParam("gsnr_p", 0.5, lambda r: float(r.uniform(0.1, 0.9)),
-                   "initial M2 ratio r_s = P(a top-GSNR seed is dropped), then meta-learned (domaingrad "
-                   "default 0.5, search U(0.1,0.9))"),
+            HParam(
+                "gsnr_p",
+                0.5,
+                lambda r: float(r.uniform(0.1, 0.9)),
+                "initial M2 ratio r_s = P(a top-GSNR seed is dropped), then meta-learned (domaingrad "
+                "default 0.5, search U(0.1,0.9))",
+            ),
             HParam("meta_gsnr_m1", True, lambda r: True, "use the top-GSNR mask M1 (False: M1 = 1)"),
             HParam("meta_gsnr_m2", True, lambda r: True, "use the Bernoulli mask M2 (False: M2 = 1)"),
             HParam("meta_gsnr_meta", True, lambda r: True, "meta-learn the M2 ratio (False: fixed gsnr_p)"),
-            HParam("meta_gsnr_lr", 1e-2, lambda r: float(10 ** r.uniform(-3, -1)),
-                   "Adam learning rate of the ratio logits (domaingrad default 1e-2, search 10**U(-3,-1))"),
-            HParam("meta_gsnr_inner_lr", 1e-2, lambda r: float(10 ** r.uniform(-3, -1)),
-                   "step size of the virtual meta-train step (domaingrad default 1e-2, search 10**U(-3,-1))"),
-            HParam("meta_gsnr_beta", 1.0, lambda r: float(10 ** r.uniform(-1, 1)),
-                   "weight of the meta-test gradient in the network update (MLDG's beta; search 10**U(-1,1))"),
+            HParam(
+                "meta_gsnr_lr",
+                1e-2,
+                lambda r: float(10 ** r.uniform(-3, -1)),
+                "Adam learning rate of the ratio logits (domaingrad default 1e-2, search 10**U(-3,-1))",
+            ),
+            HParam(
+                "meta_gsnr_inner_lr",
+                1e-2,
+                lambda r: float(10 ** r.uniform(-3, -1)),
+                "step size of the virtual meta-train step (domaingrad default 1e-2, search 10**U(-3,-1))",
+            ),
+            HParam(
+                "meta_gsnr_beta",
+                1.0,
+                lambda r: float(10 ** r.uniform(-1, 1)),
+                "weight of the meta-test gradient in the network update (MLDG's beta; search 10**U(-1,1))",
+            ),
         ]
 
-    def __init__(self, input_shape: tuple[int, ...], num_classes: int, num_domains: int,
-                 hparams: dict[str, Any]):
+    def __init__(self, input_shape: tuple[int, ...], num_classes: int, num_domains: int, hparams: dict[str, Any]):
         super().__init__(input_shape, num_classes, num_domains, hparams)
         q = min(max(self.hparams["gsnr_p"], 1e-4), 1 - 1e-4)
         self.ratio_logits = nn.ParameterDict(
-            {name: nn.Parameter(torch.tensor(math.log(q / (1 - q)))) for name in self.stages})
+            {name: nn.Parameter(torch.tensor(math.log(q / (1 - q)))) for name in self.stages}
+        )
         self.ratio_optimizer = torch.optim.Adam(self.ratio_logits.parameters(), lr=self.hparams["meta_gsnr_lr"])
 
     def ratios(self) -> dict[str, torch.Tensor]:
@@ -283,9 +329,9 @@ class MetaGSNR(GSNRDropBlock):
         self.ratio_optimizer.zero_grad(set_to_none=True)
         beta = self.hparams["meta_gsnr_beta"]
         trainable = [p for p in self.network.parameters() if p.requires_grad]
-        for p, g, g_te in zip(trainable, grads, meta[len(rhos):]):
+        for p, g, g_te in zip(trainable, grads, meta[len(rhos) :]):
             p.grad = g.detach() + (0 if g_te is None else beta * g_te)
-        for rho, g in zip(rhos, meta[:len(rhos)]):
+        for rho, g in zip(rhos, meta[: len(rhos)]):
             rho.grad = torch.zeros_like(rho) if g is None else g
         self.optimizer.step()
         self.ratio_optimizer.step()
@@ -293,8 +339,9 @@ class MetaGSNR(GSNRDropBlock):
         values.update({f"gsnr_ratio_{n}": r.item() for n, r in self.ratios().items()})
         return values
 
-    def meta_losses(self, minibatches: Minibatches, use_m1: bool, use_m2: bool
-                    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor], tuple[torch.Tensor, ...]]:
+    def meta_losses(
+        self, minibatches: Minibatches, use_m1: bool, use_m2: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor], tuple[torch.Tensor, ...]]:
         """Steps 1-2 of the class docstring: (L_tr, L_te, theta' by parameter name,
         g = dL_tr/dtheta differentiable in rho), theta' ordered as the trainable
         parameters of ``network``."""

@@ -1,4 +1,5 @@
 """Empirical risk minimisation (Vapnik 1998), the Deep-All / Aggregate baseline."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -22,12 +23,12 @@ class ERM(Algorithm):
         optimizer: Adam with ``lr`` and ``weight_decay`` from the hparams.
     """
 
-    def __init__(self, input_shape: tuple[int, ...], num_classes: int, num_domains: int,
-                 hparams: dict[str, Any]):
+    def __init__(self, input_shape: tuple[int, ...], num_classes: int, num_domains: int, hparams: dict[str, Any]):
         super().__init__(input_shape, num_classes, num_domains, hparams)
         self.featurizer = models.featurizer_for(input_shape, self.hparams)
-        self.classifier = models.classifier(self.featurizer.n_outputs, num_classes,
-                                            self.hparams["nonlinear_classifier"])
+        self.classifier = models.classifier(
+            self.featurizer.n_outputs, num_classes, self.hparams["nonlinear_classifier"]
+        )
         self.network = nn.Sequential(self.featurizer, self.classifier)
         self.optimizer = self.make_optimizer(self.network.parameters())
 

@@ -1,4 +1,5 @@
 """Fishr: invariant gradient variances across training domains."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -67,30 +68,48 @@ class Fishr(ERM):
     @classmethod
     def hparam_specs(cls, small_images: bool) -> list[HParam]:
         return [
-            HParam("lambda", 1000.0, lambda r: float(10 ** r.uniform(1.0, 4.0)),
-                   "penalty weight from the anneal step on (DomainBed: 1000, search 10**U(1,4))"),
-            HParam("penalty_anneal_iters", 1500, lambda r: int(r.uniform(0.0, 5000.0)),
-                   "updates with penalty weight 0; Adam is re-created at this step (DomainBed: "
-                   "1500, search int(U(0,5000)))"),
-            HParam("ema", 0.95, lambda r: float(r.uniform(0.90, 0.99)),
-                   "moving-average rate of the per-domain gradient variances (DomainBed: 0.95, "
-                   "search U(0.90,0.99))"),
-            HParam("fishr_penalty", "domainbed", lambda r: "domainbed",
-                   "'domainbed': EMA, mean over domains and coordinates; 'irm_setup': the Fishr "
-                   "repository's Colored MNIST sum over domains and coordinates, no EMA "
-                   "(needs a different lambda)",
-                   choices=cls.PENALTIES),
+            HParam(
+                "lambda",
+                1000.0,
+                lambda r: float(10 ** r.uniform(1.0, 4.0)),
+                "penalty weight from the anneal step on (DomainBed: 1000, search 10**U(1,4))",
+            ),
+            HParam(
+                "penalty_anneal_iters",
+                1500,
+                lambda r: int(r.uniform(0.0, 5000.0)),
+                "updates with penalty weight 0; Adam is re-created at this step (DomainBed: "
+                "1500, search int(U(0,5000)))",
+            ),
+            HParam(
+                "ema",
+                0.95,
+                lambda r: float(r.uniform(0.90, 0.99)),
+                "moving-average rate of the per-domain gradient variances (DomainBed: 0.95, search U(0.90,0.99))",
+            ),
+            HParam(
+                "fishr_penalty",
+                "domainbed",
+                lambda r: "domainbed",
+                "'domainbed': EMA, mean over domains and coordinates; 'irm_setup': the Fishr "
+                "repository's Colored MNIST sum over domains and coordinates, no EMA "
+                "(needs a different lambda)",
+                choices=cls.PENALTIES,
+            ),
         ]
 
-    def __init__(self, input_shape: tuple[int, ...], num_classes: int, num_domains: int,
-                 hparams: dict[str, Any]):
+    def __init__(self, input_shape: tuple[int, ...], num_classes: int, num_domains: int, hparams: dict[str, Any]):
         super().__init__(input_shape, num_classes, num_domains, hparams)
         if self.hparams["fishr_penalty"] not in self.PENALTIES:
-            raise DomainGradError(f"hyperparameter 'fishr_penalty' must be one of {list(self.PENALTIES)}, "
-                                  f"got {self.hparams['fishr_penalty']!r}")
+            raise DomainGradError(
+                f"hyperparameter 'fishr_penalty' must be one of {list(self.PENALTIES)}, "
+                f"got {self.hparams['fishr_penalty']!r}"
+            )
         if not 0.0 <= self.hparams["ema"] < 1.0:
-            raise DomainGradError(f"hyperparameter 'ema' must be in [0, 1) (the value used is divided by "
-                                  f"1 - ema), got {self.hparams['ema']!r}")
+            raise DomainGradError(
+                f"hyperparameter 'ema' must be in [0, 1) (the value used is divided by "
+                f"1 - ema), got {self.hparams['ema']!r}"
+            )
         self.register_buffer("update_count", torch.tensor(0, dtype=torch.long))
         self.fishr_param_names = [n for n, p in self.classifier.named_parameters() if p.requires_grad]
         if not self.fishr_param_names:
@@ -100,8 +119,9 @@ class Fishr(ERM):
         self.register_buffer("ema_variances", torch.zeros(num_domains, num_coordinates))
 
     # -- per-sample gradients ----------------------------------------------------------
-    def per_sample_classifier_gradients(self, features: torch.Tensor, logits: torch.Tensor,
-                                        targets: torch.Tensor) -> torch.Tensor:
+    def per_sample_classifier_gradients(
+        self, features: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor
+    ) -> torch.Tensor:
         """Per-sample gradients of each sample's cross-entropy with respect to the
         classifier's trainable parameters, flattened and concatenated in
         ``named_parameters()`` order: shape (N, K), differentiable (create_graph).
@@ -111,19 +131,26 @@ class Fishr(ERM):
             targets: (N,) class indices.
         """
         clf = self.classifier
-        if (isinstance(clf, nn.Linear) and clf.weight.requires_grad
-                and (clf.bias is None or clf.bias.requires_grad)):
+        if isinstance(clf, nn.Linear) and clf.weight.requires_grad and (clf.bias is None or clf.bias.requires_grad):
             grad_weight, grad_bias = linear_cross_entropy_per_sample_gradients(
-                features, logits, targets, has_bias=clf.bias is not None)
+                features, logits, targets, has_bias=clf.bias is not None
+            )
             parts = [grad_weight.flatten(1)] + ([grad_bias] if grad_bias is not None else [])
             return torch.cat(parts, dim=1)
-        grads = per_sample_gradients(clf, features, targets, lambda out, y: F.cross_entropy(out, y),
-                                     params=self.fishr_param_names, create_graph=True)
+        grads = per_sample_gradients(
+            clf,
+            features,
+            targets,
+            lambda out, y: F.cross_entropy(out, y),
+            params=self.fishr_param_names,
+            create_graph=True,
+        )
         return torch.cat([grads[n].flatten(1) for n in self.fishr_param_names], dim=1)
 
     # -- penalty -----------------------------------------------------------------------
-    def fishr_penalty(self, features: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor,
-                      domain_sizes: Sequence[int]) -> torch.Tensor:
+    def fishr_penalty(
+        self, features: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor, domain_sizes: Sequence[int]
+    ) -> torch.Tensor:
         """The Fishr penalty (scalar, differentiable) of one concatenated batch.
 
         Args:
@@ -134,11 +161,14 @@ class Fishr(ERM):
         (``ema_variances``) as a side effect, exactly once per call.
         """
         if len(domain_sizes) != self.num_domains or sum(domain_sizes) != targets.shape[0]:
-            raise ValueError(f"domain_sizes {list(domain_sizes)} must give one size per training domain "
-                             f"({self.num_domains}) summing to the batch size {targets.shape[0]}")
+            raise ValueError(
+                f"domain_sizes {list(domain_sizes)} must give one size per training domain "
+                f"({self.num_domains}) summing to the batch size {targets.shape[0]}"
+            )
         grads = self.per_sample_classifier_gradients(features, logits, targets)
-        variances = torch.stack([(g - g.mean(dim=0, keepdim=True)).pow(2).mean(dim=0)
-                                 for g in grads.split(list(domain_sizes))])  # (D, K)
+        variances = torch.stack(
+            [(g - g.mean(dim=0, keepdim=True)).pow(2).mean(dim=0) for g in grads.split(list(domain_sizes))]
+        )  # (D, K)
         if self.hparams["fishr_penalty"] == "irm_setup":
             return (variances - variances.mean(dim=0, keepdim=True)).pow(2).sum()
         ema = self.hparams["ema"]
@@ -156,8 +186,9 @@ class Fishr(ERM):
 
     def update(self, minibatches: Minibatches, unlabeled=None) -> dict[str, float]:
         if len(minibatches) != self.num_domains:
-            raise ValueError(f"Fishr.update needs one minibatch per training domain ({self.num_domains}), "
-                             f"got {len(minibatches)}")
+            raise ValueError(
+                f"Fishr.update needs one minibatch per training domain ({self.num_domains}), got {len(minibatches)}"
+            )
         all_x = torch.cat([x for x, _ in minibatches])
         all_y = torch.cat([y for _, y in minibatches])
         sizes = [int(x.shape[0]) for x, _ in minibatches]

@@ -9,6 +9,7 @@ the logits per domain (the MNIST featurizer uses GroupNorm, so this equals per-d
 forwards), and both *re-create* Adam at the anneal step, because the penalty weight
 jumps there.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -38,8 +39,7 @@ class _AnnealedPenalty(ERM):
     _anneal_name: str
     update_count: torch.Tensor  # () long buffer, registered in __init__
 
-    def __init__(self, input_shape: tuple[int, ...], num_classes: int, num_domains: int,
-                 hparams: dict[str, Any]):
+    def __init__(self, input_shape: tuple[int, ...], num_classes: int, num_domains: int, hparams: dict[str, Any]):
         super().__init__(input_shape, num_classes, num_domains, hparams)
         self.register_buffer("update_count", torch.tensor(0, dtype=torch.long))
 
@@ -80,10 +80,18 @@ class IRM(_AnnealedPenalty):
     @classmethod
     def hparam_specs(cls, small_images: bool) -> list[HParam]:
         return [
-            HParam("irm_lambda", 1e2, lambda r: float(10 ** r.uniform(-1, 5)),
-                   "IRM penalty weight after annealing (DomainBed: 1e2, 10**U(-1,5))"),
-            HParam("irm_penalty_anneal_iters", 500, lambda r: int(10 ** r.uniform(0, 4)),
-                   "updates with penalty weight 1.0 before irm_lambda (DomainBed: 500, int(10**U(0,4)))"),
+            HParam(
+                "irm_lambda",
+                1e2,
+                lambda r: float(10 ** r.uniform(-1, 5)),
+                "IRM penalty weight after annealing (DomainBed: 1e2, 10**U(-1,5))",
+            ),
+            HParam(
+                "irm_penalty_anneal_iters",
+                500,
+                lambda r: int(10 ** r.uniform(0, 4)),
+                "updates with penalty weight 1.0 before irm_lambda (DomainBed: 500, int(10**U(0,4)))",
+            ),
         ]
 
     @staticmethod
@@ -142,10 +150,18 @@ class VREx(_AnnealedPenalty):
     @classmethod
     def hparam_specs(cls, small_images: bool) -> list[HParam]:
         return [
-            HParam("vrex_lambda", 1e1, lambda r: float(10 ** r.uniform(-1, 5)),
-                   "V-REx variance weight after annealing (DomainBed: 1e1, 10**U(-1,5))"),
-            HParam("vrex_penalty_anneal_iters", 500, lambda r: int(10 ** r.uniform(0, 4)),
-                   "updates with penalty weight 1.0 before vrex_lambda (DomainBed: 500, int(10**U(0,4)))"),
+            HParam(
+                "vrex_lambda",
+                1e1,
+                lambda r: float(10 ** r.uniform(-1, 5)),
+                "V-REx variance weight after annealing (DomainBed: 1e1, 10**U(-1,5))",
+            ),
+            HParam(
+                "vrex_penalty_anneal_iters",
+                500,
+                lambda r: int(10 ** r.uniform(0, 4)),
+                "updates with penalty weight 1.0 before vrex_lambda (DomainBed: 500, int(10**U(0,4)))",
+            ),
         ]
 
     @staticmethod
@@ -159,8 +175,9 @@ class VREx(_AnnealedPenalty):
     def update(self, minibatches: Minibatches, unlabeled=None) -> dict[str, float]:
         weight = self.penalty_weight()
         all_logits = self.network(torch.cat([x for x, _ in minibatches]))
-        losses = torch.stack([F.cross_entropy(logits, y) for logits, (_, y)
-                              in zip(_split_logits(all_logits, minibatches), minibatches)])
+        losses = torch.stack(
+            [F.cross_entropy(logits, y) for logits, (_, y) in zip(_split_logits(all_logits, minibatches), minibatches)]
+        )
         loss, mean, penalty = self.vrex_objective(losses, weight)
         self.step(loss)
         return {"loss": loss.item(), "nll": mean.item(), "penalty": penalty.item()}
@@ -179,15 +196,21 @@ class SD(ERM):
 
     @classmethod
     def hparam_specs(cls, small_images: bool) -> list[HParam]:
-        return [HParam("sd_reg", 0.1, lambda r: float(10 ** r.uniform(-5, -1)),
-                       "weight of mean(logits**2) (DomainBed: 0.1, 10**U(-5,-1))")]
+        return [
+            HParam(
+                "sd_reg",
+                0.1,
+                lambda r: float(10 ** r.uniform(-5, -1)),
+                "weight of mean(logits**2) (DomainBed: 0.1, 10**U(-5,-1))",
+            )
+        ]
 
     def update(self, minibatches: Minibatches, unlabeled=None) -> dict[str, float]:
         all_x = torch.cat([x for x, _ in minibatches])
         all_y = torch.cat([y for _, y in minibatches])
         logits = self.predict(all_x)
         loss = F.cross_entropy(logits, all_y)
-        penalty = (logits ** 2).mean()
+        penalty = (logits**2).mean()
         objective = loss + self.hparams["sd_reg"] * penalty
         self.optimizer.zero_grad(set_to_none=True)
         objective.backward()

@@ -5,6 +5,7 @@ DomainBed (``domainbed/algorithms.py`` ``MLDG`` and ``Fish``, ``domainbed/lib/mi
 ``split_meta_train_test``, ``domainbed/hparams_registry.py``; Gulrajani & Lopez-Paz,
 ICLR 2021).
 """
+
 from __future__ import annotations
 
 import copy
@@ -22,8 +23,7 @@ from .erm import ERM
 Pair = tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
-def split_meta_train_test(minibatches: Minibatches, num_meta_test: int,
-                          generator: torch.Generator) -> list[Pair]:
+def split_meta_train_test(minibatches: Minibatches, num_meta_test: int, generator: torch.Generator) -> list[Pair]:
     """DomainBed's ``split_meta_train_test``: randomly permute the D domains; the first
     D - num_meta_test are meta-train, the last num_meta_test meta-test; pair each
     meta-train domain with the meta-test domains in turn (``zip`` with ``cycle``), both
@@ -31,7 +31,7 @@ def split_meta_train_test(minibatches: Minibatches, num_meta_test: int,
     ((x_train, y_train), (x_test, y_test)); none when num_meta_test >= D."""
     n = len(minibatches)
     perm = torch.randperm(n, generator=generator).tolist()
-    meta_train, meta_test = perm[:n - num_meta_test], perm[n - num_meta_test:]
+    meta_train, meta_test = perm[: n - num_meta_test], perm[n - num_meta_test :]
     pairs = []
     for i, j in zip(meta_train, cycle(meta_test)):
         (xi, yi), (xj, yj) = minibatches[i], minibatches[j]
@@ -68,17 +68,24 @@ class MLDG(ERM):
     @classmethod
     def hparam_specs(cls, small_images: bool) -> list[HParam]:
         return [
-            HParam("mldg_beta", 1.0, lambda r: float(10 ** r.uniform(-1, 1)),
-                   "weight of the meta-test gradient (DomainBed: 1.0, 10**U(-1,1))"),
-            HParam("n_meta_test", 2, lambda r: int(r.choice([1, 2])),
-                   "meta-test domains per step, capped at D-1 (DomainBed: 2, choice [1,2])"),
+            HParam(
+                "mldg_beta",
+                1.0,
+                lambda r: float(10 ** r.uniform(-1, 1)),
+                "weight of the meta-test gradient (DomainBed: 1.0, 10**U(-1,1))",
+            ),
+            HParam(
+                "n_meta_test",
+                2,
+                lambda r: int(r.choice([1, 2])),
+                "meta-test domains per step, capped at D-1 (DomainBed: 2, choice [1,2])",
+            ),
         ]
 
-    def __init__(self, input_shape: tuple[int, ...], num_classes: int, num_domains: int,
-                 hparams: dict[str, Any]):
+    def __init__(self, input_shape: tuple[int, ...], num_classes: int, num_domains: int, hparams: dict[str, Any]):
         super().__init__(input_shape, num_classes, num_domains, hparams)
         # drawn from the global generator, which the run seeds with --seed
-        self.generator = torch.Generator().manual_seed(int(torch.randint(2 ** 62, (1,))))
+        self.generator = torch.Generator().manual_seed(int(torch.randint(2**62, (1,))))
 
     def num_meta_test(self, num_domains: int) -> int:
         """min(n_meta_test, num_domains - 1), at least 1 (see the class docstring)."""
@@ -147,11 +154,16 @@ class Fish(ERM):
 
     @classmethod
     def hparam_specs(cls, small_images: bool) -> list[HParam]:
-        return [HParam("meta_lr", 0.5, lambda r: float(r.choice([0.05, 0.1, 0.5])),
-                       "step towards the inner weights (DomainBed: 0.5, choice [0.05,0.1,0.5])")]
+        return [
+            HParam(
+                "meta_lr",
+                0.5,
+                lambda r: float(r.choice([0.05, 0.1, 0.5])),
+                "step towards the inner weights (DomainBed: 0.5, choice [0.05,0.1,0.5])",
+            )
+        ]
 
-    def __init__(self, input_shape: tuple[int, ...], num_classes: int, num_domains: int,
-                 hparams: dict[str, Any]):
+    def __init__(self, input_shape: tuple[int, ...], num_classes: int, num_domains: int, hparams: dict[str, Any]):
         super().__init__(input_shape, num_classes, num_domains, hparams)
         self.network_inner = copy.deepcopy(self.network)
         self.optimizer_inner = self.make_optimizer(self.network_inner.parameters())

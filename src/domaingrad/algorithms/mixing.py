@@ -5,6 +5,7 @@ DomainBed (``domainbed/algorithms.py`` ``Mixup``, ``domainbed/lib/misc.py``
 ``random_pairs_of_minibatches``, ``domainbed/hparams_registry.py``; Gulrajani &
 Lopez-Paz, ICLR 2021).
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -56,18 +57,23 @@ class Mixup(ERM):
 
     @classmethod
     def hparam_specs(cls, small_images: bool) -> list[HParam]:
-        return [HParam("mixup_alpha", 0.2, lambda r: float(10 ** r.uniform(-1, 1)),
-                       "Beta(a, a) parameter of the mixing weight (DomainBed: 0.2, 10**U(-1,1))")]
+        return [
+            HParam(
+                "mixup_alpha",
+                0.2,
+                lambda r: float(10 ** r.uniform(-1, 1)),
+                "Beta(a, a) parameter of the mixing weight (DomainBed: 0.2, 10**U(-1,1))",
+            )
+        ]
 
-    def __init__(self, input_shape: tuple[int, ...], num_classes: int, num_domains: int,
-                 hparams: dict[str, Any]):
+    def __init__(self, input_shape: tuple[int, ...], num_classes: int, num_domains: int, hparams: dict[str, Any]):
         super().__init__(input_shape, num_classes, num_domains, hparams)
         # drawn from the global generator, which the run seeds with --seed
-        self.generator = torch.Generator().manual_seed(int(torch.randint(2 ** 62, (1,))))
+        self.generator = torch.Generator().manual_seed(int(torch.randint(2**62, (1,))))
 
     def draw_lambda(self) -> float:
         """lam ~ Beta(mixup_alpha, mixup_alpha), deterministic given ``self.generator``."""
-        seed = int(torch.randint(2 ** 31, (1,), generator=self.generator))
+        seed = int(torch.randint(2**31, (1,), generator=self.generator))
         alpha = self.hparams["mixup_alpha"]
         return float(np.random.RandomState(seed).beta(alpha, alpha))
 

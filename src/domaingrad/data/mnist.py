@@ -8,6 +8,7 @@ from one ``torch.Generator`` seeded with the run's ``seed`` (DomainBed seeds the
 generator with ``--seed`` before building the dataset, so the construction depends on
 the same value).
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -25,10 +26,15 @@ class MultipleEnvironmentDigits(MultipleDomainDataset):
     SMALL_IMAGES = True
     environments: list[TensorEnvironment]
 
-    def __init__(self, digits: Digits, settings: Sequence[float],
-                 transform: Callable[[torch.Tensor, torch.Tensor, float, torch.Generator],
-                                     tuple[torch.Tensor, torch.Tensor]],
-                 input_shape: tuple[int, ...], num_classes: int, seed: int):
+    def __init__(
+        self,
+        digits: Digits,
+        settings: Sequence[float],
+        transform: Callable[[torch.Tensor, torch.Tensor, float, torch.Generator], tuple[torch.Tensor, torch.Tensor]],
+        input_shape: tuple[int, ...],
+        num_classes: int,
+        seed: int,
+    ):
         generator = torch.Generator().manual_seed(seed)
         shuffle = torch.randperm(len(digits.images), generator=generator)
         images, labels = digits.images[shuffle], digits.labels[shuffle]
@@ -47,9 +53,13 @@ def _bernoulli(p: float, n: int, generator: torch.Generator) -> torch.Tensor:
     return (torch.rand(n, generator=generator) < p).float()
 
 
-def color_digits(images: torch.Tensor, labels: torch.Tensor, flip_color: float,
-                 generator: torch.Generator, binary_label: Callable[[torch.Tensor], torch.Tensor]
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def color_digits(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    flip_color: float,
+    generator: torch.Generator,
+    binary_label: Callable[[torch.Tensor], torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor]:
     """DomainBed's ``ColoredMNIST.color_dataset``.
 
     label = binary_label(class), flipped with probability 0.25; colour = label flipped
@@ -70,8 +80,9 @@ def color_digits(images: torch.Tensor, labels: torch.Tensor, flip_color: float,
     return x.float().div_(255.0), y.long()
 
 
-def rotate_digits(images: torch.Tensor, labels: torch.Tensor, angle: float,
-                  generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def rotate_digits(
+    images: torch.Tensor, labels: torch.Tensor, angle: float, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
     """DomainBed's ``RotatedMNIST.rotate_dataset``: rotate every digit by ``angle``
     degrees counter-clockwise about the image centre, bilinear, zero fill, no expansion.
 
@@ -99,8 +110,11 @@ def rotate_digits(images: torch.Tensor, labels: torch.Tensor, angle: float,
     pixels = images.numpy()
     rotated = np.empty_like(pixels)
     for i, image in enumerate(pixels):
-        rotated[i] = np.asarray(TF.rotate(Image.fromarray(image, mode="L"), float(angle),
-                                          interpolation=TF.InterpolationMode.BILINEAR, fill=(0,)))
+        rotated[i] = np.asarray(
+            TF.rotate(
+                Image.fromarray(image, mode="L"), float(angle), interpolation=TF.InterpolationMode.BILINEAR, fill=(0,)
+            )
+        )
     return torch.from_numpy(rotated).unsqueeze(1).float().div_(255.0), labels.clone()
 
 
@@ -135,13 +149,15 @@ class ColoredFashionMNIST(ColoredMNIST):
     """ColoredMNIST's construction over Fashion-MNIST's 70,000 images (label = class < 5)."""
 
     def __init__(self, data_dir: str | None = None, seed: int = 0):
-        MultipleEnvironmentDigits.__init__(self, load_fashion_mnist(data_dir), self.COLOR_FLIP,
-                                           self._transform, (2, 28, 28), 2, seed)
+        MultipleEnvironmentDigits.__init__(
+            self, load_fashion_mnist(data_dir), self.COLOR_FLIP, self._transform, (2, 28, 28), 2, seed
+        )
 
 
 class RotatedFashionMNIST(RotatedMNIST):
     """RotatedMNIST's construction over Fashion-MNIST's 70,000 images (10 classes)."""
 
     def __init__(self, data_dir: str | None = None, seed: int = 0):
-        MultipleEnvironmentDigits.__init__(self, load_fashion_mnist(data_dir), self.ANGLES,
-                                           rotate_digits, (1, 28, 28), 10, seed)
+        MultipleEnvironmentDigits.__init__(
+            self, load_fashion_mnist(data_dir), self.ANGLES, rotate_digits, (1, 28, 28), 10, seed
+        )

@@ -33,6 +33,7 @@ gradient, so one backward pass gives all of them and the ``1/N`` cancels in the 
 contains the other samples' losses through the batch statistics; the listing (and this
 module) still use it, so the GSNR is then that of these coupled rows.
 """
+
 from __future__ import annotations
 
 import torch
@@ -41,8 +42,16 @@ from torch import Tensor
 
 from ..errors import DomainGradError
 
-__all__ = ["batch_gsnr", "drop_block2d", "drop_block2d_gsnr", "dropblock_gamma", "effective_block_size",
-           "expand_blocks", "gsnr_seed_mask", "gsnr_threshold_index"]
+__all__ = [
+    "batch_gsnr",
+    "drop_block2d",
+    "drop_block2d_gsnr",
+    "dropblock_gamma",
+    "effective_block_size",
+    "expand_blocks",
+    "gsnr_seed_mask",
+    "gsnr_threshold_index",
+]
 
 
 def batch_gsnr(grads: Tensor, eps: float = 1e-7) -> Tensor:
@@ -62,8 +71,10 @@ def batch_gsnr(grads: Tensor, eps: float = 1e-7) -> Tensor:
         DomainGradError: for N < 2 (the unbiased variance of one sample is undefined).
     """
     if grads.ndim < 1 or grads.shape[0] < 2:
-        raise DomainGradError(f"batch-wise GSNR needs at least 2 samples, got gradients of shape "
-                              f"{tuple(grads.shape)}; use a batch size of 2 or more")
+        raise DomainGradError(
+            f"batch-wise GSNR needs at least 2 samples, got gradients of shape "
+            f"{tuple(grads.shape)}; use a batch size of 2 or more"
+        )
     flat = grads.reshape(grads.shape[0], -1)
     gsnr = flat.mean(dim=0) ** 2 / (flat.var(dim=0) + eps)
     return gsnr.reshape(grads.shape[1:])
@@ -76,8 +87,9 @@ def effective_block_size(block_size: int, height: int, width: int) -> int:
         DomainGradError: for an even or non-positive ``block_size`` (torchvision's rule).
     """
     if block_size < 1 or block_size % 2 == 0:
-        raise DomainGradError(f"DropBlock block size must be a positive odd integer (torchvision's "
-                              f"drop_block2d rule), got {block_size}")
+        raise DomainGradError(
+            f"DropBlock block size must be a positive odd integer (torchvision's drop_block2d rule), got {block_size}"
+        )
     size = min(block_size, height, width)
     return size if size % 2 == 1 else size - 1
 
@@ -85,7 +97,7 @@ def effective_block_size(block_size: int, height: int, width: int) -> int:
 def dropblock_gamma(p: float, block_size: int, height: int, width: int) -> float:
     """DropBlock's seed rate ``gamma = p*H*W / (b^2 * (H-b+1) * (W-b+1))`` (DropBlock
     Eq. 1 with the valid seed region; torchvision and Listing 2, line 39)."""
-    return (p * height * width) / ((block_size ** 2) * ((height - block_size + 1) * (width - block_size + 1)))
+    return (p * height * width) / ((block_size**2) * ((height - block_size + 1) * (width - block_size + 1)))
 
 
 def _check(input: Tensor, p: float, name: str = "p") -> None:
@@ -113,8 +125,14 @@ def _apply(input: Tensor, dropped: Tensor, eps: float) -> Tensor:
     return input * keep * (keep.numel() / (eps + keep.sum()))
 
 
-def drop_block2d(input: Tensor, p: float, block_size: int, generator: torch.Generator | None = None,
-                 eps: float = 1e-6, training: bool = True) -> Tensor:
+def drop_block2d(
+    input: Tensor,
+    p: float,
+    block_size: int,
+    generator: torch.Generator | None = None,
+    eps: float = 1e-6,
+    training: bool = True,
+) -> Tensor:
     """``torchvision.ops.drop_block2d`` with an explicit generator and the odd-size clamp.
 
     Seeds ~ Bernoulli(gamma) independently per sample, channel and valid position, grown to
@@ -145,13 +163,19 @@ def gsnr_threshold_index(p: float, block_size: int, channels: int, height: int, 
     """Listing 2, lines 41-42, ``int(C*(H-b+1)*(W-b+1)*gamma*b^2)`` (= ``int(p*C*H*W)``
     up to rounding), clamped to ``C*H*W - 1`` (the guard the listing lacks)."""
     gamma = dropblock_gamma(p, block_size, height, width)
-    index = int(channels * (height - block_size + 1) * (width - block_size + 1) * gamma * block_size ** 2)
+    index = int(channels * (height - block_size + 1) * (width - block_size + 1) * gamma * block_size**2)
     return min(index, channels * height * width - 1)
 
 
-def gsnr_seed_mask(gsnr: Tensor, p: float, p_gsnr: float | Tensor, block_size: int,
-                   generator: torch.Generator | None = None, use_m1: bool = True,
-                   use_m2: bool = True) -> Tensor:
+def gsnr_seed_mask(
+    gsnr: Tensor,
+    p: float,
+    p_gsnr: float | Tensor,
+    block_size: int,
+    generator: torch.Generator | None = None,
+    use_m1: bool = True,
+    use_m2: bool = True,
+) -> Tensor:
     """Seeds of GSNR-guided DropBlock: M1 * M2 on the valid seed window (Listing 2, 39-52).
 
     M1: units whose GSNR is at least the value at :func:`gsnr_threshold_index` of the
@@ -174,7 +198,7 @@ def gsnr_seed_mask(gsnr: Tensor, p: float, p_gsnr: float | Tensor, block_size: i
     if use_m1:
         index = gsnr_threshold_index(p, b, c, h, w)
         thresh = torch.sort(gsnr.flatten(), descending=True)[0][index]
-        m1 = (gsnr[None, :, b - 1:h, b - 1:w] >= thresh).to(gsnr.dtype)
+        m1 = (gsnr[None, :, b - 1 : h, b - 1 : w] >= thresh).to(gsnr.dtype)
     else:
         m1 = torch.ones(window, dtype=gsnr.dtype, device=gsnr.device)
     if not use_m2:
@@ -187,9 +211,18 @@ def gsnr_seed_mask(gsnr: Tensor, p: float, p_gsnr: float | Tensor, block_size: i
     return m1 * m2
 
 
-def drop_block2d_gsnr(input: Tensor, grads: Tensor, p: float, p_gsnr: float | Tensor, block_size: int,
-                      generator: torch.Generator | None = None, eps: float = 1e-6, training: bool = True,
-                      use_m1: bool = True, use_m2: bool = True) -> Tensor:
+def drop_block2d_gsnr(
+    input: Tensor,
+    grads: Tensor,
+    p: float,
+    p_gsnr: float | Tensor,
+    block_size: int,
+    generator: torch.Generator | None = None,
+    eps: float = 1e-6,
+    training: bool = True,
+    use_m1: bool = True,
+    use_m2: bool = True,
+) -> Tensor:
     """GSNR-guided DropBlock (Michalkiewicz et al., ICCV 2023, supplementary material,
     Listing 2), guarded; with ``p_gsnr = 1`` (or ``use_m2=False``, which skips the draw),
     M2 = 1: the supplement's Table 4 "DB+gsnr".
@@ -221,8 +254,9 @@ def drop_block2d_gsnr(input: Tensor, grads: Tensor, p: float, p_gsnr: float | Te
     if not training or p == 0.0:
         return input
     if grads.shape != input.shape:
-        raise DomainGradError(f"gradients of shape {tuple(grads.shape)} do not match activations of shape "
-                              f"{tuple(input.shape)}")
+        raise DomainGradError(
+            f"gradients of shape {tuple(grads.shape)} do not match activations of shape {tuple(input.shape)}"
+        )
     _, c, h, w = input.shape
     b = effective_block_size(block_size, h, w)
     gsnr = batch_gsnr(grads.detach())

@@ -130,9 +130,7 @@ def per_domain_gradients(
             statistics in training mode (use ``method="sequential"``).
     """
     if method not in ("auto", "vmap", "sequential"):
-        raise ValueError(
-            f"method must be 'auto', 'vmap' or 'sequential', got {method!r}"
-        )
+        raise ValueError(f"method must be 'auto', 'vmap' or 'sequential', got {method!r}")
     _check_minibatches(minibatches)
     names, plist = _resolve_params(model, params)
 
@@ -157,14 +155,10 @@ def per_domain_gradients(
 
 def _check_minibatches(minibatches: Sequence[tuple[Tensor, Tensor]]) -> None:
     if len(minibatches) == 0:
-        raise ValueError(
-            "minibatches is empty: pass one (x, y) pair per training domain"
-        )
+        raise ValueError("minibatches is empty: pass one (x, y) pair per training domain")
     for d, batch in enumerate(minibatches):
         if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-            raise ValueError(
-                f"minibatches[{d}] must be an (x, y) pair, got {type(batch).__name__}"
-            )
+            raise ValueError(f"minibatches[{d}] must be an (x, y) pair, got {type(batch).__name__}")
         x, y = batch
         if not isinstance(x, Tensor) or not isinstance(y, Tensor):
             raise ValueError(f"minibatches[{d}]: x and y must be tensors")
@@ -174,10 +168,7 @@ def _check_minibatches(minibatches: Sequence[tuple[Tensor, Tensor]]) -> None:
                 f"x.shape={tuple(x.shape)}, y.shape={tuple(y.shape)}"
             )
         if x.shape[0] != y.shape[0]:
-            raise ValueError(
-                f"minibatches[{d}]: x has {x.shape[0]} samples but y has {y.shape[0]}; "
-                "they must match"
-            )
+            raise ValueError(f"minibatches[{d}]: x has {x.shape[0]} samples but y has {y.shape[0]}; they must match")
         if x.shape[0] == 0:
             raise ValueError(
                 f"minibatches[{d}] is an empty batch: every domain needs at least one "
@@ -185,9 +176,7 @@ def _check_minibatches(minibatches: Sequence[tuple[Tensor, Tensor]]) -> None:
             )
 
 
-def _resolve_params(
-    model: nn.Module, params: Sequence[nn.Parameter] | None
-) -> tuple[list[str], list[nn.Parameter]]:
+def _resolve_params(model: nn.Module, params: Sequence[nn.Parameter] | None) -> tuple[list[str], list[nn.Parameter]]:
     """Names (as in ``model.named_parameters()``) and tensors of the parameters."""
     named = [(n, p) for n, p in model.named_parameters()]
     if params is None:
@@ -211,10 +200,7 @@ def _resolve_params(
         if id(p) in seen:
             raise ValueError(f"params[{i}] ({name_of[id(p)]}) is given twice")
         if not p.requires_grad:
-            raise ValueError(
-                f"params[{i}] ({name_of[id(p)]}) has requires_grad=False: "
-                "its gradient cannot be computed"
-            )
+            raise ValueError(f"params[{i}] ({name_of[id(p)]}) has requires_grad=False: its gradient cannot be computed")
         seen.add(id(p))
         names.append(name_of[id(p)])
     return names, plist
@@ -253,18 +239,14 @@ def _vmap_problem(
     stats = _running_stats_modules(model)
     if stats:
         return (
-            "module(s) "
-            + ", ".join(stats)
-            + " update running statistics in place in training mode (BatchNorm/"
+            "module(s) " + ", ".join(stats) + " update running statistics in place in training mode (BatchNorm/"
             "InstanceNorm with track_running_stats=True), which vmap cannot batch "
             "and which must be updated once per domain in order"
         )
     return None
 
 
-def _auto_method(
-    vmap_problem: str | None, device: torch.device
-) -> Literal["vmap", "sequential"]:
+def _auto_method(vmap_problem: str | None, device: torch.device) -> Literal["vmap", "sequential"]:
     """The path ``method="auto"`` takes.
 
     Sequential on CPU, where it was measured to be the faster one (module docstring);
@@ -285,9 +267,7 @@ def _sequential_path(
     plist: Sequence[nn.Parameter],
 ) -> PerDomainGradients:
     n_dom = len(minibatches)
-    grads = [
-        torch.empty((n_dom, *p.shape), dtype=p.dtype, device=p.device) for p in plist
-    ]
+    grads = [torch.empty((n_dom, *p.shape), dtype=p.dtype, device=p.device) for p in plist]
     losses: list[Tensor] = []
     logits: list[Tensor] = []
     with torch.enable_grad():
@@ -346,7 +326,4 @@ def _check_scalar(loss: Tensor, d: int | None) -> None:
     if not isinstance(loss, Tensor) or loss.dim() != 0:
         shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
         which = "each domain's batch" if d is None else f"domain {d}'s batch"
-        raise ValueError(
-            f"loss_fn must return a scalar (the mean loss of {which}), got {shape}; "
-            "use reduction='mean'"
-        )
+        raise ValueError(f"loss_fn must return a scalar (the mean loss of {which}), got {shape}; use reduction='mean'")

@@ -20,6 +20,7 @@ Two entry points:
   is what BackPACK computes for ``nn.Linear`` and what Fishr uses for DomainBed's
   default linear classifier.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -31,11 +32,15 @@ from torch import Tensor, nn
 __all__ = ["linear_cross_entropy_per_sample_gradients", "per_sample_gradients"]
 
 
-def per_sample_gradients(module: nn.Module, inputs: Tensor, targets: Tensor,
-                         loss_fn: Callable[[Tensor, Tensor], Tensor],
-                         params: Sequence[str] | None = None,
-                         chunk_size: int | None = None,
-                         create_graph: bool = True) -> dict[str, Tensor]:
+def per_sample_gradients(
+    module: nn.Module,
+    inputs: Tensor,
+    targets: Tensor,
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    params: Sequence[str] | None = None,
+    chunk_size: int | None = None,
+    create_graph: bool = True,
+) -> dict[str, Tensor]:
     """Gradient of every sample's loss with respect to parameters of ``module``.
 
     Sample ``i`` is forwarded alone, as a batch of one: ``out_i = module(inputs[i:i+1])``
@@ -88,24 +93,28 @@ def per_sample_gradients(module: nn.Module, inputs: Tensor, targets: Tensor,
     if not isinstance(inputs, Tensor) or not isinstance(targets, Tensor):
         raise ValueError("inputs and targets must be tensors")
     if inputs.dim() == 0 or targets.dim() == 0:
-        raise ValueError(f"inputs and targets need a leading sample dimension, got inputs.shape="
-                         f"{tuple(inputs.shape)}, targets.shape={tuple(targets.shape)}")
+        raise ValueError(
+            f"inputs and targets need a leading sample dimension, got inputs.shape="
+            f"{tuple(inputs.shape)}, targets.shape={tuple(targets.shape)}"
+        )
     if inputs.shape[0] != targets.shape[0]:
-        raise ValueError(f"inputs has {inputs.shape[0]} samples but targets has {targets.shape[0]}; "
-                         "they must match")
+        raise ValueError(f"inputs has {inputs.shape[0]} samples but targets has {targets.shape[0]}; they must match")
     if inputs.shape[0] == 0:
         raise ValueError("inputs is empty: per-sample gradients need at least one sample")
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
-                                   or chunk_size < 1):
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}")
     names = _resolve_names(module, params)
-    stats = [name or type(module).__name__ for name, m in module.named_modules()
-             if isinstance(m, nn.modules.batchnorm._NormBase) and m.training and m.track_running_stats]
+    stats = [
+        name or type(module).__name__
+        for name, m in module.named_modules()
+        if isinstance(m, nn.modules.batchnorm._NormBase) and m.training and m.track_running_stats
+    ]
     if stats:
         raise ValueError(
             f"module(s) {', '.join(stats)} update running statistics in training mode (BatchNorm/"
             "InstanceNorm with track_running_stats=True): samples then interact, so per-sample "
-            "gradients are not defined; put them in eval mode or use GroupNorm/LayerNorm")
+            "gradients are not defined; put them in eval mode or use GroupNorm/LayerNorm"
+        )
 
     named = dict(module.named_parameters())
     pdict = {n: (named[n] if create_graph else named[n].detach()) for n in names}
@@ -128,8 +137,9 @@ def per_sample_gradients(module: nn.Module, inputs: Tensor, targets: Tensor,
     return {n: grads[n] for n in names}
 
 
-def linear_cross_entropy_per_sample_gradients(features: Tensor, logits: Tensor, targets: Tensor,
-                                              has_bias: bool) -> tuple[Tensor, Tensor | None]:
+def linear_cross_entropy_per_sample_gradients(
+    features: Tensor, logits: Tensor, targets: Tensor, has_bias: bool
+) -> tuple[Tensor, Tensor | None]:
     """Exact per-sample gradients of cross-entropy through a linear layer.
 
     For ``logits = features @ W.T + b`` (``nn.Linear``) and the loss of sample ``i``
@@ -159,20 +169,26 @@ def linear_cross_entropy_per_sample_gradients(features: Tensor, logits: Tensor, 
     (Dangel et al. ICLR 2020), which Fishr's code uses.
     """
     if features.dim() != 2 or logits.dim() != 2 or targets.dim() != 1:
-        raise ValueError(f"expected features (N, F), logits (N, C) and targets (N,), got shapes "
-                         f"{tuple(features.shape)}, {tuple(logits.shape)} and {tuple(targets.shape)}")
+        raise ValueError(
+            f"expected features (N, F), logits (N, C) and targets (N,), got shapes "
+            f"{tuple(features.shape)}, {tuple(logits.shape)} and {tuple(targets.shape)}"
+        )
     n = features.shape[0]
     if logits.shape[0] != n or targets.shape[0] != n:
-        raise ValueError(f"features, logits and targets must have the same number of samples, got "
-                         f"{n}, {logits.shape[0]} and {targets.shape[0]}")
+        raise ValueError(
+            f"features, logits and targets must have the same number of samples, got "
+            f"{n}, {logits.shape[0]} and {targets.shape[0]}"
+        )
     if not features.is_floating_point() or not logits.is_floating_point():
         raise ValueError(f"features and logits must be floating point, got {features.dtype} and {logits.dtype}")
     if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
         raise ValueError(f"targets must be integer class indices, got dtype {targets.dtype}")
     num_classes = logits.shape[1]
     if n > 0 and (int(targets.min()) < 0 or int(targets.max()) >= num_classes):
-        raise ValueError(f"targets must lie in [0, {num_classes}) (the number of logits), got values in "
-                         f"[{int(targets.min())}, {int(targets.max())}]")
+        raise ValueError(
+            f"targets must lie in [0, {num_classes}) (the number of logits), got values in "
+            f"[{int(targets.min())}, {int(targets.max())}]"
+        )
     residual = torch.softmax(logits, dim=1) - F.one_hot(targets.long(), num_classes).to(logits.dtype)
     grad_weight = residual.unsqueeze(2) * features.unsqueeze(1)  # (N, C, 1) * (N, 1, F)
     return grad_weight, (residual if has_bias else None)
@@ -193,8 +209,9 @@ def _resolve_names(module: nn.Module, params: Sequence[str] | None) -> list[str]
         seen: set[str] = set()
         for name in names:
             if name not in named:
-                raise ValueError(f"{name!r} is not a parameter of the module; valid names: "
-                                 f"{', '.join(named) or '(none)'}")
+                raise ValueError(
+                    f"{name!r} is not a parameter of the module; valid names: {', '.join(named) or '(none)'}"
+                )
             if name in seen:
                 raise ValueError(f"parameter {name!r} is given twice")
             if not named[name].requires_grad:

@@ -10,6 +10,7 @@ calling ``stage_fn(name, output)`` on each stage; a *classifier* maps features t
 ResNet-50 for other images, ResNet-18 when ``resnet18`` is true). Initial weights come
 from :func:`domaingrad.models.weights.use_weights`.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -35,7 +36,8 @@ def _mnist_cnn(input_shape: tuple[int, ...], hparams: dict[str, Any], state: dic
 
 def _resnet(depth: int) -> Builder:
     return lambda input_shape, hparams, state: ResNetFeaturizer(
-        depth, input_shape, float(hparams.get("resnet_dropout", 0.0)), bool(hparams.get("freeze_bn", True)), state)
+        depth, input_shape, float(hparams.get("resnet_dropout", 0.0)), bool(hparams.get("freeze_bn", True)), state
+    )
 
 
 #: ``backbone`` hyperparameter value -> constructor taking (input_shape, hparams, state dict or None)
@@ -58,8 +60,7 @@ def backbone_name(input_shape: tuple[int, ...], hparams: dict[str, Any]) -> str:
     name = hparams.get("backbone", "auto")
     if name == "auto":
         if len(input_shape) != 3:
-            raise DomainGradError(f"no featurizer for input shape {tuple(input_shape)}; "
-                                  "expected images (C, H, W)")
+            raise DomainGradError(f"no featurizer for input shape {tuple(input_shape)}; expected images (C, H, W)")
         if tuple(input_shape[1:]) == (28, 28):
             return "mnist_cnn"
         return "resnet18" if hparams.get("resnet18", False) else "resnet50"
@@ -88,12 +89,27 @@ def classifier(in_features: int, out_features: int, nonlinear: bool = False) -> 
     in -> in/2 -> in/4 -> out with ReLUs. Input (B, in_features); output (B, out_features)."""
     if nonlinear:
         return nn.Sequential(
-            nn.Linear(in_features, in_features // 2), nn.ReLU(),
-            nn.Linear(in_features // 2, in_features // 4), nn.ReLU(),
-            nn.Linear(in_features // 4, out_features))
+            nn.Linear(in_features, in_features // 2),
+            nn.ReLU(),
+            nn.Linear(in_features // 2, in_features // 4),
+            nn.ReLU(),
+            nn.Linear(in_features // 4, out_features),
+        )
     return nn.Linear(in_features, out_features)
 
 
-__all__ = ["FEATURIZERS", "AlexNetFeaturizer", "Featurizer", "MNIST_CNN", "ResNetFeaturizer", "StageFn",
-           "backbone_name", "classifier", "current_weights", "featurizer_for", "imagenet_file", "read_state_dict",
-           "use_weights"]
+__all__ = [
+    "FEATURIZERS",
+    "AlexNetFeaturizer",
+    "Featurizer",
+    "MNIST_CNN",
+    "ResNetFeaturizer",
+    "StageFn",
+    "backbone_name",
+    "classifier",
+    "current_weights",
+    "featurizer_for",
+    "imagenet_file",
+    "read_state_dict",
+    "use_weights",
+]

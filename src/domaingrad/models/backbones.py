@@ -11,6 +11,7 @@ The ResNets are DomainBed's ``networks.ResNet``: torchvision's network without i
 layers kept in eval mode during training (``freeze_bn``), and a first convolution
 adapted to inputs with other than 3 channels by cycling the RGB filters.
 """
+
 from __future__ import annotations
 
 import torch
@@ -39,8 +40,14 @@ def adapt_input_channels(conv: nn.Conv2d, channels: int) -> nn.Conv2d:
     if conv.in_channels == channels:
         return conv
     padding = conv.padding if isinstance(conv.padding, str) else _pair(conv.padding)
-    new = nn.Conv2d(channels, conv.out_channels, kernel_size=_pair(conv.kernel_size), stride=_pair(conv.stride),
-                    padding=padding, bias=conv.bias is not None)
+    new = nn.Conv2d(
+        channels,
+        conv.out_channels,
+        kernel_size=_pair(conv.kernel_size),
+        stride=_pair(conv.stride),
+        padding=padding,
+        bias=conv.bias is not None,
+    )
     with torch.no_grad():
         new.weight.copy_(conv.weight[:, torch.arange(channels) % conv.in_channels])
         if conv.bias is not None and new.bias is not None:
@@ -73,15 +80,23 @@ class ResNetFeaturizer(Featurizer):
         dropout: the ``nn.Dropout`` on the pooled features.
     """
 
-    def __init__(self, depth: int, input_shape: tuple[int, ...], dropout: float = 0.0,
-                 freeze_bn: bool = True, state_dict: dict[str, torch.Tensor] | None = None):
+    def __init__(
+        self,
+        depth: int,
+        input_shape: tuple[int, ...],
+        dropout: float = 0.0,
+        freeze_bn: bool = True,
+        state_dict: dict[str, torch.Tensor] | None = None,
+    ):
         super().__init__()
         if depth not in (18, 50):
             raise ValueError(f"ResNet depth must be 18 or 50, got {depth}")
         if min(input_shape[1:]) < 32:
-            raise DomainGradError(f"ResNet-{depth} needs images of at least 32x32, got input shape "
-                                  f"{tuple(input_shape)}; for image folders raise --image-size, else "
-                                  f"choose another backbone")
+            raise DomainGradError(
+                f"ResNet-{depth} needs images of at least 32x32, got input shape "
+                f"{tuple(input_shape)}; for image folders raise --image-size, else "
+                f"choose another backbone"
+            )
         import torchvision  # imported here: torchvision takes seconds to import
 
         self.network = (torchvision.models.resnet18 if depth == 18 else torchvision.models.resnet50)(weights=None)
@@ -94,7 +109,7 @@ class ResNetFeaturizer(Featurizer):
         self.n_outputs = 512 if depth == 18 else 2048
         width = 64 if depth == 18 else 256
         self.stage_names: tuple[str, ...] = ("layer1", "layer2", "layer3", "layer4")
-        self.stage_channels: dict[str, int] = {name: width * 2 ** k for k, name in enumerate(self.stage_names)}
+        self.stage_channels: dict[str, int] = {name: width * 2**k for k, name in enumerate(self.stage_names)}
         self.dropout = nn.Dropout(dropout)
         self.freeze_bn = freeze_bn
         self.train()
@@ -140,17 +155,26 @@ class AlexNetFeaturizer(Featurizer):
 
     n_outputs = 4096
     stage_names: tuple[str, ...] = ("conv1", "conv2", "conv3", "conv4", "conv5", "pool5", "fc6")
-    stage_channels: dict[str, int] = {"conv1": 64, "conv2": 192, "conv3": 384, "conv4": 256, "conv5": 256,
-                                      "pool5": 9216, "fc6": 4096}
+    stage_channels: dict[str, int] = {
+        "conv1": 64,
+        "conv2": 192,
+        "conv3": 384,
+        "conv4": 256,
+        "conv5": 256,
+        "pool5": 9216,
+        "fc6": 4096,
+    }
     #: torchvision ``features`` indices (exclusive ends) closing each conv stage
     _CONV_ENDS = {"conv1": 3, "conv2": 6, "conv3": 8, "conv4": 10, "conv5": 13}
 
     def __init__(self, input_shape: tuple[int, ...], state_dict: dict[str, torch.Tensor] | None = None):
         super().__init__()
         if min(input_shape[1:]) < 64:
-            raise DomainGradError(f"AlexNet needs images of at least 64x64 (its max-pools shrink smaller "
-                                  f"ones to nothing), got input shape {tuple(input_shape)}; for image folders "
-                                  f"raise --image-size")
+            raise DomainGradError(
+                f"AlexNet needs images of at least 64x64 (its max-pools shrink smaller "
+                f"ones to nothing), got input shape {tuple(input_shape)}; for image folders "
+                f"raise --image-size"
+            )
         import torchvision
 
         self.network = torchvision.models.alexnet(weights=None)

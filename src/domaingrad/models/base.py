@@ -1,4 +1,5 @@
 """The featurizer interface shared by every backbone of :mod:`domaingrad.models`."""
+
 from __future__ import annotations
 
 from collections.abc import Callable

@@ -1,5 +1,6 @@
 """DomainBed's MNIST_CNN featurizer (Gulrajani & Lopez-Paz, "In Search of Lost Domain
 Generalization", ICLR 2021; ``domainbed/networks.py``)."""
+
 from __future__ import annotations
 
 import torch
@@ -38,8 +39,12 @@ class MNIST_CNN(Featurizer):
         self.bn3 = nn.GroupNorm(8, 128)
 
     def forward(self, x: torch.Tensor, stage_fn: StageFn = None) -> torch.Tensor:
-        for name, conv, norm in (("conv1", self.conv1, self.bn0), ("conv2", self.conv2, self.bn1),
-                                 ("conv3", self.conv3, self.bn2), ("conv4", self.conv4, self.bn3)):
+        for name, conv, norm in (
+            ("conv1", self.conv1, self.bn0),
+            ("conv2", self.conv2, self.bn1),
+            ("conv3", self.conv3, self.bn2),
+            ("conv4", self.conv4, self.bn3),
+        ):
             x = norm(F.relu(conv(x)))
             if stage_fn is not None:
                 x = stage_fn(name, x)

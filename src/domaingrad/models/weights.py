@@ -17,6 +17,7 @@ featurizers start from random initialisation.
   ``classifier.6.*``) is ignored, any other missing, unexpected or mis-shaped entry is
   an error that names it.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -39,9 +40,12 @@ def imagenet_weights(backbone: str):
     (imported on demand: torchvision takes seconds to import)."""
     import torchvision
 
-    return {"resnet18": torchvision.models.ResNet18_Weights.IMAGENET1K_V1,
-            "resnet50": torchvision.models.ResNet50_Weights.IMAGENET1K_V1,
-            "alexnet": torchvision.models.AlexNet_Weights.IMAGENET1K_V1}[backbone]
+    return {
+        "resnet18": torchvision.models.ResNet18_Weights.IMAGENET1K_V1,
+        "resnet50": torchvision.models.ResNet50_Weights.IMAGENET1K_V1,
+        "alexnet": torchvision.models.AlexNet_Weights.IMAGENET1K_V1,
+    }[backbone]
+
 
 _WEIGHTS: contextvars.ContextVar[str] = contextvars.ContextVar("domaingrad_weights", default="none")
 
@@ -81,20 +85,24 @@ def read_state_dict(spec: str, backbone: str) -> dict[str, torch.Tensor] | None:
         return None
     if spec == "imagenet":
         if backbone not in IMAGENET_BACKBONES:
-            raise DomainGradError(f"--weights imagenet: there are no ImageNet weights for {backbone}; "
-                                  f"use --weights none or a state-dict file")
+            raise DomainGradError(
+                f"--weights imagenet: there are no ImageNet weights for {backbone}; "
+                f"use --weights none or a state-dict file"
+            )
         path = imagenet_file(backbone)
         if not path.is_file():
             raise DomainGradError(
                 f"--weights imagenet: {path.name} is not in the torchvision cache. domaingrad never downloads "
                 f"at run time: put the file {path.name} (from {imagenet_weights(backbone).url}) into "
                 f"{path.parent}/, or pass --weights PATH to a state-dict file, or --weights none to train "
-                f"from scratch.")
+                f"from scratch."
+            )
     else:
         path = Path(spec)
         if not path.is_file():
-            raise DomainGradError(f"--weights {spec}: no such file; expected 'none', 'imagenet' or the path "
-                                  f"of a torch.save-d state dict")
+            raise DomainGradError(
+                f"--weights {spec}: no such file; expected 'none', 'imagenet' or the path of a torch.save-d state dict"
+            )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same advice
@@ -102,15 +110,17 @@ def read_state_dict(spec: str, backbone: str) -> dict[str, torch.Tensor] | None:
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise DomainGradError(f"--weights: {path} does not hold a state dict (a dict of parameter name -> "
-                              f"tensor, as torch.save(model.state_dict(), path) writes)")
+        raise DomainGradError(
+            f"--weights: {path} does not hold a state dict (a dict of parameter name -> "
+            f"tensor, as torch.save(model.state_dict(), path) writes)"
+        )
     return _strip_prefix(state)
 
 
 def _strip_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     for prefix in ("module.", "network."):
         if state and all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix):]: v for k, v in state.items()}
+            state = {k[len(prefix) :]: v for k, v in state.items()}
     return state
 
 
@@ -119,8 +129,9 @@ def _listing(names: list[str], limit: int = 6) -> str:
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
-def load_backbone_state(module: nn.Module, state: dict[str, torch.Tensor], what: str,
-                        ignore_prefixes: tuple[str, ...] = ()) -> None:
+def load_backbone_state(
+    module: nn.Module, state: dict[str, torch.Tensor], what: str, ignore_prefixes: tuple[str, ...] = ()
+) -> None:
     """Load ``state`` into ``module`` strictly, ignoring entries under ``ignore_prefixes``.
 
     Raises:
@@ -130,12 +141,20 @@ def load_backbone_state(module: nn.Module, state: dict[str, torch.Tensor], what:
     own = {k: v for k, v in module.state_dict().items() if not k.startswith(ignore_prefixes)}
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
-    shapes = sorted(f"{k} (file {tuple(state[k].shape)}, {what} {tuple(own[k].shape)})"
-                    for k in set(own) & set(state) if state[k].shape != own[k].shape)
-    problems = [f"{label}: {_listing(names)}" for label, names in
-                (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes)) if names]
+    shapes = sorted(
+        f"{k} (file {tuple(state[k].shape)}, {what} {tuple(own[k].shape)})"
+        for k in set(own) & set(state)
+        if state[k].shape != own[k].shape
+    )
+    problems = [
+        f"{label}: {_listing(names)}"
+        for label, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes))
+        if names
+    ]
     if problems:
-        raise DomainGradError(f"--weights: the state dict does not fit {what} ({'; '.join(problems)}). "
-                              f"Expected torchvision's parameter names for {what}, e.g. "
-                              f"{_listing(sorted(own), 3)}.")
+        raise DomainGradError(
+            f"--weights: the state dict does not fit {what} ({'; '.join(problems)}). "
+            f"Expected torchvision's parameter names for {what}, e.g. "
+            f"{_listing(sorted(own), 3)}."
+        )
     module.load_state_dict(state, strict=False)

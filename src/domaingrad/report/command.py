@@ -2,6 +2,7 @@
 
 ``add_parser`` imports nothing heavy; the work happens in :func:`run`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,13 +23,15 @@ DomainBed itself) and print DomainBed's result tables: per dataset, rows = algor
 Unreadable lines are reported (path:line) and skipped; jobs without `done` and jobs listed in
 sweep.json but absent are listed on stderr."""
 
-SELECTION_HELP = ("model selection: iid = training-domain validation, loo = leave-one-domain-out, "
-                  "oracle = test-domain validation (last checkpoint) (Gulrajani and Lopez-Paz, ICLR 2021); "
-                  "70/10/20 = best source validation, reported on the held-out domain's test part (Mansilla et "
-                  "al., ICCV 2021); all = iid+loo+oracle (+70/10/20 for 70/10/20 runs), auto (default) = "
-                  "70/10/20 for runs with args.split_protocol '70/10/20', else iid+loo+oracle like DomainBed's "
-                  "collect_results. Between hparams draws, equal validation accuracies go to the highest "
-                  "hparams_seed and a NaN one ranks below every number, as in DomainBed")
+SELECTION_HELP = (
+    "model selection: iid = training-domain validation, loo = leave-one-domain-out, "
+    "oracle = test-domain validation (last checkpoint) (Gulrajani and Lopez-Paz, ICLR 2021); "
+    "70/10/20 = best source validation, reported on the held-out domain's test part (Mansilla et "
+    "al., ICCV 2021); all = iid+loo+oracle (+70/10/20 for 70/10/20 runs), auto (default) = "
+    "70/10/20 for runs with args.split_protocol '70/10/20', else iid+loo+oracle like DomainBed's "
+    "collect_results. Between hparams draws, equal validation accuracies go to the highest "
+    "hparams_seed and a NaN one ranks below every number, as in DomainBed"
+)
 
 
 #: earlier spellings of --selection values, still accepted
@@ -41,23 +44,44 @@ def _selection_name(value: str) -> str:
 
 def add_parser(subparsers) -> None:
     """Register ``report`` on the CLI's subparsers (argparse only)."""
-    p = subparsers.add_parser("report", help="model selection, result tables, Wilcoxon tests and plots of a sweep",
-                              description=DESCRIPTION)
+    p = subparsers.add_parser(
+        "report", help="model selection, result tables, Wilcoxon tests and plots of a sweep", description=DESCRIPTION
+    )
     p.add_argument("sweep_dir", metavar="SWEEP_DIR", help="sweep directory (one sub-directory per job)")
-    p.add_argument("--selection", choices=SELECTIONS, default="auto", type=_selection_name,
-                   help=SELECTION_HELP + " (the old spelling seed002 is accepted for 70/10/20)")
+    p.add_argument(
+        "--selection",
+        choices=SELECTIONS,
+        default="auto",
+        type=_selection_name,
+        help=SELECTION_HELP + " (the old spelling seed002 is accepted for 70/10/20)",
+    )
     p.add_argument("--format", choices=FORMATS, default="markdown", help="output format (default markdown)")
     p.add_argument("--output", "-o", metavar="FILE", default=None, help="write the report to FILE (default stdout)")
-    p.add_argument("--baseline", metavar="ALG", default=None,
-                   help="paired Wilcoxon test of every algorithm against ALG per test env; * marks p < 0.05")
-    p.add_argument("--plots", metavar="DIR", default=None,
-                   help="write box plots (as Fig. 3 of Mansilla et al., ICCV 2021) and training curves as "
-                        "PNG into DIR")
-    p.add_argument("--in-domain", "--in_domain", dest="in_domain", action="store_true",
-                   help="add DMG's in-domain tables: mean accuracy on the source envs' held-out split")
-    p.add_argument("--latest", action="store_true",
-                   help="also use jobs without `done` (their records up to their latest checkpoint), "
-                        "as DomainBed's collect_results does")
+    p.add_argument(
+        "--baseline",
+        metavar="ALG",
+        default=None,
+        help="paired Wilcoxon test of every algorithm against ALG per test env; * marks p < 0.05",
+    )
+    p.add_argument(
+        "--plots",
+        metavar="DIR",
+        default=None,
+        help="write box plots (as Fig. 3 of Mansilla et al., ICCV 2021) and training curves as PNG into DIR",
+    )
+    p.add_argument(
+        "--in-domain",
+        "--in_domain",
+        dest="in_domain",
+        action="store_true",
+        help="add DMG's in-domain tables: mean accuracy on the source envs' held-out split",
+    )
+    p.add_argument(
+        "--latest",
+        action="store_true",
+        help="also use jobs without `done` (their records up to their latest checkpoint), "
+        "as DomainBed's collect_results does",
+    )
     p.add_argument("--force", action="store_true", help="overwrite an existing --output file or plot files")
 
 
@@ -102,8 +126,9 @@ def _refuse_overwrite(paths: list[Path], force: bool, option: str) -> None:
     if existing and not force:
         shown = ", ".join(str(p) for p in existing[:5]) + (" ..." if len(existing) > 5 else "")
         verb = "already exists" if len(existing) == 1 else "already exist"
-        raise DomainGradError(f"{option}: {shown} {verb}; nothing was written. Pass --force to overwrite, "
-                              f"or choose another {option} path")
+        raise DomainGradError(
+            f"{option}: {shown} {verb}; nothing was written. Pass --force to overwrite, or choose another {option} path"
+        )
     for p in existing:
         if p.is_dir():
             raise DomainGradError(f"{option}: {p} is a directory, expected a file path")

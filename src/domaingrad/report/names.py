@@ -6,6 +6,7 @@ DomainBed orders table rows by ``domainbed.algorithms.ALGORITHMS`` and datasets 
 DomainBed nor torch. Names DomainBed does not know come after, alphabetically (DomainBed
 drops unknown datasets from its tables; the report keeps them).
 """
+
 from __future__ import annotations
 
 import re
@@ -13,9 +14,40 @@ from collections.abc import Iterable
 
 #: ``domainbed/algorithms.py`` ALGORITHMS, in its order
 DOMAINBED_ALGORITHMS = [
-    "ERM", "Fish", "IRM", "GroupDRO", "Mixup", "MLDG", "CORAL", "MMD", "DANN", "CDANN", "MTL", "SagNet",
-    "ARM", "VREx", "RSC", "SD", "ANDMask", "SANDMask", "IGA", "SelfReg", "Fishr", "TRM", "IB_ERM", "IB_IRM",
-    "CAD", "CondCAD", "Transfer", "CausIRL_CORAL", "CausIRL_MMD", "EQRM", "RDM", "ADRMX", "ERMPlusPlus", "URM",
+    "ERM",
+    "Fish",
+    "IRM",
+    "GroupDRO",
+    "Mixup",
+    "MLDG",
+    "CORAL",
+    "MMD",
+    "DANN",
+    "CDANN",
+    "MTL",
+    "SagNet",
+    "ARM",
+    "VREx",
+    "RSC",
+    "SD",
+    "ANDMask",
+    "SANDMask",
+    "IGA",
+    "SelfReg",
+    "Fishr",
+    "TRM",
+    "IB_ERM",
+    "IB_IRM",
+    "CAD",
+    "CondCAD",
+    "Transfer",
+    "CausIRL_CORAL",
+    "CausIRL_MMD",
+    "EQRM",
+    "RDM",
+    "ADRMX",
+    "ERMPlusPlus",
+    "URM",
 ]
 
 #: dataset -> environment names: DomainBed's ``domainbed/datasets.py`` (in its DATASETS

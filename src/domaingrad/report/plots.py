@@ -15,6 +15,7 @@ display is needed and the caller's matplotlib backend is left alone.
   environment (its in split, or its test part for 70/10/20 runs) against the training
   step, one thin line per run with a single test env, coloured by algorithm.
 """
+
 from __future__ import annotations
 
 import re
@@ -73,16 +74,24 @@ def box_figure(report: Report, section: Section, dataset: str) -> Figure:
     figure = Figure(figsize=(max(4.0, 1.0 + 0.55 * len(algorithms)) * len(envs), 4.0), layout="constrained")
     axes = figure.subplots(1, len(envs), squeeze=False)[0]
     for env, (ax, env_name) in enumerate(zip(axes, envs)):
-        data = [[100 * s.test_acc for s in section.selected
-                 if (s.dataset, s.algorithm, s.test_env) == (dataset, a, env)] for a in algorithms]
+        data = [
+            [100 * s.test_acc for s in section.selected if (s.dataset, s.algorithm, s.test_env) == (dataset, a, env)]
+            for a in algorithms
+        ]
         positions = [i + 1 for i, d in enumerate(data) if d]
         if positions:
-            ax.boxplot([d for d in data if d], positions=positions, whis=(0, 100), showmeans=True,
-                       meanprops={"marker": "^", "markerfacecolor": "green", "markeredgecolor": "green"})
+            ax.boxplot(
+                [d for d in data if d],
+                positions=positions,
+                whis=(0, 100),
+                showmeans=True,
+                meanprops={"marker": "^", "markerfacecolor": "green", "markeredgecolor": "green"},
+            )
         for i, algorithm in enumerate(algorithms):
             if (env, algorithm) in significant and data[i]:
-                ax.annotate("*", (i + 1, max(data[i])), xytext=(0, 4), textcoords="offset points",
-                            ha="center", fontsize=14)
+                ax.annotate(
+                    "*", (i + 1, max(data[i])), xytext=(0, 4), textcoords="offset points", ha="center", fontsize=14
+                )
         ax.set_xticks(range(1, len(algorithms) + 1), algorithms, rotation=45, ha="right")
         ax.set_xlim(0.5, len(algorithms) + 0.5)
         values = [v for d in data for v in d]
@@ -91,8 +100,10 @@ def box_figure(report: Report, section: Section, dataset: str) -> Figure:
             ax.set_ylim(min(values) - pad, max(values) + 2 * pad)
         ax.set_title(f"test env {env}: {env_name}")
         ax.set_ylabel("accuracy (%)")
-    figure.suptitle(f"{dataset}: {section.method.name}" +
-                    (f"; * p < 0.05 vs {report.baseline} (paired Wilcoxon)" if report.baseline else ""))
+    figure.suptitle(
+        f"{dataset}: {section.method.name}"
+        + (f"; * p < 0.05 vs {report.baseline} (paired Wilcoxon)" if report.baseline else "")
+    )
     return figure
 
 
@@ -113,8 +124,14 @@ def curves_figure(report: Report, dataset: str) -> Figure:
         points = sorted((r["step"], 100 * r[f"env{env}_{kind}_acc"]) for r in records)
         label = algorithm if (env, algorithm) not in labelled else None
         labelled.add((env, algorithm))
-        axes[env].plot([p[0] for p in points], [p[1] for p in points], color=colours[algorithm], alpha=0.5,
-                       linewidth=1, label=label)
+        axes[env].plot(
+            [p[0] for p in points],
+            [p[1] for p in points],
+            color=colours[algorithm],
+            alpha=0.5,
+            linewidth=1,
+            label=label,
+        )
     for env, (ax, env_name) in enumerate(zip(axes, envs)):
         ax.set_title(f"test env {env}: {env_name}")
         ax.set_xlabel("step")

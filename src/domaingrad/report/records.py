@@ -14,6 +14,7 @@ Nothing here raises on bad content: an unreadable file or line becomes a :class:
 (path, 1-based line number, what is wrong) and is skipped. DomainBed's ``load_records``
 instead stops at the first bad line.
 """
+
 from __future__ import annotations
 
 import math
@@ -61,8 +62,9 @@ class JobResults:
     def describe(self) -> str:
         """One line: id, state, what the job is (dataset, algorithm, test envs, seeds)."""
         a = self.args or {}
-        what = ", ".join(f"{k}={a[k]}" for k in ("dataset", "algorithm", "test_envs", "hparams_seed", "trial_seed")
-                         if k in a)
+        what = ", ".join(
+            f"{k}={a[k]}" for k in ("dataset", "algorithm", "test_envs", "hparams_seed", "trial_seed") if k in a
+        )
         if self.n_records:
             steps = f", {self.n_records} records up to step {self.last_step}"
         else:
@@ -102,18 +104,22 @@ class Sweep:
         """Human-readable summary: counts, then every job not done, then every problem."""
         by_state = {s: self.jobs_in_state(s) for s in JobState}
         source = "sweep.json and the job directories" if self.manifest else "the job directories (no sweep.json)"
-        counts = ", ".join(f"{len(by_state[s])} {s.value}" for s in
-                           (JobState.DONE, JobState.FAILED, JobState.RUNNING, JobState.INCOMPLETE,
-                            JobState.NOT_LAUNCHED))
+        counts = ", ".join(
+            f"{len(by_state[s])} {s.value}"
+            for s in (JobState.DONE, JobState.FAILED, JobState.RUNNING, JobState.INCOMPLETE, JobState.NOT_LAUNCHED)
+        )
         lines = [f"{len(self.records)} records used from {self.root}; jobs from {source}: {counts}"]
         if by_state[JobState.FAILED]:
             lines.append("failed jobs (their records are left out unless --latest):")
             lines += [f"  {j.describe()}" for j in by_state[JobState.FAILED]]
         unfinished = by_state[JobState.RUNNING] + by_state[JobState.INCOMPLETE]
         if unfinished:
-            how = ("their records so far are included (--latest)" if self.include_incomplete else
-                   "their records are left out; --latest includes them up to their latest checkpoint, "
-                   "as DomainBed's collect_results does")
+            how = (
+                "their records so far are included (--latest)"
+                if self.include_incomplete
+                else "their records are left out; --latest includes them up to their latest checkpoint, "
+                "as DomainBed's collect_results does"
+            )
             lines.append(f"running and incomplete jobs (no `done` file; {how}):")
             lines += [f"  {j.describe()}" for j in unfinished]
         if by_state[JobState.NOT_LAUNCHED]:
@@ -155,8 +161,12 @@ def record_error(record: object) -> str | None:
     if n_envs == 0:
         return "no 'env0_out_acc'"
     test_envs = args["test_envs"]
-    if (not isinstance(test_envs, list) or not test_envs or len(set(map(repr, test_envs))) != len(test_envs)
-            or not all(_is_int(e) and 0 <= e < n_envs for e in test_envs)):
+    if (
+        not isinstance(test_envs, list)
+        or not test_envs
+        or len(set(map(repr, test_envs))) != len(test_envs)
+        or not all(_is_int(e) and 0 <= e < n_envs for e in test_envs)
+    ):
         return f"args.test_envs = {test_envs!r} is not a non-empty list of distinct indices below {n_envs}"
     kinds = ("in", "out", "test") if args.get("split_protocol") == SPLIT_70_10_20 else ("in", "out")
     bad = [f"env{i}_{k}_acc" for i in range(n_envs) for k in kinds if not _is_number(record.get(f"env{i}_{k}_acc"))]
@@ -189,8 +199,7 @@ def _manifest(root: Path) -> tuple[dict[str, dict] | None, list[Problem]]:
     try:
         return read_manifest(root), []
     except ManifestError as exc:
-        message = (f"unreadable sweep manifest ({exc.reason}); missing jobs cannot be listed, "
-                   "using the job directories")
+        message = f"unreadable sweep manifest ({exc.reason}); missing jobs cannot be listed, using the job directories"
         return None, [Problem(exc.path, None, message)]
 
 
@@ -207,8 +216,10 @@ def load_sweep(root: str | os.PathLike, include_incomplete: bool = False) -> Swe
     """
     root = Path(root)
     if not root.is_dir():
-        raise DomainGradError(f"sweep directory {root} does not exist or is not a directory; "
-                              "expected the directory given to `domaingrad sweep launch` (one sub-directory per job)")
+        raise DomainGradError(
+            f"sweep directory {root} does not exist or is not a directory; "
+            "expected the directory given to `domaingrad sweep launch` (one sub-directory per job)"
+        )
     manifest, problems = _manifest(root)
     sweep = Sweep(root=root, problems=problems, manifest=manifest is not None, include_incomplete=include_incomplete)
     ids = {p.name for p in root.iterdir() if p.is_dir() and any((p / m).exists() for m in JOB_MARKERS)}
@@ -233,5 +244,15 @@ def _read_job(sweep: Sweep, path: Path, manifest_args: dict | None, listed: bool
     return job
 
 
-__all__ = ["DONE", "RESULTS", "REQUIRED_ARGS", "SPLIT_70_10_20", "JobResults", "Problem", "Sweep", "load_sweep",
-           "read_results", "record_error"]
+__all__ = [
+    "DONE",
+    "RESULTS",
+    "REQUIRED_ARGS",
+    "SPLIT_70_10_20",
+    "JobResults",
+    "Problem",
+    "Sweep",
+    "load_sweep",
+    "read_results",
+    "record_error",
+]

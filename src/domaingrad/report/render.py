@@ -5,6 +5,7 @@ missing); an asterisk follows a cell whose paired Wilcoxon test against the base
 gives p < 0.05 (the convention of Table 1 of Mansilla, Echeveste, Milone, Ferrante, "Domain
 Generalization via Gradient Surgery", ICCV 2021).
 """
+
 from __future__ import annotations
 
 import csv
@@ -45,20 +46,30 @@ def _tables_in_order(section: Section) -> list[tuple[Table, str]]:
 def _significance_line(report: Report) -> str | None:
     if report.baseline is None:
         return None
-    return (f"* p < {ALPHA}: paired two-sided Wilcoxon signed-rank test against {report.baseline} "
-            "over trial seeds, per test environment (as Mansilla et al., ICCV 2021).")
+    return (
+        f"* p < {ALPHA}: paired two-sided Wilcoxon signed-rank test against {report.baseline} "
+        "over trial seeds, per test environment (as Mansilla et al., ICCV 2021)."
+    )
 
 
 def _protocol_line(report: Report) -> str:
     if report.protocol == SPLIT_70_10_20:
-        return ("Protocol: 70/10/20 train/validation/test split per domain (Mansilla et al., ICCV 2021); "
-                "reported = test part of the held-out domain.")
+        return (
+            "Protocol: 70/10/20 train/validation/test split per domain (Mansilla et al., ICCV 2021); "
+            "reported = test part of the held-out domain."
+        )
     return "Protocol: DomainBed in/out split; reported = in split of the test environment."
 
 
 def to_markdown(report: Report) -> str:
-    lines = [f"# Results: {report.sweep.root}", "", f"Total records: {len(report.sweep.records)}", "",
-             _protocol_line(report), ""]
+    lines = [
+        f"# Results: {report.sweep.root}",
+        "",
+        f"Total records: {len(report.sweep.records)}",
+        "",
+        _protocol_line(report),
+        "",
+    ]
     status = report.sweep.status_lines()
     if len(status) > 1 or report.sweep.problems:
         lines += ["```", *status, "```", ""]
@@ -92,9 +103,15 @@ def _latex_escape(text: str) -> str:
 
 def to_latex(report: Report) -> str:
     """DomainBed's ``collect_results.py --latex`` document (booktabs + adjustbox)."""
-    lines = ["\\documentclass{article}", "\\usepackage{booktabs}", "\\usepackage{adjustbox}",
-             "\\begin{document}", "\\section{Full DomainBed results}",
-             f"% Total records: {len(report.sweep.records)}", f"% {_protocol_line(report)}"]
+    lines = [
+        "\\documentclass{article}",
+        "\\usepackage{booktabs}",
+        "\\usepackage{adjustbox}",
+        "\\begin{document}",
+        "\\section{Full DomainBed results}",
+        f"% Total records: {len(report.sweep.records)}",
+        f"% {_protocol_line(report)}",
+    ]
     lines += [f"% {line}" for line in report.sweep.status_lines()]
     for section in report.sections:
         lines += ["", f"\\subsection{{Model selection: {section.method.name}}}"]
@@ -114,16 +131,35 @@ def _latex_table(table: Table, colwidth: int) -> list[str]:
         return " & ".join(str(x).ljust(colwidth) for x in items) + " \\\\"
 
     header = ["\\textbf{" + _latex_escape(c) + "}" for c in ["Algorithm", *table.columns]]
-    lines = ["\\begin{center}", "\\adjustbox{max width=\\textwidth}{%",
-             "\\begin{tabular}{l" + "c" * len(table.columns) + "}", "\\toprule", row(header), "\\midrule"]
+    lines = [
+        "\\begin{center}",
+        "\\adjustbox{max width=\\textwidth}{%",
+        "\\begin{tabular}{l" + "c" * len(table.columns) + "}",
+        "\\toprule",
+        row(header),
+        "\\midrule",
+    ]
     for algorithm, cells, (_, avg) in zip(table.rows, table.cells, table.avg):
         lines.append(row([_latex_escape(algorithm), *(cell_text(c, latex=True) for c in cells), avg]))
     return lines + ["\\bottomrule", "\\end{tabular}}", "\\end{center}"]
 
 
 #: columns of the CSV output (one row per table cell, long format)
-CSV_FIELDS = ["selection", "metric", "table", "algorithm", "column", "test_env", "mean", "err", "n", "text",
-              "p_value", "trial_seeds", "values"]
+CSV_FIELDS = [
+    "selection",
+    "metric",
+    "table",
+    "algorithm",
+    "column",
+    "test_env",
+    "mean",
+    "err",
+    "n",
+    "text",
+    "p_value",
+    "trial_seeds",
+    "values",
+]
 
 
 def csv_rows(report: Report) -> list[dict]:
@@ -133,16 +169,40 @@ def csv_rows(report: Report) -> list[dict]:
         for table, _ in _tables_in_order(section):
             for algorithm, cells, (avg_value, avg_text) in zip(table.rows, table.cells, table.avg):
                 for j, cell in enumerate(cells):
-                    rows.append({
-                        "selection": section.method.key, "metric": table.metric,
-                        "table": table.dataset or "Averages", "algorithm": algorithm, "column": table.columns[j],
-                        "test_env": j if table.dataset else "", "mean": _num(cell.mean), "err": _num(cell.err),
-                        "n": len(cell.values), "text": cell_text(cell), "p_value": _num(cell.p_value),
-                        "trial_seeds": json.dumps(cell.trial_seeds), "values": json.dumps(cell.values)})
-                rows.append({"selection": section.method.key, "metric": table.metric,
-                             "table": table.dataset or "Averages", "algorithm": algorithm, "column": "Avg",
-                             "test_env": "", "mean": _num(avg_value), "err": "", "n": "", "text": avg_text,
-                             "p_value": "", "trial_seeds": "", "values": ""})
+                    rows.append(
+                        {
+                            "selection": section.method.key,
+                            "metric": table.metric,
+                            "table": table.dataset or "Averages",
+                            "algorithm": algorithm,
+                            "column": table.columns[j],
+                            "test_env": j if table.dataset else "",
+                            "mean": _num(cell.mean),
+                            "err": _num(cell.err),
+                            "n": len(cell.values),
+                            "text": cell_text(cell),
+                            "p_value": _num(cell.p_value),
+                            "trial_seeds": json.dumps(cell.trial_seeds),
+                            "values": json.dumps(cell.values),
+                        }
+                    )
+                rows.append(
+                    {
+                        "selection": section.method.key,
+                        "metric": table.metric,
+                        "table": table.dataset or "Averages",
+                        "algorithm": algorithm,
+                        "column": "Avg",
+                        "test_env": "",
+                        "mean": _num(avg_value),
+                        "err": "",
+                        "n": "",
+                        "text": avg_text,
+                        "p_value": "",
+                        "trial_seeds": "",
+                        "values": "",
+                    }
+                )
     return rows
 
 
@@ -189,11 +249,32 @@ def _section_dict(section: Section) -> dict:
 def _table_dict(table: Table) -> dict:
     rows = []
     for algorithm, cells, (avg_value, avg_text) in zip(table.rows, table.cells, table.avg):
-        rows.append({"algorithm": algorithm, "avg": avg_value, "avg_text": avg_text, "cells": [
-            {"column": col, "mean": c.mean, "err": c.err, "text": cell_text(c), "p_value": c.p_value,
-             "trial_seeds": c.trial_seeds, "values": c.values} for col, c in zip(table.columns, cells)]})
-    return {"title": table.title, "dataset": table.dataset, "metric": table.metric, "columns": table.columns,
-            "rows": rows}
+        rows.append(
+            {
+                "algorithm": algorithm,
+                "avg": avg_value,
+                "avg_text": avg_text,
+                "cells": [
+                    {
+                        "column": col,
+                        "mean": c.mean,
+                        "err": c.err,
+                        "text": cell_text(c),
+                        "p_value": c.p_value,
+                        "trial_seeds": c.trial_seeds,
+                        "values": c.values,
+                    }
+                    for col, c in zip(table.columns, cells)
+                ],
+            }
+        )
+    return {
+        "title": table.title,
+        "dataset": table.dataset,
+        "metric": table.metric,
+        "columns": table.columns,
+        "rows": rows,
+    }
 
 
 def to_json(report: Report) -> str:

@@ -41,6 +41,7 @@ Records come job by job, jobs sorted by directory name, each job's lines in file
 (DomainBed reads the jobs in ``os.listdir`` order, which only matters for the order of
 records of one run spread over several job directories).
 """
+
 from __future__ import annotations
 
 import math
@@ -93,8 +94,9 @@ def ranking_key(value: float) -> float:
     return float("-inf") if isinstance(value, float) and math.isnan(value) else value
 
 
-def sorted_groups(records: Iterable[dict], key: Callable[[dict], int | float | str],
-                  what: str) -> list[tuple[int | float | str, list[dict]]]:
+def sorted_groups(
+    records: Iterable[dict], key: Callable[[dict], int | float | str], what: str
+) -> list[tuple[int | float | str, list[dict]]]:
     """(key, records) with the keys in increasing order, like DomainBed's ``Q.group``.
 
     Records keep their order within a group. ``key`` returns an int, float or str
@@ -112,9 +114,11 @@ def sorted_groups(records: Iterable[dict], key: Callable[[dict], int | float | s
         keys = sorted(groups)
     except TypeError:
         shown = ", ".join(repr(k) for k in list(groups)[:4])
-        raise DomainGradError(f"cannot order the runs by {what}: values {shown} mix integers and strings. "
-                              f"DomainBed sorts the runs of a (trial_seed, dataset, algorithm, test_env) "
-                              f"by {what}; make {what} all integers (or all strings) in these runs") from None
+        raise DomainGradError(
+            f"cannot order the runs by {what}: values {shown} mix integers and strings. "
+            f"DomainBed sorts the runs of a (trial_seed, dataset, algorithm, test_env) "
+            f"by {what}; make {what} all integers (or all strings) in these runs"
+        ) from None
     return [(k, groups[k]) for k in keys]
 
 
@@ -241,11 +245,10 @@ class LeaveOneOutSelectionMethod(SelectionMethod):
             if len(r["args"]["test_envs"]) == 2:
                 val_env = (set(r["args"]["test_envs"]) - {test_env}).pop()
                 val_accs[val_env] = r[f"env{val_env}_in_acc"]
-        others = list(val_accs[:test_env]) + list(val_accs[test_env + 1:])
+        others = list(val_accs[:test_env]) + list(val_accs[test_env + 1 :])
         if any(v == -1 for v in others):
             return None
-        return Choice(float(np.sum(others) / (n_envs - 1)), test_records[0][f"env{test_env}_in_acc"],
-                      test_records[0])
+        return Choice(float(np.sum(others) / (n_envs - 1)), test_records[0][f"env{test_env}_in_acc"], test_records[0])
 
     @classmethod
     def run_acc(cls, run_records: list[dict]) -> Choice | None:
@@ -255,8 +258,9 @@ class LeaveOneOutSelectionMethod(SelectionMethod):
 
 
 METHODS: dict[str, type[SelectionMethod]] = {
-    m.key: m for m in (IIDAccuracySelectionMethod, LeaveOneOutSelectionMethod, OracleSelectionMethod,
-                       Split701020SelectionMethod)}
+    m.key: m
+    for m in (IIDAccuracySelectionMethod, LeaveOneOutSelectionMethod, OracleSelectionMethod, Split701020SelectionMethod)
+}
 
 
 def protocol_of(records: list[dict]) -> str:
@@ -268,8 +272,10 @@ def protocol_of(records: list[dict]) -> str:
     """
     kinds = {r["args"].get("split_protocol") == SPLIT_70_10_20 for r in records}
     if kinds == {True, False}:
-        raise DomainGradError("the sweep mixes runs with args.split_protocol '70/10/20' and DomainBed's in/out "
-                              "split; report them from separate sweep directories")
+        raise DomainGradError(
+            "the sweep mixes runs with args.split_protocol '70/10/20' and DomainBed's in/out "
+            "split; report them from separate sweep directories"
+        )
     return SPLIT_70_10_20 if kinds == {True} else "domainbed"
 
 
@@ -290,8 +296,10 @@ def resolve_methods(selection: str, records: list[dict]) -> list[type[SelectionM
     if selection not in METHODS:
         raise DomainGradError(f"unknown selection method {selection!r}; valid: auto, all, {', '.join(METHODS)}")
     if selection == SPLIT_70_10_20 and not split:
-        raise DomainGradError(f"--selection {SPLIT_70_10_20} needs runs with args.split_protocol '70/10/20' and "
-                              "env{i}_test_acc keys; these runs use DomainBed's in/out split (use iid, loo or oracle)")
+        raise DomainGradError(
+            f"--selection {SPLIT_70_10_20} needs runs with args.split_protocol '70/10/20' and "
+            "env{i}_test_acc keys; these runs use DomainBed's in/out split (use iid, loo or oracle)"
+        )
     return [METHODS[selection]]
 
 
@@ -321,7 +329,17 @@ def select(records: list[dict], method: type[SelectionMethod]) -> list[Selected]
         choice = method.sweep_acc(group)
         if choice is None:
             continue
-        out.append(Selected(trial_seed, dataset, algorithm, test_env, choice.record["args"]["hparams_seed"],
-                            choice.record["step"], float(choice.val_acc), float(choice.test_acc),
-                            in_domain_accuracy(choice.record, test_env)))
+        out.append(
+            Selected(
+                trial_seed,
+                dataset,
+                algorithm,
+                test_env,
+                choice.record["args"]["hparams_seed"],
+                choice.record["step"],
+                float(choice.val_acc),
+                float(choice.test_acc),
+                in_domain_accuracy(choice.record, test_env),
+            )
+        )
     return out

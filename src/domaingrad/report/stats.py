@@ -10,6 +10,7 @@ trial seed): runs with the same trial seed share the in/out splits, as the paper
 share the 70/10/20 split. Two-sided test, ``scipy.stats.wilcoxon`` with its defaults
 (exact distribution for small samples without ties).
 """
+
 from __future__ import annotations
 
 import math
@@ -51,7 +52,7 @@ class PairedTest:
 
 def smallest_p_value(n_pairs: int) -> float:
     """Smallest two-sided exact Wilcoxon p-value with ``n_pairs`` non-zero, untied differences: 2 / 2**n."""
-    return 2.0 / 2 ** n_pairs
+    return 2.0 / 2**n_pairs
 
 
 def paired_tests(selected: list[Selected], baseline: str, metric: str = "test_acc") -> list[PairedTest]:
@@ -97,6 +98,8 @@ def too_few_pairs_note(tests: list[PairedTest]) -> str | None:
     if not small:
         return None
     n = small[-1]
-    return (f"some tests pair only {', '.join(map(str, small))} trial seed(s): with n pairs the smallest two-sided "
-            f"Wilcoxon p-value is 2/2^n ({smallest_p_value(n):.4f} for n={n}), so p < {ALPHA} needs at least 6 "
-            "trials (Mansilla et al., ICCV 2021, use 20 runs)")
+    return (
+        f"some tests pair only {', '.join(map(str, small))} trial seed(s): with n pairs the smallest two-sided "
+        f"Wilcoxon p-value is 2/2^n ({smallest_p_value(n):.4f} for n={n}), so p < {ALPHA} needs at least 6 "
+        "trials (Mansilla et al., ICCV 2021, use 20 runs)"
+    )

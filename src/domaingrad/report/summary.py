@@ -1,4 +1,5 @@
 """Assemble a report: selection outcomes, tables and tests for every requested selection method."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -51,12 +52,15 @@ def build_report(sweep: Sweep, selection: str = "auto", baseline: str | None = N
     records = sweep.records
     if not records:
         raise DomainGradError(
-            f"no usable results.jsonl record in {sweep.root}" + _why_empty(sweep)
-            + "; expected one sub-directory per job holding results.jsonl (DomainBed's layout)")
+            f"no usable results.jsonl record in {sweep.root}"
+            + _why_empty(sweep)
+            + "; expected one sub-directory per job holding results.jsonl (DomainBed's layout)"
+        )
     algorithms = order_algorithms(r["args"]["algorithm"] for r in records)
     if baseline is not None and baseline not in algorithms:
-        raise DomainGradError(f"--baseline {baseline!r} has no runs in this sweep; algorithms present: "
-                              f"{', '.join(algorithms)}")
+        raise DomainGradError(
+            f"--baseline {baseline!r} has no runs in this sweep; algorithms present: {', '.join(algorithms)}"
+        )
     report = Report(sweep, protocol_of(records), [], baseline, in_domain)
     for method in resolve_methods(selection, records):
         chosen = select(records, method)

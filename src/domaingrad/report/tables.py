@@ -6,6 +6,7 @@ no trial has a number; Avg = mean of the column means, "X" if any column is X. T
 averages table: per (algorithm, dataset) the mean over trial seeds of each trial's mean
 over its test envs, +- standard error; Avg = mean over datasets, "X" if any is missing.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -75,7 +76,9 @@ def _cell(pairs: list[tuple[int, float]]) -> Cell:
     return Cell(values, [t for t, _ in pairs], mean, err, text, format_mean(values, latex=True)[2])
 
 
-def build_tables(records: list[dict], selected: list[Selected], method_name: str, metric: str = "test_acc") -> list[Table]:
+def build_tables(
+    records: list[dict], selected: list[Selected], method_name: str, metric: str = "test_acc"
+) -> list[Table]:
     """The per-dataset tables and the averages table for one selection method.
 
     Args:
@@ -91,12 +94,25 @@ def build_tables(records: list[dict], selected: list[Selected], method_name: str
     tables = []
     for dataset in datasets:
         n_envs = max(count_environments(r) for r in records if r["args"]["dataset"] == dataset)
-        table = Table(f"Dataset: {dataset}, model selection method: {method_name}", dataset, label,
-                      [*environment_names(dataset, n_envs), "Avg"], list(algorithms), [])
+        table = Table(
+            f"Dataset: {dataset}, model selection method: {method_name}",
+            dataset,
+            label,
+            [*environment_names(dataset, n_envs), "Avg"],
+            list(algorithms),
+            [],
+        )
         for algorithm in algorithms:
-            row = [_cell([(s.trial_seed, getattr(s, metric)) for s in selected
-                          if (s.dataset, s.algorithm, s.test_env) == (dataset, algorithm, env)])
-                   for env in range(n_envs)]
+            row = [
+                _cell(
+                    [
+                        (s.trial_seed, getattr(s, metric))
+                        for s in selected
+                        if (s.dataset, s.algorithm, s.test_env) == (dataset, algorithm, env)
+                    ]
+                )
+                for env in range(n_envs)
+            ]
             table.cells.append(row)
             table.avg.append(format_avg([c.mean for c in row]))
         tables.append(table)
@@ -104,10 +120,12 @@ def build_tables(records: list[dict], selected: list[Selected], method_name: str
     return tables
 
 
-def _averages_table(selected: list[Selected], algorithms: list[str], datasets: list[str], method_name: str,
-                    metric: str, label: str) -> Table:
-    table = Table(f"Averages, model selection method: {method_name}", None, label, [*datasets, "Avg"],
-                  list(algorithms), [])
+def _averages_table(
+    selected: list[Selected], algorithms: list[str], datasets: list[str], method_name: str, metric: str, label: str
+) -> Table:
+    table = Table(
+        f"Averages, model selection method: {method_name}", None, label, [*datasets, "Avg"], list(algorithms), []
+    )
     for algorithm in algorithms:
         row = []
         for dataset in datasets:

@@ -1,6 +1,7 @@
 """Paper reproductions: ``EXPERIMENTS`` maps a name to (module, one-line description);
 each module has ``run(data_dir, restarts, steps, seed) -> results`` and
 ``format_table(results) -> str``."""
+
 from __future__ import annotations
 
 from domaingrad.reproduce import fishr_colored_mnist

@@ -77,6 +77,7 @@ population std (ddof 0), as printed by the IRM/Fishr scripts. Restart r seeds ev
 random draw (shuffling, label noise, colours, initialisation) with ``seed + r``; all
 methods of one restart share the same data and the same initial network.
 """
+
 from __future__ import annotations
 
 import time
@@ -102,7 +103,7 @@ HPARAMS = {
     "steps": 501,
 }
 
-ENV_FLIPS = (0.2, 0.1)   # colour-flip probabilities of the two training environments
+ENV_FLIPS = (0.2, 0.1)  # colour-flip probabilities of the two training environments
 TEST_FLIP = 0.9
 LABEL_NOISE = 0.25
 
@@ -117,16 +118,16 @@ PAPER = {
 
 METHODS = ("ERM", "IRM", "VREx", "Fishr")
 LABEL_NOISE_MODES = ("fixed", "per-step")
-_ALIASES = {"erm": "ERM", "irm": "IRM", "vrex": "VREx", "v-rex": "VREx", "rex": "VREx",
-            "fishr": "Fishr"}
+_ALIASES = {"erm": "ERM", "irm": "IRM", "vrex": "VREx", "v-rex": "VREx", "rex": "VREx", "fishr": "Fishr"}
 
 
 @dataclass
 class Environment:
     """One Colored MNIST environment: x float32 (n, 2, 14, 14), y float32 (n, 1) in {0, 1}."""
+
     x: torch.Tensor
     y: torch.Tensor
-    colors: torch.Tensor   # float32 (n,) in {0, 1}: the channel that holds the digit
+    colors: torch.Tensor  # float32 (n,) in {0, 1}: the channel that holds the digit
     flip: float
 
 
@@ -137,8 +138,9 @@ def canonical_method(name: str) -> str:
         raise DomainGradError(f"unknown method {name!r}; choose from {', '.join(METHODS)}") from None
 
 
-def make_environment(images: torch.Tensor, digits: torch.Tensor, e: float,
-                     generator: torch.Generator, grayscale: bool = False) -> Environment:
+def make_environment(
+    images: torch.Tensor, digits: torch.Tensor, e: float, generator: torch.Generator, grayscale: bool = False
+) -> Environment:
     """Colour ``images`` (uint8 (n, 28, 28)) the IRM way; see the module docstring."""
     n = len(images)
     x = images[:, ::2, ::2].float() / 255.0
@@ -172,8 +174,9 @@ def split_indices(n_digits: int) -> tuple[np.ndarray, np.ndarray]:
     return np.flatnonzero(mask), test
 
 
-def _training_pool(images: torch.Tensor, digits: torch.Tensor, seed: int
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Generator]:
+def _training_pool(
+    images: torch.Tensor, digits: torch.Tensor, seed: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Generator]:
     """The shuffled training digits (images, digits) of restart ``seed`` and the generator
     that shuffled them, which :func:`build_environments` goes on drawing from."""
     train_idx, _ = split_indices(len(images))
@@ -182,14 +185,17 @@ def _training_pool(images: torch.Tensor, digits: torch.Tensor, seed: int
     return images[perm], digits[perm], g
 
 
-def build_environments(images: torch.Tensor, digits: torch.Tensor, seed: int
-                       ) -> tuple[list[Environment], Environment, Environment]:
+def build_environments(
+    images: torch.Tensor, digits: torch.Tensor, seed: int
+) -> tuple[list[Environment], Environment, Environment]:
     """(training environments [e=0.2, e=0.1], test environment e=0.9, gray test)."""
     tr_images, tr_digits, g = _training_pool(images, digits, seed)
     te = torch.as_tensor(split_indices(len(images))[1])
     te_images, te_digits = images[te], digits[te]
-    train = [make_environment(tr_images[0::2], tr_digits[0::2], ENV_FLIPS[0], g),
-             make_environment(tr_images[1::2], tr_digits[1::2], ENV_FLIPS[1], g)]
+    train = [
+        make_environment(tr_images[0::2], tr_digits[0::2], ENV_FLIPS[0], g),
+        make_environment(tr_images[1::2], tr_digits[1::2], ENV_FLIPS[1], g),
+    ]
     test = make_environment(te_images, te_digits, TEST_FLIP, g)
     gray = make_environment(te_images, te_digits, TEST_FLIP, g, grayscale=True)
     return train, test, gray
@@ -256,25 +262,25 @@ def vrex_penalty(env_losses: Sequence[torch.Tensor]) -> torch.Tensor:
         raise DomainGradError(
             f"the Fishr coloredmnist V-REx penalty (L_0 - L_1)^2 takes exactly the two training "
             f"environments' losses, got {len(losses)}; for another number of environments use "
-            f"the VREx algorithm (`domaingrad train --algorithm VREx`), which penalises their variance")
+            f"the VREx algorithm (`domaingrad train --algorithm VREx`), which penalises their variance"
+        )
     return (losses[0] - losses[1]) ** 2
 
 
-def per_sample_classifier_grads(features: torch.Tensor, logits: torch.Tensor,
-                                y: torch.Tensor) -> torch.Tensor:
+def per_sample_classifier_grads(features: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """(n, d+1): gradient of each sample's BCE w.r.t. (classifier weight, bias).
 
     For z = w.f + b and loss BCE(z, y): dloss/dw = (sigmoid(z) - y) f, dloss/db = sigmoid(z) - y.
     Differentiable (keeps the graph through ``features`` and ``logits``).
     """
-    r = torch.sigmoid(logits) - y            # (n, 1)
+    r = torch.sigmoid(logits) - y  # (n, 1)
     return torch.cat([r * features, r], dim=1)
 
 
-def per_sample_classifier_grads_vmap(classifier: nn.Linear, features: torch.Tensor,
-                                     y: torch.Tensor) -> torch.Tensor:
+def per_sample_classifier_grads_vmap(classifier: nn.Linear, features: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """The same as :func:`per_sample_classifier_grads`, with torch.func (vmap over grad)."""
     from torch.func import functional_call, grad, vmap
+
     params = {k: v.detach() for k, v in classifier.named_parameters()}
 
     def loss(p, f, t):
@@ -296,10 +302,17 @@ def fishr_penalty(variances: Sequence[torch.Tensor]) -> torch.Tensor:
     return ((v - v.mean(dim=0, keepdim=True)) ** 2).sum()
 
 
-def train_one(method: str, envs: list[Environment], test: Environment, gray: Environment,
-              seed: int, steps: int = 501, penalty_anneal_iters: int = 190,
-              hparams: dict | None = None,
-              redraw: Callable[[], list[Environment]] | None = None) -> dict[str, float]:
+def train_one(
+    method: str,
+    envs: list[Environment],
+    test: Environment,
+    gray: Environment,
+    seed: int,
+    steps: int = 501,
+    penalty_anneal_iters: int = 190,
+    hparams: dict | None = None,
+    redraw: Callable[[], list[Environment]] | None = None,
+) -> dict[str, float]:
     """Train one network with ``method``; accuracies of the last step.
 
     ``redraw``, when given, is called before every step and returns that step's training
@@ -355,8 +368,7 @@ def train_one(method: str, envs: list[Environment], test: Environment, gray: Env
     return out
 
 
-def environment_redrawer(images: torch.Tensor, digits: torch.Tensor, seed: int
-                         ) -> Callable[[], list[Environment]]:
+def environment_redrawer(images: torch.Tensor, digits: torch.Tensor, seed: int) -> Callable[[], list[Environment]]:
     """A function returning the two training environments with label noise and colours
     drawn afresh at each call (``label_noise="per-step"``), from a generator seeded with
     ``seed``. The digits of each environment are the same as in
@@ -365,20 +377,29 @@ def environment_redrawer(images: torch.Tensor, digits: torch.Tensor, seed: int
     noise = torch.Generator().manual_seed(seed_hash(seed, "label-noise"))
 
     def redraw() -> list[Environment]:
-        return [make_environment(tr_images[0::2], tr_digits[0::2], ENV_FLIPS[0], noise),
-                make_environment(tr_images[1::2], tr_digits[1::2], ENV_FLIPS[1], noise)]
+        return [
+            make_environment(tr_images[0::2], tr_digits[0::2], ENV_FLIPS[0], noise),
+            make_environment(tr_images[1::2], tr_digits[1::2], ENV_FLIPS[1], noise),
+        ]
+
     return redraw
 
 
-def _job(images: torch.Tensor, labels: torch.Tensor, method: str, restart_seed: int, steps: int,
-         anneal: int, label_noise: str) -> tuple[dict[str, float], float]:
+def _job(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    method: str,
+    restart_seed: int,
+    steps: int,
+    anneal: int,
+    label_noise: str,
+) -> tuple[dict[str, float], float]:
     """One (method, restart) run, in whichever process: (accuracies, seconds)."""
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     envs, test, gray = build_environments(images, labels, restart_seed)
     redraw = environment_redrawer(images, labels, restart_seed) if label_noise == "per-step" else None
-    acc = train_one(method, envs, test, gray, restart_seed, steps=steps, penalty_anneal_iters=anneal,
-                    redraw=redraw)
+    acc = train_one(method, envs, test, gray, restart_seed, steps=steps, penalty_anneal_iters=anneal, redraw=redraw)
     return acc, time.perf_counter() - t0
 
 
@@ -388,10 +409,18 @@ def default_label_noise(n_digits: int) -> str:
     return "fixed" if n_digits >= 60000 else "per-step"
 
 
-def run(data_dir: str | None = None, restarts: int = 10, steps: int = 501,
-        methods: Sequence[str] = METHODS, seed: int = 0,
-        log: Callable[[str], object] = print, *, n_digits: int | None = None,
-        label_noise: str | None = None, workers: int = 1) -> dict:
+def run(
+    data_dir: str | None = None,
+    restarts: int = 10,
+    steps: int = 501,
+    methods: Sequence[str] = METHODS,
+    seed: int = 0,
+    log: Callable[[str], object] = print,
+    *,
+    n_digits: int | None = None,
+    label_noise: str | None = None,
+    workers: int = 1,
+) -> dict:
     """Run the reproduction; returns {method: {"train": [...], "test": [...],
     "gray_test": [...], "train_mean", "train_std", "test_mean", ...}} (accuracies in [0, 1]).
 
@@ -409,8 +438,11 @@ def run(data_dir: str | None = None, restarts: int = 10, steps: int = 501,
     if restarts < 1 or steps < 1 or workers < 1:
         raise DomainGradError("restarts, steps and workers must be >= 1")
     names = [canonical_method(m) for m in methods]
-    anneal = int(HPARAMS["penalty_anneal_iters"]) if steps == HPARAMS["steps"] else \
-        round(HPARAMS["penalty_anneal_iters"] * steps / HPARAMS["steps"])
+    anneal = (
+        int(HPARAMS["penalty_anneal_iters"])
+        if steps == HPARAMS["steps"]
+        else round(HPARAMS["penalty_anneal_iters"] * steps / HPARAMS["steps"])
+    )
     digits = load_mnist(data_dir)
     images, labels = digits.images, digits.labels
     if n_digits is not None and n_digits < len(images):
@@ -419,19 +451,23 @@ def run(data_dir: str | None = None, restarts: int = 10, steps: int = 501,
         images, labels = images[idx], labels[idx]
     label_noise = label_noise or default_label_noise(len(images))
     if label_noise not in LABEL_NOISE_MODES:
-        raise DomainGradError(f"unknown label noise mode {label_noise!r}; choose from "
-                              f"{', '.join(LABEL_NOISE_MODES)}")
+        raise DomainGradError(f"unknown label noise mode {label_noise!r}; choose from {', '.join(LABEL_NOISE_MODES)}")
     train_idx, test_idx = split_indices(len(images))
     n_env = len(train_idx)
-    how = ("MNIST train[:50000] / train[50000:60000]" if len(images) >= 60000 else
-           f"{len(test_idx)} evenly spaced digits for test, the other {n_env} for training")
+    how = (
+        "MNIST train[:50000] / train[50000:60000]"
+        if len(images) >= 60000
+        else f"{len(test_idx)} evenly spaced digits for test, the other {n_env} for training"
+    )
     log(f"{digits.source}")
-    log(f"Colored MNIST (IRM setup): {how}; training pool shuffled -> train envs "
+    log(
+        f"Colored MNIST (IRM setup): {how}; training pool shuffled -> train envs "
         f"{n_env - n_env // 2} (e=0.2) + {n_env // 2} (e=0.1); test env {len(test_idx)} (e=0.9) "
         f"and gray test; label noise and colours "
         f"{'drawn afresh every step' if label_noise == 'per-step' else 'drawn once per restart'}; "
         f"{steps} steps, penalty from step {anneal}, {restarts} restarts, seeds {seed}..{seed + restarts - 1}, "
-        f"{workers} worker(s)")
+        f"{workers} worker(s)"
+    )
     jobs = [(m, r) for r in range(restarts) for m in names]
     accuracies: dict[str, dict[str, list[float]]] = {m: {"train": [], "test": [], "gray_test": []} for m in names}
     done: dict[tuple[str, int], dict[str, float]] = {}
@@ -439,8 +475,10 @@ def run(data_dir: str | None = None, restarts: int = 10, steps: int = 501,
     def record(job: tuple[str, int], acc: dict[str, float], seconds: float) -> None:
         done[job] = acc
         m, r = job
-        log(f"restart {r + 1}/{restarts} {m:5s} train {acc['train']:.3f} test {acc['test']:.3f} "
-            f"gray {acc['gray_test']:.3f} ({seconds:.1f} s)")
+        log(
+            f"restart {r + 1}/{restarts} {m:5s} train {acc['train']:.3f} test {acc['test']:.3f} "
+            f"gray {acc['gray_test']:.3f} ({seconds:.1f} s)"
+        )
 
     if workers == 1:
         n_threads = torch.get_num_threads()
@@ -452,9 +490,11 @@ def run(data_dir: str | None = None, restarts: int = 10, steps: int = 501,
     else:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor, as_completed
+
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as executor:
-            futures = {executor.submit(_job, images, labels, m, seed + r, steps, anneal, label_noise): (m, r)
-                       for m, r in jobs}
+            futures = {
+                executor.submit(_job, images, labels, m, seed + r, steps, anneal, label_noise): (m, r) for m, r in jobs
+            }
             for future in as_completed(futures):
                 record(futures[future], *future.result())
     for m, r in jobs:
@@ -473,8 +513,7 @@ def format_table(results: dict) -> str:
     """Markdown table of :func:`run`'s output: accuracies in % as mean +- std over
     restarts, beside the paper's, and a line saying how they were obtained."""
     methods, meta = results["methods"], results.get("meta", {})
-    lines = ["| method | train | test | gray test | paper train / test / gray test |",
-             "|---|---|---|---|---|"]
+    lines = ["| method | train | test | gray test | paper train / test / gray test |", "|---|---|---|---|---|"]
     for m, res in methods.items():
         cells = []
         for k in ("train", "test", "gray_test"):
@@ -487,10 +526,12 @@ def format_table(results: dict) -> str:
     how = ""
     if meta:
         noise = "drawn afresh every step" if meta["label_noise"] == "per-step" else "drawn once per restart"
-        how = (f" {meta['n_digits']} digits, {meta['steps']} steps, label noise and colours {noise}.")
+        how = f" {meta['n_digits']} digits, {meta['steps']} steps, label noise and colours {noise}."
     lines.append("")
-    lines.append(f"Ours: mean +- std (population) over {n} restart(s), last step.{how} Paper: mean over "
-                 "10 runs (Fishr paper, IRM-setup Colored MNIST, its repository's coloredmnist "
-                 "script, 50,000 training digits, noise drawn once); same tuned hyperparameters for "
-                 "all four methods.")
+    lines.append(
+        f"Ours: mean +- std (population) over {n} restart(s), last step.{how} Paper: mean over "
+        "10 runs (Fishr paper, IRM-setup Colored MNIST, its repository's coloredmnist "
+        "script, 50,000 training digits, noise drawn once); same tuned hyperparameters for "
+        "all four methods."
+    )
     return "\n".join(lines)

@@ -1,6 +1,7 @@
 """One training run: arguments (:mod:`.args`), the run (:mod:`.train`), its console
 output (:mod:`.console`) and files (:mod:`.output`): checkpoints, results.jsonl records,
 exact resume."""
+
 from __future__ import annotations
 
 from .args import TrainArgs, check_args

@@ -5,6 +5,7 @@ Lopez-Paz, "In Search of Lost Domain Generalization", ICLR 2021) plus domaingrad
 In Python ``hparams`` is a dict; on disk (records, ``model.pkl``, a sweep's job
 arguments) it is JSON text, as DomainBed writes ``args.hparams``.
 """
+
 from __future__ import annotations
 
 import json
@@ -102,8 +103,9 @@ class TrainArgs:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise DomainGradError(f"unknown train argument(s) {', '.join(unknown)}; "
-                                  f"expected some of: {', '.join(sorted(known))}")
+            raise DomainGradError(
+                f"unknown train argument(s) {', '.join(unknown)}; expected some of: {', '.join(sorted(known))}"
+            )
         return cls(**values)
 
     def overrides(self) -> dict[str, Any]:
@@ -179,11 +181,13 @@ def check_args(args: TrainArgs) -> CheckedArgs:
     if args.num_workers is not None and args.num_workers < 0:
         raise DomainGradError(f"--num-workers must be 0 or more, got {args.num_workers}")
     if args.split_protocol not in SPLIT_PROTOCOLS:
-        raise DomainGradError(f"--split-protocol must be one of {', '.join(SPLIT_PROTOCOLS)}, "
-                              f"got {args.split_protocol!r}")
+        raise DomainGradError(
+            f"--split-protocol must be one of {', '.join(SPLIT_PROTOCOLS)}, got {args.split_protocol!r}"
+        )
     if args.corrupt_images not in CORRUPT_POLICIES:
-        raise DomainGradError(f"--corrupt-images must be one of {', '.join(CORRUPT_POLICIES)}, "
-                              f"got {args.corrupt_images!r}")
+        raise DomainGradError(
+            f"--corrupt-images must be one of {', '.join(CORRUPT_POLICIES)}, got {args.corrupt_images!r}"
+        )
     hparams = resolve_hparams(args.algorithm, args.dataset, args.hparams_seed, args.trial_seed, args.overrides())
     return CheckedArgs(args, cls, hparams)
 

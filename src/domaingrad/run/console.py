@@ -1,5 +1,6 @@
 """What a training run prints: the header, one line per checkpoint, the progress bar and
 the final per-environment table. Every line also goes to the run's ``out.txt``."""
+
 from __future__ import annotations
 
 import math
@@ -30,13 +31,16 @@ def results_table(run: TrainingRun, record: dict[str, Any]) -> str:
     names = run.dataset.environment_names
     width = max(4, *(len(n) for n in names))
     has_test = has_test_parts(run.args)
-    lines = [f"{'env':>3}  {'name':<{width}}  {'role':<5}  {'in_acc':>6}  {'out_acc':>7}"
-             + (f"  {'test_acc':>8}" if has_test else "")]
+    lines = [
+        f"{'env':>3}  {'name':<{width}}  {'role':<5}  {'in_acc':>6}  {'out_acc':>7}"
+        + (f"  {'test_acc':>8}" if has_test else "")
+    ]
     for i, name in enumerate(names):
         role = "test" if i in run.args.test_envs else "train"
-        lines.append(f"{i:>3}  {name:<{width}}  {role:<5}  {_fmt(record[f'env{i}_in_acc']):>6}  "
-                     f"{_fmt(record[f'env{i}_out_acc']):>7}"
-                     + (f"  {_fmt(record[f'env{i}_test_acc']):>8}" if has_test else ""))
+        lines.append(
+            f"{i:>3}  {name:<{width}}  {role:<5}  {_fmt(record[f'env{i}_in_acc']):>6}  "
+            f"{_fmt(record[f'env{i}_out_acc']):>7}" + (f"  {_fmt(record[f'env{i}_test_acc']):>8}" if has_test else "")
+        )
     return "\n".join(lines)
 
 
@@ -44,10 +48,12 @@ def checkpoint_line(run: TrainingRun, record: dict[str, Any]) -> str:
     """One checkpoint on one line: step, epoch, the logged values, every environment's
     in/out accuracy."""
     parts = [f"step {record['step']:>5}", f"epoch {record['epoch']:.2f}"]
-    parts += [f"{k} {record[k]:.4f}" for k in sorted(record)
-              if k not in _NOT_LOGGED and not k.startswith("env") and isinstance(record[k], float)]
-    parts += [f"env{i} {record[f'env{i}_in_acc']:.3f}/{record[f'env{i}_out_acc']:.3f}"
-              for i in range(len(run.dataset))]
+    parts += [
+        f"{k} {record[k]:.4f}"
+        for k in sorted(record)
+        if k not in _NOT_LOGGED and not k.startswith("env") and isinstance(record[k], float)
+    ]
+    parts += [f"env{i} {record[f'env{i}_in_acc']:.3f}/{record[f'env{i}_out_acc']:.3f}" for i in range(len(run.dataset))]
     return " | ".join(parts)
 
 
@@ -84,22 +90,35 @@ class RunConsole:
         args = run.args
         if resumed_step is not None:
             self.say(f"resuming from the checkpoint at step {resumed_step}")
-        self.say(f"domaingrad {__version__} | {args.algorithm} on {args.dataset} | test envs {args.test_envs} | "
-                 f"{run.steps} steps on {run.device}")
+        self.say(
+            f"domaingrad {__version__} | {args.algorithm} on {args.dataset} | test envs {args.test_envs} | "
+            f"{run.steps} steps on {run.device}"
+        )
         self.say(f"data: {run.dataset.source}")
         for line in run.dataset.report:
             self.say(f"data: {line}")
         self.say(f"hparams: {run.hparams}")
         if run.dataset.AUGMENTS:
-            self.say("evaluation: training environments on augmented images (DomainBed's; --clean-eval for clean "
-                     "ones), test environments on clean images" if run.augment_eval
-                     else "evaluation: every split on clean images")
-        self.say(f"featurizer: {models.backbone_name(run.dataset.input_shape, run.hparams)}, initial weights: "
-                 f"{initial_weights(args, run.dataset.input_shape, run.hparams)}")
+            self.say(
+                "evaluation: training environments on augmented images (DomainBed's; --clean-eval for clean "
+                "ones), test environments on clean images"
+                if run.augment_eval
+                else "evaluation: every split on clean images"
+            )
+        self.say(
+            f"featurizer: {models.backbone_name(run.dataset.input_shape, run.hparams)}, initial weights: "
+            f"{initial_weights(args, run.dataset.input_shape, run.hparams)}"
+        )
 
     def start_bar(self, total: int, initial: int) -> None:
-        self.bar = tqdm(total=total, initial=initial, disable=None if self.progress is None else not self.progress,
-                        file=sys.stderr, dynamic_ncols=True, unit="step")
+        self.bar = tqdm(
+            total=total,
+            initial=initial,
+            disable=None if self.progress is None else not self.progress,
+            file=sys.stderr,
+            dynamic_ncols=True,
+            unit="step",
+        )
 
     def step_done(self) -> None:
         if self.bar is not None:
@@ -113,8 +132,10 @@ class RunConsole:
         self.say(checkpoint_line(run, record))
         failures = getattr(run.dataset, "load_failures", [])
         if len(failures) > self.reported_failures:
-            self.say(f"data: skipped {len(failures) - self.reported_failures} image(s) that failed to decode "
-                     f"while loading: {', '.join(failures[self.reported_failures:])}")
+            self.say(
+                f"data: skipped {len(failures) - self.reported_failures} image(s) that failed to decode "
+                f"while loading: {', '.join(failures[self.reported_failures :])}"
+            )
             self.reported_failures = len(failures)
 
     def close_bar(self) -> None:

@@ -1,4 +1,5 @@
 """Accuracy of an algorithm on a split (DomainBed's ``misc.accuracy``)."""
+
 from __future__ import annotations
 
 import torch
@@ -8,8 +9,13 @@ from ..data import Split
 
 
 @torch.no_grad()
-def accuracy(algorithm: Algorithm, split: Split, batch_size: int = 512,
-             device: torch.device | str = "cpu", domain: int | None = None) -> float:
+def accuracy(
+    algorithm: Algorithm,
+    split: Split,
+    batch_size: int = 512,
+    device: torch.device | str = "cpu",
+    domain: int | None = None,
+) -> float:
     """Fraction of the split's samples whose argmax logit is the label.
 
     ``domain`` is the split's training-domain index (its position among the training

@@ -10,6 +10,7 @@ checkpoint's record, is written atomically *first*; the record is appended to
 results.jsonl *second*. After a kill at any moment, :meth:`RunDirectory.reconcile_results`
 rewrites results.jsonl to hold exactly the records up to the saved checkpoint.
 """
+
 from __future__ import annotations
 
 import json
@@ -69,9 +70,12 @@ class RunDirectory:
     def is_done(self) -> bool:
         return self.file(DONE).exists()
 
-    def check_startable(self, args: dict[str, Any], defaults: dict[str, Any] | None = None,
-                        normalize: Callable[[dict[str, Any]], dict[str, Any]] | None = None
-                        ) -> dict[str, Any] | None:
+    def check_startable(
+        self,
+        args: dict[str, Any],
+        defaults: dict[str, Any] | None = None,
+        normalize: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+    ) -> dict[str, Any] | None:
         """Decide whether a run with ``args`` may start or resume here.
 
         An argument missing from a saved run's arguments (a run checkpointed by an older
@@ -93,31 +97,37 @@ class RunDirectory:
             n = len(read_records(self.file(RESULTS))[0])
             raise DomainGradError(
                 f"{self.path} already holds a finished run ('done' marker, {n} records in {RESULTS}); "
-                "it is left untouched. Choose another --output-dir, or delete that one yourself.")
+                "it is left untouched. Choose another --output-dir, or delete that one yourself."
+            )
         checkpoint = self.file(CHECKPOINT)
         if checkpoint.exists():
             try:
                 state = torch.load(checkpoint, map_location="cpu", weights_only=False)
             except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same advice
-                raise DomainGradError(f"cannot read the resume state {checkpoint} ({exc}); "
-                                      "move it away to start the run afresh") from exc
-            saved_args = {**{k: v for k, v in (defaults or {}).items() if k not in state["args"]},
-                          **state["args"]}
+                raise DomainGradError(
+                    f"cannot read the resume state {checkpoint} ({exc}); move it away to start the run afresh"
+                ) from exc
+            saved_args = {**{k: v for k, v in (defaults or {}).items() if k not in state["args"]}, **state["args"]}
             if normalize is not None:
                 saved_args = normalize(saved_args)
-            differ = sorted(k for k in set(args) | set(saved_args)
-                            if k not in RESUME_IGNORED_ARGS and args.get(k) != saved_args.get(k))
+            differ = sorted(
+                k
+                for k in set(args) | set(saved_args)
+                if k not in RESUME_IGNORED_ARGS and args.get(k) != saved_args.get(k)
+            )
             if differ:
                 details = "; ".join(f"{k}: saved {saved_args.get(k)!r}, now {args.get(k)!r}" for k in differ)
                 raise DomainGradError(
                     f"{self.path} holds an unfinished run with other arguments ({details}). "
-                    "Rerun the same command to resume it, or choose another --output-dir.")
+                    "Rerun the same command to resume it, or choose another --output-dir."
+                )
             return state
         for name in (RESULTS, MODEL):
             if self.file(name).exists():
                 raise DomainGradError(
                     f"{self.path} holds {name} but no resume state ({CHECKPOINT}); it is not a run "
-                    "this command can continue and is left untouched. Choose another --output-dir.")
+                    "this command can continue and is left untouched. Choose another --output-dir."
+                )
         return None
 
     def reconcile_results(self, state: dict[str, Any]) -> list[dict]:
@@ -147,4 +157,3 @@ class RunDirectory:
     def log(self, line: str) -> None:
         with open(self.file(LOG), "a") as f:
             f.write(line + "\n")
-

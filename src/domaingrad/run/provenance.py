@@ -2,6 +2,7 @@
 
 :func:`run_provenance` never fails: anything it cannot find is None.
 """
+
 from __future__ import annotations
 
 import functools
@@ -29,8 +30,9 @@ def _package_version(name: str) -> str | None:
 
 def _git(source: Path, *args: str) -> str | None:
     try:
-        result = subprocess.run(["git", "-C", str(source), *args], capture_output=True, text=True,
-                                timeout=GIT_TIMEOUT_SECONDS, check=False)
+        result = subprocess.run(
+            ["git", "-C", str(source), *args], capture_output=True, text=True, timeout=GIT_TIMEOUT_SECONDS, check=False
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return result.stdout.strip() if result.returncode == 0 else None
@@ -73,9 +75,13 @@ def run_provenance(device: torch.device | str) -> dict[str, Any]:
         except (RuntimeError, AssertionError):
             device_name = None
     return {
-        "versions": {"domaingrad": __version__, "torch": torch.__version__,
-                     "torchvision": _package_version("torchvision"), "numpy": _package_version("numpy"),
-                     "python": platform.python_version()},
+        "versions": {
+            "domaingrad": __version__,
+            "torch": torch.__version__,
+            "torchvision": _package_version("torchvision"),
+            "numpy": _package_version("numpy"),
+            "python": platform.python_version(),
+        },
         "git_revision": revision,
         "git_dirty": dirty,
         "torch_threads": torch.get_num_threads(),

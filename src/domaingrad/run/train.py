@@ -12,6 +12,7 @@ DomainBed does (``TrainArgs.clean_eval`` turns that off).
 The arguments are in :mod:`.args` (checked once, by :func:`~.args.check_args`), what
 the run prints in :mod:`.console`, its files in :mod:`.output`.
 """
+
 from __future__ import annotations
 
 import collections
@@ -53,10 +54,18 @@ class TrainingRun:
     the benchmark can time exactly what the loop does per step.
     """
 
-    def __init__(self, args: TrainArgs, hparams: dict[str, Any], dataset: MultipleDomainDataset,
-                 in_splits: list[Split], out_splits: list[Split], algorithm: Algorithm,
-                 minibatches: MinibatchStream, device: torch.device,
-                 test_splits: Sequence[Split] = ()):
+    def __init__(
+        self,
+        args: TrainArgs,
+        hparams: dict[str, Any],
+        dataset: MultipleDomainDataset,
+        in_splits: list[Split],
+        out_splits: list[Split],
+        algorithm: Algorithm,
+        minibatches: MinibatchStream,
+        device: torch.device,
+        test_splits: Sequence[Split] = (),
+    ):
         self.args = args
         self.hparams = hparams
         self.dataset = dataset
@@ -98,14 +107,21 @@ class TrainingRun:
         random.seed(args.seed)
         np.random.seed(args.seed)
         torch.manual_seed(args.seed)
-        dataset = get_dataset(args.dataset, args.data_dir, args.seed, image_size=args.image_size,
-                              num_workers=args.num_workers, class_map=args.class_map,
-                              corrupt_images=args.corrupt_images)
+        dataset = get_dataset(
+            args.dataset,
+            args.data_dir,
+            args.seed,
+            image_size=args.image_size,
+            num_workers=args.num_workers,
+            class_map=args.class_map,
+            corrupt_images=args.corrupt_images,
+        )
         for test_env in args.test_envs:
             if not 0 <= test_env < len(dataset):
                 raise DomainGradError(
                     f"test env {test_env} is out of range: {args.dataset} has {len(dataset)} environments, "
-                    f"0..{len(dataset) - 1} ({', '.join(dataset.environment_names)})")
+                    f"0..{len(dataset) - 1} ({', '.join(dataset.environment_names)})"
+                )
         in_splits, out_splits, test_splits = [], [], []
         for i, env in enumerate(dataset.environments):
             if has_test_parts(args):
@@ -117,16 +133,22 @@ class TrainingRun:
             out_splits.append(out_split)
         device = resolve_device(args.device)
         try:
-            algorithm = checked.algorithm_class(dataset.input_shape, dataset.num_classes,
-                                                len(dataset) - len(args.test_envs), hparams)
+            algorithm = checked.algorithm_class(
+                dataset.input_shape, dataset.num_classes, len(dataset) - len(args.test_envs), hparams
+            )
         except ValueError as exc:  # e.g. torch rejecting a negative learning rate
             raise DomainGradError(f"cannot build {args.algorithm} with these hyperparameters: {exc}") from exc
         load_initial_weights(algorithm, initial_weights(args, dataset.input_shape, hparams))
         algorithm.to(device)
         train_splits = [s for i, s in enumerate(in_splits) if i not in args.test_envs]
-        minibatches = dataset.minibatches(train_splits, hparams["batch_size"], seed_hash(args.seed, "minibatches"),
-                                          hparams["class_balanced"], augment=hparams["data_augmentation"],
-                                          pin_memory=device.type == "cuda")
+        minibatches = dataset.minibatches(
+            train_splits,
+            hparams["batch_size"],
+            seed_hash(args.seed, "minibatches"),
+            hparams["class_balanced"],
+            augment=hparams["data_augmentation"],
+            pin_memory=device.type == "cuda",
+        )
         return cls(args, hparams, dataset, in_splits, out_splits, algorithm, minibatches, device, test_splits)
 
     def train_step(self) -> dict[str, float]:
@@ -136,8 +158,10 @@ class TrainingRun:
         device and the update.
         """
         start = time.perf_counter()
-        batch = [(x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
-                 for x, y in next(self.minibatches)]
+        batch = [
+            (x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
+            for x, y in next(self.minibatches)
+        ]
         values = self.algorithm.update(batch)
         self.checkpoint_vals["step_time"].append(time.perf_counter() - start)
         for key, value in values.items():
@@ -164,8 +188,13 @@ class TrainingRun:
                 # domains, e.g. DMG's own-domain mask); test environments and the
                 # 70/10/20 test parts through predict
                 domain = self.train_envs.index(i) if prefix != "test" and i in self.train_envs else None
-                accs[f"env{i}_{prefix}_acc"] = accuracy(self.algorithm, self.evaluation_split(split, prefix, i, step),
-                                                        self.args.eval_batch_size, self.device, domain=domain)
+                accs[f"env{i}_{prefix}_acc"] = accuracy(
+                    self.algorithm,
+                    self.evaluation_split(split, prefix, i, step),
+                    self.args.eval_batch_size,
+                    self.device,
+                    domain=domain,
+                )
         return accs
 
     def make_record(self, step: int) -> dict[str, Any]:
@@ -174,8 +203,7 @@ class TrainingRun:
         for key, values in self.checkpoint_vals.items():
             record[key] = float(np.mean(values))
         record.update(self.evaluate(step))
-        record["mem_gb"] = (torch.cuda.max_memory_allocated() / 1024 ** 3
-                            if self.device.type == "cuda" else 0.0)
+        record["mem_gb"] = torch.cuda.max_memory_allocated() / 1024**3 if self.device.type == "cuda" else 0.0
         record["hparams"] = self.hparams
         record["args"] = self.args.record()
         record["wall_time"] = self.previous_wall_time + time.perf_counter() - self.started
@@ -185,11 +213,18 @@ class TrainingRun:
 
     def resume_state(self, record: dict[str, Any]) -> dict[str, Any]:
         return {
-            "step": record["step"], "record": record, "args": self.args.record(), "hparams": self.hparams,
-            "algorithm": self.algorithm.training_state(), "minibatches": self.minibatches.state_dict(),
-            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-                    "python": random.getstate(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+            "step": record["step"],
+            "record": record,
+            "args": self.args.record(),
+            "hparams": self.hparams,
+            "algorithm": self.algorithm.training_state(),
+            "minibatches": self.minibatches.state_dict(),
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "numpy": np.random.get_state(),
+                "python": random.getstate(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            },
         }
 
     def load_resume_state(self, state: dict[str, Any]) -> int:
@@ -207,10 +242,14 @@ class TrainingRun:
 
     def model_file(self) -> dict[str, Any]:
         """DomainBed's ``model.pkl`` content."""
-        return {"args": self.args.record(), "model_input_shape": self.dataset.input_shape,
-                "model_num_classes": self.dataset.num_classes,
-                "model_num_domains": len(self.dataset) - len(self.args.test_envs),
-                "model_hparams": self.hparams, "model_dict": self.algorithm.state_dict()}
+        return {
+            "args": self.args.record(),
+            "model_input_shape": self.dataset.input_shape,
+            "model_num_classes": self.dataset.num_classes,
+            "model_num_domains": len(self.dataset) - len(self.args.test_envs),
+            "model_hparams": self.hparams,
+            "model_dict": self.algorithm.state_dict(),
+        }
 
 
 @dataclass

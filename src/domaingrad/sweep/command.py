@@ -8,6 +8,7 @@ jobs never started start, interrupted or failed ones resume from their last chec
 
 Only cheap modules are imported at module level (the CLI builds its parser from here).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,9 +23,24 @@ from ..layout import SPLIT_PROTOCOLS
 from . import TRAIN_OPTIONS
 
 #: the flags that define which jobs a sweep has (any given: jobs from flags, else from the manifest)
-JOB_FLAGS = ("datasets", "algorithms", "test_envs", "single_test_envs", "n_hparams_from", "n_hparams",
-             "hparams_seeds", "n_trials", "trial_seeds", "hparams", "hparams_from", "steps", "checkpoint_freq",
-             "data_dir", "holdout_fraction", *TRAIN_OPTIONS)
+JOB_FLAGS = (
+    "datasets",
+    "algorithms",
+    "test_envs",
+    "single_test_envs",
+    "n_hparams_from",
+    "n_hparams",
+    "hparams_seeds",
+    "n_trials",
+    "trial_seeds",
+    "hparams",
+    "hparams_from",
+    "steps",
+    "checkpoint_freq",
+    "data_dir",
+    "holdout_fraction",
+    *TRAIN_OPTIONS,
+)
 
 
 def _option(parser: argparse.ArgumentParser | argparse._ArgumentGroup, name: str, *extra: str, **kwargs) -> None:
@@ -36,63 +52,137 @@ def _option(parser: argparse.ArgumentParser | argparse._ArgumentGroup, name: str
 def add_parser(subparsers) -> None:
     """Register ``domaingrad sweep`` (DomainBed ``sweep.py`` flag names, dashed or underscored)."""
     p = subparsers.add_parser(
-        "sweep", help="launch, inspect or clean a sweep of training runs (DomainBed's sweep.py)",
+        "sweep",
+        help="launch, inspect or clean a sweep of training runs (DomainBed's sweep.py)",
         description="A sweep is datasets x algorithms x test environments x hyperparameter draws x trials, one "
-                    "directory per job in --output-dir. Without job flags, status/launch/delete-incomplete use "
-                    "the jobs listed in OUTPUT_DIR/sweep.json.")
-    p.add_argument("action", choices=["launch", "status", "delete-incomplete", "delete_incomplete"],
-                   help="launch (or relaunch) the jobs not done, show their state, or delete unfinished ones")
+        "directory per job in --output-dir. Without job flags, status/launch/delete-incomplete use "
+        "the jobs listed in OUTPUT_DIR/sweep.json.",
+    )
+    p.add_argument(
+        "action",
+        choices=["launch", "status", "delete-incomplete", "delete_incomplete"],
+        help="launch (or relaunch) the jobs not done, show their state, or delete unfinished ones",
+    )
     _option(p, "output_dir", required=True, help="the sweep directory")
     jobs = p.add_argument_group("jobs (DomainBed's defaults: every dataset and algorithm, 20 draws, 3 trials)")
-    _option(jobs, "datasets", nargs="+", default=None, metavar="NAME",
-            help="dataset names, or package.module:Class for your own (importable by every job process)")
-    _option(jobs, "algorithms", nargs="+", default=None, metavar="NAME",
-            help="algorithm names, or package.module:Class for your own (importable by every job process: "
-                 "installed or on PYTHONPATH)")
-    _option(jobs, "test_envs", nargs="+", type=int, default=None, metavar="I",
-            help="only jobs whose test environments include one of these (default: all)")
-    _option(jobs, "single_test_envs", action="store_true", default=None,
-            help="one test environment per job (default: also every pair, for leave-one-domain-out)")
+    _option(
+        jobs,
+        "datasets",
+        nargs="+",
+        default=None,
+        metavar="NAME",
+        help="dataset names, or package.module:Class for your own (importable by every job process)",
+    )
+    _option(
+        jobs,
+        "algorithms",
+        nargs="+",
+        default=None,
+        metavar="NAME",
+        help="algorithm names, or package.module:Class for your own (importable by every job process: "
+        "installed or on PYTHONPATH)",
+    )
+    _option(
+        jobs,
+        "test_envs",
+        nargs="+",
+        type=int,
+        default=None,
+        metavar="I",
+        help="only jobs whose test environments include one of these (default: all)",
+    )
+    _option(
+        jobs,
+        "single_test_envs",
+        action="store_true",
+        default=None,
+        help="one test environment per job (default: also every pair, for leave-one-domain-out)",
+    )
     _option(jobs, "n_hparams_from", type=int, default=None, help="first hparams_seed (default 0)")
     _option(jobs, "n_hparams", type=int, default=None, help="hparams_seed runs to N-1 (default 20)")
-    _option(jobs, "hparams_seeds", nargs="+", type=int, default=None, metavar="S",
-            help="exactly these hyperparameter draws, e.g. 3 7 (0 = defaults)")
+    _option(
+        jobs,
+        "hparams_seeds",
+        nargs="+",
+        type=int,
+        default=None,
+        metavar="S",
+        help="exactly these hyperparameter draws, e.g. 3 7 (0 = defaults)",
+    )
     _option(jobs, "n_trials", type=int, default=None, help="trial seeds 0..N-1 (default 3)")
     _option(jobs, "trial_seeds", nargs="+", type=int, default=None, metavar="T", help="exactly these trial seeds")
     _option(jobs, "hparams", default=None, help="JSON object of fixed hyperparameters for every job")
-    _option(jobs, "hparams_from", default=None, metavar="RUN_DIR",
-            help="fix every hyperparameter to those of a finished run (its results.jsonl); the draws "
-                 "default to hparams_seed 0 only, so --n-trials reruns that set on more trials")
+    _option(
+        jobs,
+        "hparams_from",
+        default=None,
+        metavar="RUN_DIR",
+        help="fix every hyperparameter to those of a finished run (its results.jsonl); the draws "
+        "default to hparams_seed 0 only, so --n-trials reruns that set on more trials",
+    )
     _option(jobs, "steps", type=int, default=None)
     _option(jobs, "checkpoint_freq", type=int, default=None)
     _option(jobs, "data_dir", default=None, help="data root (default: the embedded digits)")
     _option(jobs, "holdout_fraction", type=float, default=None, help="default 0.2")
-    _option(jobs, "weights", default=None, help="as `domaingrad train --weights` (image datasets: none, "
-                                                 "imagenet or a state-dict path)")
+    _option(
+        jobs,
+        "weights",
+        default=None,
+        help="as `domaingrad train --weights` (image datasets: none, imagenet or a state-dict path)",
+    )
     _option(jobs, "image_size", type=int, default=None, help="as `domaingrad train --image-size`")
-    _option(jobs, "split_protocol", default=None, choices=SPLIT_PROTOCOLS,
-            help="as `domaingrad train --split-protocol`")
+    _option(
+        jobs, "split_protocol", default=None, choices=SPLIT_PROTOCOLS, help="as `domaingrad train --split-protocol`"
+    )
     _option(jobs, "class_map", default=None, metavar="FILE", help="as `domaingrad train --class-map`")
-    _option(jobs, "corrupt_images", default=None, choices=["error", "skip"],
-            help="as `domaingrad train --corrupt-images`")
-    _option(jobs, "clean_eval", action="store_true", default=None,
-            help="as `domaingrad train --clean-eval` (evaluate training domains on clean images)")
+    _option(
+        jobs, "corrupt_images", default=None, choices=["error", "skip"], help="as `domaingrad train --corrupt-images`"
+    )
+    _option(
+        jobs,
+        "clean_eval",
+        action="store_true",
+        default=None,
+        help="as `domaingrad train --clean-eval` (evaluate training domains on clean images)",
+    )
     run = p.add_argument_group("launching")
-    _option(run, "launcher", "--command-launcher", "--command_launcher", default="local",
-            choices=["sequential", "local", "ray", "slurm"], help="default: local")
-    _option(run, "workers", type=int, default=None, help="parallel jobs (local, and a Ray instance started "
-                                                         "here); default: the number of CPUs")
+    _option(
+        run,
+        "launcher",
+        "--command-launcher",
+        "--command_launcher",
+        default="local",
+        choices=["sequential", "local", "ray", "slurm"],
+        help="default: local",
+    )
+    _option(
+        run,
+        "workers",
+        type=int,
+        default=None,
+        help="parallel jobs (local, and a Ray instance started here); default: the number of CPUs",
+    )
     _option(run, "threads_per_job", type=int, default=1, help="torch threads of each job (default 1)")
     _option(run, "ray_address", default=None, help="connect to this running Ray cluster, e.g. auto or host:6379")
     _option(run, "skip_confirmation", "--yes", "-y", action="store_true", help="do not ask before launching/deleting")
     bar = run.add_mutually_exclusive_group()
-    bar.add_argument("--progress", dest="progress", action="store_true", default=None,
-                     help="always show the progress bar (default: only on a terminal)")
+    bar.add_argument(
+        "--progress",
+        dest="progress",
+        action="store_true",
+        default=None,
+        help="always show the progress bar (default: only on a terminal)",
+    )
     bar.add_argument("--no-progress", dest="progress", action="store_false")
     _option(p, "list", action="store_true", help="status: list every job with its state")
     slurm = p.add_argument_group("slurm launcher (submitit)")
-    _option(slurm, "submitit_cluster", choices=["slurm", "local", "debug"], default=None,
-            help="default: slurm when available, else local processes")
+    _option(
+        slurm,
+        "submitit_cluster",
+        choices=["slurm", "local", "debug"],
+        default=None,
+        help="default: slurm when available, else local processes",
+    )
     _option(slurm, "submitit_folder", default=None, help="submitit logs (default OUTPUT_DIR/.submitit)")
     _option(slurm, "slurm_partition", default=None)
     _option(slurm, "slurm_time", type=int, default=None, metavar="MINUTES", help="time limit per job")
@@ -100,8 +190,14 @@ def add_parser(subparsers) -> None:
     _option(slurm, "slurm_cpus_per_task", type=int, default=None, help="default: --threads-per-job")
     _option(slurm, "slurm_mem_gb", type=int, default=None)
     _option(slurm, "slurm_array_parallelism", type=int, default=None, help="array tasks running at once")
-    _option(slurm, "slurm_option", action="append", default=[], metavar="KEY=VALUE",
-            help="extra sbatch option (repeatable), e.g. account=myproj")
+    _option(
+        slurm,
+        "slurm_option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra sbatch option (repeatable), e.g. account=myproj",
+    )
 
 
 def run(ns: argparse.Namespace) -> int:
@@ -148,8 +244,10 @@ def select_jobs(ns: argparse.Namespace):
         return listed
     if ns.action == "launch":
         return make_jobs(spec_from_flags(ns), ns.output_dir)
-    raise DomainGradError(f"{ns.output_dir} has no sweep.json; give the sweep's flags (--datasets, --algorithms, "
-                          "...) to say which jobs it has")
+    raise DomainGradError(
+        f"{ns.output_dir} has no sweep.json; give the sweep's flags (--datasets, --algorithms, "
+        "...) to say which jobs it has"
+    )
 
 
 def spec_from_flags(ns: argparse.Namespace):
@@ -184,10 +282,17 @@ def spec_from_flags(ns: argparse.Namespace):
         hparams_seeds=None if hparams_seeds is None else tuple(dict.fromkeys(hparams_seeds)),
         n_trials=3 if ns.n_trials is None else ns.n_trials,
         trial_seeds=None if ns.trial_seeds is None else tuple(dict.fromkeys(ns.trial_seeds)),
-        hparams=hparams, steps=ns.steps, checkpoint_freq=ns.checkpoint_freq, data_dir=ns.data_dir,
+        hparams=hparams,
+        steps=ns.steps,
+        checkpoint_freq=ns.checkpoint_freq,
+        data_dir=ns.data_dir,
         holdout_fraction=0.2 if ns.holdout_fraction is None else ns.holdout_fraction,
-        train_options={name: (os.path.abspath(getattr(ns, name)) if name == "class_map" else getattr(ns, name))
-                       for name in TRAIN_OPTIONS if getattr(ns, name) is not None})
+        train_options={
+            name: (os.path.abspath(getattr(ns, name)) if name == "class_map" else getattr(ns, name))
+            for name in TRAIN_OPTIONS
+            if getattr(ns, name) is not None
+        },
+    )
     check_spec(spec)
     return spec
 
@@ -202,8 +307,10 @@ def check_spec(spec) -> None:
     from ..registry import resolve_hparams
 
     if spec.hparams_seeds is None and not 0 <= spec.n_hparams_from < spec.n_hparams:
-        raise DomainGradError(f"--n-hparams-from {spec.n_hparams_from} --n-hparams {spec.n_hparams} gives no "
-                              "draw; need 0 <= n_hparams_from < n_hparams")
+        raise DomainGradError(
+            f"--n-hparams-from {spec.n_hparams_from} --n-hparams {spec.n_hparams} gives no "
+            "draw; need 0 <= n_hparams_from < n_hparams"
+        )
     if spec.trial_seeds is None and spec.n_trials < 1:
         raise DomainGradError(f"--n-trials must be at least 1, got {spec.n_trials}")
     for name in ("hparams_seeds", "trial_seeds"):
@@ -234,8 +341,10 @@ def hparams_of_run(run_dir: str) -> str:
     path = Path(run_dir)
     records, _ = read_results(path / RESULTS)
     if not (path / DONE).exists() or not records or "hparams" not in records[-1]:
-        raise DomainGradError(f"--hparams-from {run_dir}: expected a finished run directory (with 'done' and "
-                              f"{RESULTS} records holding 'hparams')")
+        raise DomainGradError(
+            f"--hparams-from {run_dir}: expected a finished run directory (with 'done' and "
+            f"{RESULTS} records holding 'hparams')"
+        )
     return json.dumps(records[-1]["hparams"], sort_keys=True)
 
 
@@ -314,13 +423,20 @@ def launch_options(ns: argparse.Namespace):
         if not sep or not key:
             raise DomainGradError(f"--slurm-option expects KEY=VALUE, got {item!r}")
         extra[key] = value
-    params = {"slurm_partition": ns.slurm_partition, "timeout_min": ns.slurm_time,
-              "gpus_per_node": ns.slurm_gpus_per_node, "cpus_per_task": ns.slurm_cpus_per_task,
-              "mem_gb": ns.slurm_mem_gb, "slurm_array_parallelism": ns.slurm_array_parallelism,
-              "slurm_additional_parameters": extra or None}
-    submitit = {"folder": ns.submitit_folder or os.path.join(ns.output_dir, ".submitit"),
-                "cluster": ns.submitit_cluster,
-                "parameters": {k: v for k, v in params.items() if v is not None}}
+    params = {
+        "slurm_partition": ns.slurm_partition,
+        "timeout_min": ns.slurm_time,
+        "gpus_per_node": ns.slurm_gpus_per_node,
+        "cpus_per_task": ns.slurm_cpus_per_task,
+        "mem_gb": ns.slurm_mem_gb,
+        "slurm_array_parallelism": ns.slurm_array_parallelism,
+        "slurm_additional_parameters": extra or None,
+    }
+    submitit = {
+        "folder": ns.submitit_folder or os.path.join(ns.output_dir, ".submitit"),
+        "cluster": ns.submitit_cluster,
+        "parameters": {k: v for k, v in params.items() if v is not None},
+    }
     return LaunchOptions(ns.threads_per_job, workers, ns.ray_address, submitit)
 
 
@@ -334,8 +450,10 @@ def launch(jobs, states, ns: argparse.Namespace) -> int:
     options = launch_options(ns)
     to_run = [j for j, s in states if s not in (JobState.DONE, JobState.RUNNING)]
     running = sum(s is JobState.RUNNING for _, s in states)
-    print(f"About to launch {len(to_run)} jobs with the {ns.launcher} launcher"
-          + (f" ({running} running elsewhere are left alone)." if running else "."))
+    print(
+        f"About to launch {len(to_run)} jobs with the {ns.launcher} launcher"
+        + (f" ({running} running elsewhere are left alone)." if running else ".")
+    )
     if not to_run:
         merge_manifest(ns.output_dir, jobs)
         return 0
@@ -348,8 +466,11 @@ def launch(jobs, states, ns: argparse.Namespace) -> int:
         get_launcher(ns.launcher)(to_run, options, progress)
     except KeyboardInterrupt:
         progress.close()
-        print(f"sweep interrupted: {progress.done} jobs finished in this launch; relaunch the same command to "
-              "run the rest (unfinished jobs resume from their last checkpoint)", file=sys.stderr)
+        print(
+            f"sweep interrupted: {progress.done} jobs finished in this launch; relaunch the same command to "
+            "run the rest (unfinished jobs resume from their last checkpoint)",
+            file=sys.stderr,
+        )
         return 130
     finally:
         signal.signal(signal.SIGTERM, previous)
@@ -363,11 +484,15 @@ def _interrupt(signum, frame):  # SIGTERM: stop the jobs cleanly like Ctrl-C
 
 def report_launch(progress) -> int:
     """Print the end-of-launch summary; 1 when some job failed."""
-    print(f"launch finished: {progress.done} done, {progress.failed} failed"
-          + (f", {progress.elsewhere} running elsewhere" if progress.elsewhere else ""))
+    print(
+        f"launch finished: {progress.done} done, {progress.failed} failed"
+        + (f", {progress.elsewhere} running elsewhere" if progress.elsewhere else "")
+    )
     if progress.failures:
-        print("failed jobs (stderr in each job's err.txt; relaunch to retry them, they resume from "
-              "their last checkpoint):")
+        print(
+            "failed jobs (stderr in each job's err.txt; relaunch to retry them, they resume from "
+            "their last checkpoint):"
+        )
         for job, outcome in progress.failures:
             print(f"  {job.output_dir}  exit {outcome.returncode}")
         return 1

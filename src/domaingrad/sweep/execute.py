@@ -7,6 +7,7 @@ nowhere (``out.txt`` holds the same log) and its stderr is appended to
 when the process that started it dies (``PR_SET_PDEATHSIG``), so killing the sweep
 leaves no job running behind; the job's lock covers other systems.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -98,8 +99,14 @@ def start_job(job: Job, threads: int) -> StartedJob:
     err.write(f"{ATTEMPT_HEADER} {stamp} on {socket.gethostname()} pid {os.getpid()} ===\n".encode())
     err.flush()
     preexec = _die_with_parent if sys.platform.startswith("linux") else None
-    process = subprocess.Popen(job_command(job, threads), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                               stderr=err, env=job_env(threads), preexec_fn=preexec)
+    process = subprocess.Popen(
+        job_command(job, threads),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=err,
+        env=job_env(threads),
+        preexec_fn=preexec,
+    )
     return StartedJob(job, process, err, time.monotonic())
 
 

@@ -12,6 +12,7 @@ Beyond DomainBed (what its users asked for): an explicit list of test environmen
 only one test environment per job (``single_test_envs``), a chosen subset of
 hyperparameter draws (``hparams_seeds``) and of trials (``trial_seeds``).
 """
+
 from __future__ import annotations
 
 import errno
@@ -74,8 +75,6 @@ class SweepSpec:
     train_options: dict[str, Any] = field(default_factory=dict)
 
 
-
-
 @dataclass
 class Job:
     """One training run of a sweep.
@@ -95,8 +94,10 @@ class Job:
 
     def describe(self) -> str:
         a = self.args
-        return (f"{a['dataset']} {a['algorithm']} test_envs={a['test_envs']} "
-                f"hparams_seed={a['hparams_seed']} trial_seed={a['trial_seed']}")
+        return (
+            f"{a['dataset']} {a['algorithm']} test_envs={a['test_envs']} "
+            f"hparams_seed={a['hparams_seed']} trial_seed={a['trial_seed']}"
+        )
 
 
 def num_environments(dataset: str) -> int:
@@ -110,8 +111,10 @@ def num_environments(dataset: str) -> int:
 
     n_envs = len(dataset_class(dataset).ENVIRONMENTS)
     if n_envs == 0:
-        raise DomainGradError(f"dataset {dataset} lists no environments (its class attribute ENVIRONMENTS); a sweep "
-                              "counts them from it, without loading the data, to make its jobs")
+        raise DomainGradError(
+            f"dataset {dataset} lists no environments (its class attribute ENVIRONMENTS); a sweep "
+            "counts them from it, without loading the data, to make its jobs"
+        )
     return n_envs
 
 
@@ -129,11 +132,13 @@ def env_sets_to_test(n_envs: int, single: bool, only: Sequence[int] | None = Non
     if only is not None:
         bad = [e for e in only if not 0 <= e < n_envs]
         if bad:
-            raise DomainGradError(f"--test-envs {bad} out of range: the dataset has {n_envs} environments "
-                                  f"(0..{n_envs - 1})")
+            raise DomainGradError(
+                f"--test-envs {bad} out of range: the dataset has {n_envs} environments (0..{n_envs - 1})"
+            )
     if not single and n_envs < 3:
-        raise DomainGradError(f"pairs of test environments need at least 3 environments (got {n_envs}); "
-                              "use --single-test-envs")
+        raise DomainGradError(
+            f"pairs of test environments need at least 3 environments (got {n_envs}); use --single-test-envs"
+        )
     combos = []
     for i in range(n_envs):
         combos.append([i])
@@ -162,22 +167,29 @@ def make_jobs(spec: SweepSpec, sweep_dir: str | os.PathLike) -> list[Job]:
     for algorithm in spec.algorithms:
         algorithm_class(algorithm)
     sweep_dir = Path(sweep_dir).absolute()
-    hparams_seeds = (list(spec.hparams_seeds) if spec.hparams_seeds is not None
-                     else list(range(spec.n_hparams_from, spec.n_hparams)))
+    hparams_seeds = (
+        list(spec.hparams_seeds) if spec.hparams_seeds is not None else list(range(spec.n_hparams_from, spec.n_hparams))
+    )
     trials = list(spec.trial_seeds) if spec.trial_seeds is not None else list(range(spec.n_trials))
     data_dir = None if spec.data_dir is None else os.path.abspath(spec.data_dir)
-    combos = {d: env_sets_to_test(num_environments(d), spec.single_test_envs, spec.test_envs)
-              for d in spec.datasets}
+    combos = {d: env_sets_to_test(num_environments(d), spec.single_test_envs, spec.test_envs) for d in spec.datasets}
     jobs = []
     for trial_seed in trials:
         for dataset in spec.datasets:
             for algorithm in spec.algorithms:
                 for test_envs in combos[dataset]:
                     for hparams_seed in hparams_seeds:
-                        hashed = {"dataset": dataset, "algorithm": algorithm, "test_envs": test_envs,
-                                  "holdout_fraction": spec.holdout_fraction, "hparams_seed": hparams_seed,
-                                  "data_dir": data_dir, "task": spec.task, "trial_seed": trial_seed,
-                                  "seed": seed_hash(dataset, algorithm, test_envs, hparams_seed, trial_seed)}
+                        hashed = {
+                            "dataset": dataset,
+                            "algorithm": algorithm,
+                            "test_envs": test_envs,
+                            "holdout_fraction": spec.holdout_fraction,
+                            "hparams_seed": hparams_seed,
+                            "data_dir": data_dir,
+                            "task": spec.task,
+                            "trial_seed": trial_seed,
+                            "seed": seed_hash(dataset, algorithm, test_envs, hparams_seed, trial_seed),
+                        }
                         for name in ("steps", "hparams", "checkpoint_freq"):
                             if getattr(spec, name) is not None:
                                 hashed[name] = getattr(spec, name)

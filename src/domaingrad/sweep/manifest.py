@@ -8,6 +8,7 @@ Launching merges the new jobs into the manifest and never drops an entry, so
 ``domaingrad report`` can say which jobs of a partial sweep are missing. The file is
 replaced atomically; a manifest that cannot be read is never overwritten.
 """
+
 from __future__ import annotations
 
 import fcntl

@@ -1,6 +1,7 @@
 """The progress view of a running sweep: one tqdm bar over the jobs to run, with the
 counts of done, running, failed and left jobs and tqdm's ETA, plus one line per
 finished job (and the tail of its stderr when it failed)."""
+
 from __future__ import annotations
 
 import sys
@@ -24,15 +25,22 @@ class SweepProgress:
         bar: show the bar (None: only when stderr is a terminal, tqdm's rule).
     """
 
-    def __init__(self, n_jobs: int, stream: IO[str] | None = None, bar: bool | None = None,
-                 bar_stream: IO[str] | None = None):
+    def __init__(
+        self, n_jobs: int, stream: IO[str] | None = None, bar: bool | None = None, bar_stream: IO[str] | None = None
+    ):
         self.n_jobs = n_jobs
         self.stream = stream or sys.stdout
         self.done = self.failed = self.elsewhere = self.running = 0
         self.failures: list[tuple[Job, JobOutcome]] = []
         self.start = time.monotonic()
-        self.bar = tqdm(total=n_jobs, unit="job", desc="sweep", file=bar_stream or sys.stderr, dynamic_ncols=True,
-                        disable=None if bar is None else not bar)
+        self.bar = tqdm(
+            total=n_jobs,
+            unit="job",
+            desc="sweep",
+            file=bar_stream or sys.stderr,
+            dynamic_ncols=True,
+            disable=None if bar is None else not bar,
+        )
         self._refresh()
 
     @property
@@ -67,9 +75,11 @@ class SweepProgress:
             self.failed += 1
             self.failures.append((job, outcome))
             status = f"FAILED (exit {outcome.returncode})"
-        line = (f"[{self.finished_jobs}/{self.n_jobs}] {status}: {job.id} {job.describe()} "
-                f"({outcome.seconds:.1f} s; running {self.running}, left {self.left}, "
-                f"ETA {_clock(self.eta_seconds())})")
+        line = (
+            f"[{self.finished_jobs}/{self.n_jobs}] {status}: {job.id} {job.describe()} "
+            f"({outcome.seconds:.1f} s; running {self.running}, left {self.left}, "
+            f"ETA {_clock(self.eta_seconds())})"
+        )
         if outcome.failed:
             line += f"\n  last lines of {job.output_dir / ERR}:\n" + textwrap.indent(outcome.error or "(empty)", "    ")
         tqdm.write(line, file=self.stream)
@@ -77,8 +87,9 @@ class SweepProgress:
         self._refresh()
 
     def _refresh(self) -> None:
-        self.bar.set_postfix_str(f"done {self.done} | running {self.running} | failed {self.failed} | "
-                                 f"left {self.left}", refresh=True)
+        self.bar.set_postfix_str(
+            f"done {self.done} | running {self.running} | failed {self.failed} | left {self.left}", refresh=True
+        )
 
     def close(self) -> None:
         self.bar.close()

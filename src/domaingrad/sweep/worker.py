@@ -16,6 +16,7 @@ job as running.
 Exit codes: 0 done (or already done), 1 crash or non-finite loss, 2 bad arguments
 (DomainGradError), 75 running elsewhere, 130 interrupted.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -60,8 +61,11 @@ def run(args: dict, threads: int) -> int:
     job_dir = Path(args["output_dir"])
     lock = acquire_lock(job_dir)
     if lock is None:
-        print(f"domaingrad sweep: job {job_dir.name} is being run by another process (its lock is held); "
-              "not starting it twice", file=sys.stderr)
+        print(
+            f"domaingrad sweep: job {job_dir.name} is being run by another process (its lock is held); "
+            "not starting it twice",
+            file=sys.stderr,
+        )
         return EXIT_RUNNING_ELSEWHERE
     if (job_dir / DONE).exists():
         print(f"domaingrad sweep: job {job_dir.name} is already done", file=sys.stderr)

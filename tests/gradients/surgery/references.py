@@ -91,9 +91,7 @@ def naive_simultaneous(vecs: list[torch.Tensor], eps: float) -> list[torch.Tenso
     return out
 
 
-def naive_pcgrad(
-    grads: list[torch.Tensor], order: list[int], reference: str, eps: float
-) -> list[torch.Tensor]:
+def naive_pcgrad(grads: list[torch.Tensor], order: list[int], reference: str, eps: float) -> list[torch.Tensor]:
     num_domains = grads[0].shape[0]
     flat = torch.cat([g.reshape(num_domains, -1) for g in grads], dim=1)
     pc = naive_project([flat[d] for d in range(num_domains)], order, reference, eps)

@@ -184,7 +184,8 @@ def test_agr_rand_object_advances_its_generator_call_by_call():
 def test_agreement_objects_repr_and_errors():
     assert repr(AgrSum()) == "AgrSum(rule='paper', reduction='sum')"
     assert repr(AgrRand(generator=torch.Generator(), rule="official")) == (
-        "AgrRand(generator=torch.Generator(device='cpu'), rule='official', reduction='sum')")
+        "AgrRand(generator=torch.Generator(device='cpu'), rule='official', reduction='sum')"
+    )
     with pytest.raises(ValueError, match="rule must be one of"):
         AgrSum(rule="strict")
     with pytest.raises(ValueError, match="reduction must be one of"):

@@ -211,10 +211,18 @@ def test_bad_inputs_raise_value_error(call, match):
 def test_numpy_scalars_are_accepted_for_numeric_options():
     np = pytest.importorskip("numpy")
     g = random_grads(8, 3, [(12,)])
-    a = corgrad(g, slices=np.int64(3), min_slice=np.int64(2), alpha=np.float32(0.5), step=np.int64(2),
-                total_steps=np.int64(10), alpha_schedule="decay", eps=np.float64(1e-12), order="index")
-    b = corgrad(g, slices=3, min_slice=2, alpha=0.5, step=2, total_steps=10, alpha_schedule="decay",
-                order="index")
+    a = corgrad(
+        g,
+        slices=np.int64(3),
+        min_slice=np.int64(2),
+        alpha=np.float32(0.5),
+        step=np.int64(2),
+        total_steps=np.int64(10),
+        alpha_schedule="decay",
+        eps=np.float64(1e-12),
+        order="index",
+    )
+    b = corgrad(g, slices=3, min_slice=2, alpha=0.5, step=2, total_steps=10, alpha_schedule="decay", order="index")
     assert all(close(x, y) for x, y in zip(a.grads, b.grads))
     assert close(and_mask(g, tau=np.float32(0.5)).grads[0], and_mask(g, tau=0.5).grads[0])
 
@@ -223,8 +231,12 @@ def test_numpy_scalars_are_accepted_for_numeric_options():
 
 
 OBJECTS = {
-    surgery.AgrSum: agr_sum, surgery.AgrRand: agr_rand, surgery.PCGrad: pcgrad, surgery.CorGrad: corgrad,
-    surgery.ANDMask: and_mask, surgery.SANDMask: sand_mask,
+    surgery.AgrSum: agr_sum,
+    surgery.AgrRand: agr_rand,
+    surgery.PCGrad: pcgrad,
+    surgery.CorGrad: corgrad,
+    surgery.ANDMask: and_mask,
+    surgery.SANDMask: sand_mask,
 }
 
 
@@ -251,5 +263,6 @@ def test_the_package_keeps_its_public_names():
     for name in surgery.__all__:
         assert getattr(surgery, name) is not None
     from domaingrad import gradients
+
     assert gradients.surgery_backward is surgery.surgery_backward
     assert sorted(surgery.RULES) == ["agr_rand", "agr_sum", "and_mask", "corgrad", "pcgrad", "sand_mask"]

@@ -109,8 +109,9 @@ def test_corgrad_random_orders_are_drawn_per_domain_from_the_generator():
     hand = [t64([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [-2.0, -1.0, 1.0]])]  # order-dependent
     proj = set()
     for seed in range(8):
-        res = corgrad(hand, slices=1, smoothing=None, reference="projected",
-                      generator=torch.Generator().manual_seed(seed))
+        res = corgrad(
+            hand, slices=1, smoothing=None, reference="projected", generator=torch.Generator().manual_seed(seed)
+        )
         exp = naive_corgrad(hand, slices=1, smoothing=None, reference="projected", j_orders=drawn_orders(3, seed))
         assert close(res.grads[0], exp[0])
         proj.add(tuple(round(v, 9) for v in res.grads[0].tolist()))
@@ -195,9 +196,7 @@ def test_corgrad_sequential_whole_network_equals_pcgrad(seed, num_domains, shape
     slices=st.sampled_from([1, 2, 3, 10, "auto"]),
     smoothing=st.sampled_from(["dominant", "two_sided", None]),
 )
-def test_corgrad_simultaneous_is_invariant_to_domain_order(
-    seed, num_domains, shapes, layerwise, slices, smoothing
-):
+def test_corgrad_simultaneous_is_invariant_to_domain_order(seed, num_domains, shapes, layerwise, slices, smoothing):
     grads = random_grads(seed, num_domains, shapes)
     perm = torch.randperm(num_domains, generator=torch.Generator().manual_seed(seed + 1))
     kwargs = dict(layerwise=layerwise, slices=slices, smoothing=smoothing, projection="simultaneous")
@@ -217,9 +216,7 @@ def test_corgrad_simultaneous_is_invariant_to_domain_order(
     slices=st.sampled_from([1, 2, 3, 4, 10, "auto"]),
     min_slice=st.sampled_from([1, 2, 5, 16]),
     slicing=st.sampled_from(["flat", "dim0"]),
-    mode=st.sampled_from(
-        [("simultaneous", "original"), ("sequential", "original"), ("sequential", "projected")]
-    ),
+    mode=st.sampled_from([("simultaneous", "original"), ("sequential", "original"), ("sequential", "projected")]),
     order=st.sampled_from(["index", "perm", "random"]),
     smoothing=st.sampled_from(["dominant", "two_sided", None]),
     reduction=st.sampled_from(["sum", "mean"]),
@@ -369,8 +366,10 @@ def test_corgrad_object_is_the_function_with_the_same_options():
         ({"order": "index"}, {"order": "index"}),
         ({"order": [3, 1, 0, 2], "slices": 3, "min_slice": 2}, {"order": [3, 1, 0, 2], "slices": 3, "min_slice": 2}),
         (dict(surgery.OFFICIAL_CORGRAD_OPTIONS), dict(surgery.OFFICIAL_CORGRAD_OPTIONS)),
-        ({"layerwise": False, "projection": "simultaneous", "smoothing": None, "reduction": "mean"},
-         {"layerwise": False, "projection": "simultaneous", "smoothing": None, "reduction": "mean"}),
+        (
+            {"layerwise": False, "projection": "simultaneous", "smoothing": None, "reduction": "mean"},
+            {"layerwise": False, "projection": "simultaneous", "smoothing": None, "reduction": "mean"},
+        ),
     ]
     for obj_kwargs, fn_kwargs in cases:
         res = CorGrad(generator=torch.Generator().manual_seed(2), **obj_kwargs)(grads)
@@ -382,13 +381,20 @@ def test_corgrad_object_repr_and_errors():
     assert repr(CorGrad(**surgery.OFFICIAL_CORGRAD_OPTIONS)) == (
         "CorGrad(generator=None, order='index', layerwise=True, slices=10, min_slice=1, slicing='dim0', "
         "projection='sequential', reference='projected', smoothing='two_sided', alpha=0.6, "
-        "alpha_schedule='constant', total_steps=None, eps=0.0, reduction='sum')")
-    for kwargs, match in [({"order": None}, "order must be 'random', 'index' or a permutation"),
-                          ({"order": [1, 1]}, "permutation"), ({"slices": 0}, "slices"),
-                          ({"smoothing": "both"}, "smoothing must be one of"), ({"alpha": 1.5}, "alpha"),
-                          ({"total_steps": 0}, "total_steps"), ({"generator": 0}, "torch.Generator"),
-                          ({"reduction": "avg"}, "reduction"), ({"eps": -1.0}, "eps"),
-                          ({"layerwise": "yes"}, "layerwise")]:
+        "alpha_schedule='constant', total_steps=None, eps=0.0, reduction='sum')"
+    )
+    for kwargs, match in [
+        ({"order": None}, "order must be 'random', 'index' or a permutation"),
+        ({"order": [1, 1]}, "permutation"),
+        ({"slices": 0}, "slices"),
+        ({"smoothing": "both"}, "smoothing must be one of"),
+        ({"alpha": 1.5}, "alpha"),
+        ({"total_steps": 0}, "total_steps"),
+        ({"generator": 0}, "torch.Generator"),
+        ({"reduction": "avg"}, "reduction"),
+        ({"eps": -1.0}, "eps"),
+        ({"layerwise": "yes"}, "layerwise"),
+    ]:
         with pytest.raises(ValueError, match=match):
             CorGrad(**kwargs)
     with pytest.raises(TypeError):

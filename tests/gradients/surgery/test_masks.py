@@ -71,9 +71,12 @@ def test_sand_mask_hand_and_default_tau_is_a_zero_update():
 
 def test_mask_objects_are_the_functions_with_the_same_options():
     grads = [sparse_signs(torch.Generator().manual_seed(4), (3, *s)) for s in [(9,), (3, 2)]]
-    for rule, exp in ((ANDMask(), and_mask(grads)), (ANDMask(tau=0.3), and_mask(grads, tau=0.3)),
-                      (SANDMask(tau=0.4), sand_mask(grads, tau=0.4)),
-                      (SANDMask(tau=0.2, k=1e3), sand_mask(grads, tau=0.2, k=1e3))):
+    for rule, exp in (
+        (ANDMask(), and_mask(grads)),
+        (ANDMask(tau=0.3), and_mask(grads, tau=0.3)),
+        (SANDMask(tau=0.4), sand_mask(grads, tau=0.4)),
+        (SANDMask(tau=0.2, k=1e3), sand_mask(grads, tau=0.2, k=1e3)),
+    ):
         res = rule(grads)
         assert all(torch.equal(a, b) for a, b in zip(res.grads, exp.grads)) and res.stats == exp.stats, rule
     g = t64([[1.0, -1.0, 2.0, 0.0], [3.0, 2.0, 4.0, 1.0]])
@@ -83,7 +86,10 @@ def test_mask_objects_are_the_functions_with_the_same_options():
 def test_mask_objects_repr_and_errors():
     assert repr(ANDMask()) == "ANDMask(tau=1.0)"
     assert repr(SANDMask(tau=0.25, k=100)) == "SANDMask(tau=0.25, k=100.0)"
-    for make, match in ((lambda: ANDMask(tau=float("nan")), "tau must be"), (lambda: SANDMask(k="10"), "k must be"),
-                        (lambda: SANDMask(tau=None), "tau must be")):
+    for make, match in (
+        (lambda: ANDMask(tau=float("nan")), "tau must be"),
+        (lambda: SANDMask(k="10"), "k must be"),
+        (lambda: SANDMask(tau=None), "tau must be"),
+    ):
         with pytest.raises(ValueError, match=match):
             make()

@@ -222,12 +222,17 @@ def test_pcgrad_object_draws_a_fresh_order_per_call_from_its_generator():
 def test_pcgrad_object_repr_and_errors():
     assert repr(PCGrad()) == "PCGrad(order='random', generator=None, reference='original', eps=1e-12, reduction='sum')"
     assert repr(PCGrad(order=(1, 0), generator=torch.Generator(), eps=0)) == (
-        "PCGrad(order=[1, 0], generator=torch.Generator(device='cpu'), reference='original', eps=0.0, "
-        "reduction='sum')")
-    for kwargs, match in [({"order": "index"}, "order must be 'random' or a permutation"),
-                          ({"order": [0, 0]}, "permutation"), ({"order": 3}, "permutation"),
-                          ({"generator": 1}, "torch.Generator or None"), ({"reference": "aliased"}, "reference"),
-                          ({"eps": -1.0}, "eps"), ({"reduction": "avg"}, "reduction")]:
+        "PCGrad(order=[1, 0], generator=torch.Generator(device='cpu'), reference='original', eps=0.0, reduction='sum')"
+    )
+    for kwargs, match in [
+        ({"order": "index"}, "order must be 'random' or a permutation"),
+        ({"order": [0, 0]}, "permutation"),
+        ({"order": 3}, "permutation"),
+        ({"generator": 1}, "torch.Generator or None"),
+        ({"reference": "aliased"}, "reference"),
+        ({"eps": -1.0}, "eps"),
+        ({"reduction": "avg"}, "reduction"),
+    ]:
         with pytest.raises(ValueError, match=match):
             PCGrad(**kwargs)
     with pytest.raises(ValueError, match=r"permutation of range\(3\)"):

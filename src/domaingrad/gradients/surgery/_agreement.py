@@ -281,7 +281,6 @@ def _add_noise(out: Tensor, noise: Tensor, keep: Tensor, sigma: float, scratch: 
         out[a:e].sub_(z, alpha=sigma)
 
 
-
 class AgrSum(_Rule):
     """Agr-Sum as a configured object: ``AgrSum(**options)(grads)`` is
     :func:`agr_sum` ``(grads, **options)``, with the same defaults.

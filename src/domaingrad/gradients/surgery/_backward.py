@@ -35,40 +35,42 @@ RULES: dict[str, Callable[..., SurgeryResult]] = {
     "sand_mask": sand_mask,
 }
 
-_FORMS = ("D scalar losses, D lists of per-parameter gradients, or one (D, *param.shape) tensor per "
-          "parameter")
+_FORMS = "D scalar losses, D lists of per-parameter gradients, or one (D, *param.shape) tensor per parameter"
 
 
 def _from_losses(items: list[Any], params: list[torch.nn.Parameter]) -> list[Tensor]:
     for d, loss in enumerate(items):
         if not (isinstance(loss, Tensor) and loss.dim() == 0):
             what = f"a tensor of shape {tuple(loss.shape)}" if isinstance(loss, Tensor) else type(loss).__name__
-            raise ValueError(f"losses_or_grads[0] is a scalar loss but losses_or_grads[{d}] is {what}: "
-                             f"expected {_FORMS}")
+            raise ValueError(
+                f"losses_or_grads[0] is a scalar loss but losses_or_grads[{d}] is {what}: expected {_FORMS}"
+            )
         if not loss.requires_grad:
-            raise ValueError(f"loss {d} does not require grad: compute it from the parameters, outside "
-                             "torch.no_grad()")
+            raise ValueError(f"loss {d} does not require grad: compute it from the parameters, outside torch.no_grad()")
     per_domain = [torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True) for loss in items]
-    return [torch.stack([g if g is not None else torch.zeros_like(p) for g in grads])
-            for p, grads in zip(params, zip(*per_domain))]
+    return [
+        torch.stack([g if g is not None else torch.zeros_like(p) for g in grads])
+        for p, grads in zip(params, zip(*per_domain))
+    ]
 
 
 def _from_gradient_lists(items: list[Any], params: list[torch.nn.Parameter]) -> list[Tensor]:
     for d, grads in enumerate(items):
         if isinstance(grads, Tensor) or not isinstance(grads, Sequence) or len(grads) != len(params):
             size = f"{len(grads)} entries" if isinstance(grads, Sequence) else type(grads).__name__
-            raise ValueError(f"losses_or_grads[{d}] is {size}; expected {_FORMS} (here {len(params)} "
-                             "parameters require grad)")
+            raise ValueError(
+                f"losses_or_grads[{d}] is {size}; expected {_FORMS} (here {len(params)} parameters require grad)"
+            )
         for t, (g, p) in enumerate(zip(grads, params)):
             if not isinstance(g, Tensor) or g.shape != p.shape:
                 got = f"shape {tuple(g.shape)}" if isinstance(g, Tensor) else type(g).__name__
-                raise ValueError(f"gradient {t} of domain {d} has {got}, expected a tensor of the "
-                                 f"parameter's shape {tuple(p.shape)}")
+                raise ValueError(
+                    f"gradient {t} of domain {d} has {got}, expected a tensor of the parameter's shape {tuple(p.shape)}"
+                )
     return [torch.stack(list(per_param)) for per_param in zip(*items)]
 
 
-def stack_domain_gradients(losses_or_grads: Sequence[Any], params: Sequence[torch.nn.Parameter]
-                           ) -> list[Tensor]:
+def stack_domain_gradients(losses_or_grads: Sequence[Any], params: Sequence[torch.nn.Parameter]) -> list[Tensor]:
     """Per-parameter tensors of shape (D, *param.shape) from one of three inputs.
 
     Args:
@@ -100,17 +102,23 @@ def stack_domain_gradients(losses_or_grads: Sequence[Any], params: Sequence[torc
     if isinstance(first, Tensor) and first.dim() == 0:
         return _from_losses(items, list(params))
     if isinstance(first, Tensor):
-        if len(items) != len(params) or any(not isinstance(g, Tensor) or g.dim() < 1 or g.shape[1:] != p.shape
-                                            for g, p in zip(items, params)):
-            raise ValueError(f"stacked gradients must be one tensor per parameter ({len(params)} require "
-                             f"grad), each of shape (D, *param.shape); got {len(items)} tensors")
+        if len(items) != len(params) or any(
+            not isinstance(g, Tensor) or g.dim() < 1 or g.shape[1:] != p.shape for g, p in zip(items, params)
+        ):
+            raise ValueError(
+                f"stacked gradients must be one tensor per parameter ({len(params)} require "
+                f"grad), each of shape (D, *param.shape); got {len(items)} tensors"
+            )
         return items
     return _from_gradient_lists(items, list(params))
 
 
-def surgery_backward(losses_or_grads: Sequence[Any], params: Iterable[torch.nn.Parameter],
-                     rule: str | Callable[[Sequence[Tensor]], SurgeryResult] | Callable[..., SurgeryResult]
-                     = "pcgrad", **options: Any) -> dict[str, float]:
+def surgery_backward(
+    losses_or_grads: Sequence[Any],
+    params: Iterable[torch.nn.Parameter],
+    rule: str | Callable[[Sequence[Tensor]], SurgeryResult] | Callable[..., SurgeryResult] = "pcgrad",
+    **options: Any,
+) -> dict[str, float]:
     """Set ``param.grad`` to the combination of the per-domain gradients by ``rule``.
 
     Args:
@@ -148,11 +156,15 @@ def surgery_backward(losses_or_grads: Sequence[Any], params: Iterable[torch.nn.P
         rule = RULES[rule]
     elif isinstance(rule, _Rule):
         if options:
-            raise ValueError(f"{type(rule).__name__} takes its options in its constructor, e.g. "
-                             f"{type(rule).__name__}(...); got extra options {sorted(options)} for surgery_backward")
+            raise ValueError(
+                f"{type(rule).__name__} takes its options in its constructor, e.g. "
+                f"{type(rule).__name__}(...); got extra options {sorted(options)} for surgery_backward"
+            )
     elif not callable(rule):
-        raise ValueError(f"rule must be a rule name ({', '.join(RULES)}), a rule function or a rule object "
-                         f"such as PCGrad(); got {type(rule).__name__}")
+        raise ValueError(
+            f"rule must be a rule name ({', '.join(RULES)}), a rule function or a rule object "
+            f"such as PCGrad(); got {type(rule).__name__}"
+        )
     params = [p for p in params if p.requires_grad]
     if not params:
         raise ValueError("surgery_backward got no parameter that requires grad")

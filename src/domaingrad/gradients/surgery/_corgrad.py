@@ -71,8 +71,15 @@ def _corgrad_orders(
 #: projections reduced to rounding noise (pieces shorter than D) is a zero vector, where
 #: the authors' code projects on the noise.
 OFFICIAL_CORGRAD_OPTIONS: dict[str, object] = {
-    "slices": 10, "min_slice": 1, "slicing": "dim0", "order": "index", "reference": "projected",
-    "eps": 0.0, "smoothing": "two_sided", "alpha": 0.6, "alpha_schedule": "constant",
+    "slices": 10,
+    "min_slice": 1,
+    "slicing": "dim0",
+    "order": "index",
+    "reference": "projected",
+    "eps": 0.0,
+    "smoothing": "two_sided",
+    "alpha": 0.6,
+    "alpha_schedule": "constant",
 }
 
 
@@ -152,8 +159,9 @@ def corgrad(
     return SurgeryResult(out, _stats(count, ratio_sum, smoothed, alpha_t, num_pieces, num_domains))
 
 
-def _stats(count: int, ratio_sum: float, smoothed: int, alpha: float, num_pieces: int, num_domains: int
-           ) -> dict[str, float]:
+def _stats(
+    count: int, ratio_sum: float, smoothed: int, alpha: float, num_pieces: int, num_domains: int
+) -> dict[str, float]:
     """corgrad's statistics (see its Returns)."""
     pairs = num_domains * (num_domains - 1) * num_pieces
     return {
@@ -288,8 +296,20 @@ class CorGrad(_Rule):
     """
 
     _options = (
-        "generator", "order", "layerwise", "slices", "min_slice", "slicing", "projection", "reference",
-        "smoothing", "alpha", "alpha_schedule", "total_steps", "eps", "reduction",
+        "generator",
+        "order",
+        "layerwise",
+        "slices",
+        "min_slice",
+        "slicing",
+        "projection",
+        "reference",
+        "smoothing",
+        "alpha",
+        "alpha_schedule",
+        "total_steps",
+        "eps",
+        "reduction",
     )
 
     def __init__(
@@ -350,12 +370,25 @@ class CorGrad(_Rule):
             raise ValueError(
                 f"CorGrad with alpha_schedule='decay' (the default, the paper's rule) was called at step "
                 f"{self.step} without the run length: construct it with total_steps=T (the number of "
-                "steps of your run), or use alpha_schedule='constant' for a fixed alpha")
+                "steps of your run), or use alpha_schedule='constant' for a fixed alpha"
+            )
         result = corgrad(
-            grads, generator=self.generator, order=self._order, layerwise=self.layerwise, slices=self.slices,
-            min_slice=self.min_slice, slicing=self.slicing, projection=self.projection,
-            reference=self.reference, smoothing=self.smoothing, alpha=self.alpha,
-            alpha_schedule=self.alpha_schedule, step=self.step, total_steps=self.total_steps, eps=self.eps,
-            reduction=self.reduction)
+            grads,
+            generator=self.generator,
+            order=self._order,
+            layerwise=self.layerwise,
+            slices=self.slices,
+            min_slice=self.min_slice,
+            slicing=self.slicing,
+            projection=self.projection,
+            reference=self.reference,
+            smoothing=self.smoothing,
+            alpha=self.alpha,
+            alpha_schedule=self.alpha_schedule,
+            step=self.step,
+            total_steps=self.total_steps,
+            eps=self.eps,
+            reduction=self.reduction,
+        )
         self.step += 1
         return result

@@ -133,8 +133,7 @@ def _project_sequential(
                 dot = gw[:, j]
             ww = (w * gw).sum(-1)
             scale_r = _scales(r, norms)
-            conflict = (dot < -_CONFLICT_RTOL * _scales(w, norms) * scale_r) & (
-                rr > _ZERO_RTOL * scale_r * scale_r)
+            conflict = (dot < -_CONFLICT_RTOL * _scales(w, norms) * scale_r) & (rr > _ZERO_RTOL * scale_r * scale_r)
             coef = torch.where(conflict, dot / (rr + eps), torch.zeros_like(dot))
             # ||coef * g_j|| / ||g_i^pc|| (= |cos| when eps = 0)
             proj_ratio = coef.abs() * rr.clamp_min(0).sqrt() / ww.clamp_min(1e-300).sqrt()

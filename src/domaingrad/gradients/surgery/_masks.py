@@ -55,9 +55,7 @@ def and_mask(grads: Sequence[Tensor], *, tau: float = 1.0) -> SurgeryResult:
                 keep = torch.empty(grp.out.numel(), dtype=torch.bool, device=grp.out.device)
                 kept += _masked_domain_sum(grp.flat, grp.out, scratch, mask_rule, tau, keep=keep)
                 counts = _segment_sums(keep, grp.sizes)
-                factors = [
-                    (1.0 / num_domains) / (1e-10 + (c / n if n else 0.0)) for c, n in zip(counts, grp.sizes)
-                ]
+                factors = [(1.0 / num_domains) / (1e-10 + (c / n if n else 0.0)) for c, n in zip(counts, grp.sizes)]
                 lengths = torch.tensor(grp.sizes, device=grp.out.device)
                 per_elem = torch.tensor(factors, dtype=grp.out.dtype, device=grp.out.device)
                 grp.out.mul_(per_elem.repeat_interleave(lengths, output_size=grp.out.numel()))
@@ -121,9 +119,7 @@ def sand_mask(grads: Sequence[Tensor], *, tau: float = 1.0, k: float = 10.0) -> 
     return SurgeryResult(out, {"mask_frac": mask_sum / total if total else 0.0})
 
 
-def _sand_kernel(
-    g2: Tensor, out: Tensor, scratch: _Scratch, tau: float, k: float, masks: Tensor | None
-) -> float:
+def _sand_kernel(g2: Tensor, out: Tensor, scratch: _Scratch, tau: float, k: float, masks: Tensor | None) -> float:
     """Blocked ``out = mask * mean_d g2[d]`` (SAND-mask before the rescaling).
 
     Returns the sum of the mask values; ``masks`` optionally receives them.

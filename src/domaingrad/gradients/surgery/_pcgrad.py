@@ -167,5 +167,11 @@ class PCGrad(_Rule):
 
     def __call__(self, grads: Sequence[Tensor]) -> SurgeryResult:
         """:func:`pcgrad` of ``grads`` (tensor ``t`` of shape ``(D, *param_t.shape)``)."""
-        return pcgrad(grads, generator=self.generator, order=self._order, reference=self.reference, eps=self.eps,
-                      reduction=self.reduction)
+        return pcgrad(
+            grads,
+            generator=self.generator,
+            order=self._order,
+            reference=self.reference,
+            eps=self.eps,
+            reduction=self.reduction,
+        )

@@ -21,7 +21,6 @@ AgreementRule = Literal["paper", "official"]
 Reference = Literal["original", "projected"]
 
 
-
 @dataclass
 class SurgeryResult:
     """Output of a gradient-surgery rule.
@@ -63,8 +62,7 @@ def _validate(grads: Sequence[Tensor]) -> tuple[list[Tensor], int]:
             raise ValueError(f"grads[{t}] is a {type(g).__name__}, expected a torch.Tensor")
         if g.dim() < 1:
             raise ValueError(
-                f"grads[{t}] is 0-dimensional; each tensor needs a leading domain axis, "
-                "shape (D, *param.shape)"
+                f"grads[{t}] is 0-dimensional; each tensor needs a leading domain axis, shape (D, *param.shape)"
             )
         if not g.is_floating_point():
             raise ValueError(f"grads[{t}] has dtype {g.dtype}; gradients must be floating point")
@@ -75,8 +73,7 @@ def _validate(grads: Sequence[Tensor]) -> tuple[list[Tensor], int]:
             num_domains, device = d, g.device
         elif d != num_domains:
             raise ValueError(
-                f"inconsistent number of domains: grads[0] has D = {num_domains} on axis 0 "
-                f"but grads[{t}] has D = {d}"
+                f"inconsistent number of domains: grads[0] has D = {num_domains} on axis 0 but grads[{t}] has D = {d}"
             )
         elif g.device != device:
             raise ValueError(f"grads[{t}] is on {g.device} but grads[0] is on {device}")
@@ -89,9 +86,7 @@ def _scale(reduction: str, num_domains: int) -> float:
     return 1.0 if reduction == "sum" else 1.0 / num_domains
 
 
-def _resolve_order(
-    num_domains: int, generator: torch.Generator | None, order: Sequence[int] | None
-) -> list[int]:
+def _resolve_order(num_domains: int, generator: torch.Generator | None, order: Sequence[int] | None) -> list[int]:
     if order is not None:
         resolved = [int(i) for i in order]
         if sorted(resolved) != list(range(num_domains)):

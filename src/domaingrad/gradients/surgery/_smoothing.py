@@ -67,7 +67,8 @@ def _alpha_value(alpha: float, schedule: str, step: int, total_steps: int | None
             raise ValueError(
                 "alpha_schedule='decay' (the default, the paper's rule) needs total_steps, the "
                 f"length of the run in steps, at step {step} > 0; pass total_steps=T, or "
-                "alpha_schedule='constant' for a fixed alpha")
+                "alpha_schedule='constant' for a fixed alpha"
+            )
         return float(alpha)
     return _alpha_at(float(alpha), schedule, int(step), int(total_steps or 1))
 

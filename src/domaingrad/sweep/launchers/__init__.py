@@ -3,6 +3,7 @@
 
 Ray and submitit are imported only when their launcher is asked for.
 """
+
 from __future__ import annotations
 
 from .base import Launcher, LaunchOptions, count_running, lost_outcome
@@ -20,9 +21,11 @@ def get_launcher(name: str) -> Launcher:
     """
     if name == "ray":
         from .ray import launch_ray
+
         return launch_ray
     if name == "slurm":
         from .slurm import launch_submitit
+
         return launch_submitit
     if name == "sequential":
         return launch_sequential
@@ -31,5 +34,14 @@ def get_launcher(name: str) -> Launcher:
     raise ValueError(f"unknown launcher {name!r}; expected one of {', '.join(LAUNCHERS)}")
 
 
-__all__ = ["LAUNCHERS", "LaunchOptions", "Launcher", "count_running", "get_launcher", "launch_local",
-           "launch_sequential", "lost_outcome", "stop_processes"]
+__all__ = [
+    "LAUNCHERS",
+    "LaunchOptions",
+    "Launcher",
+    "count_running",
+    "get_launcher",
+    "launch_local",
+    "launch_sequential",
+    "lost_outcome",
+    "stop_processes",
+]

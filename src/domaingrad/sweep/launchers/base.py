@@ -8,6 +8,7 @@ same way). A launcher returns the outcome of every job it ran; a crashed job is 
 outcome, never an exception. On KeyboardInterrupt a launcher stops its running jobs
 (they keep their last checkpoint) and re-raises.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence

@@ -3,6 +3,7 @@
 ``local`` runs at most ``--workers`` job processes at a time; ``sequential`` (DomainBed's
 ``local`` launcher) one after another.
 """
+
 from __future__ import annotations
 
 import queue

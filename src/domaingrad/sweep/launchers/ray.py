@@ -10,6 +10,7 @@ asks for ``threads_per_job`` CPUs, so Ray runs as many jobs at once as CPUs allo
 Ray retries a task whose worker process died (its default ``max_retries``); the job
 then resumes from its last checkpoint.
 """
+
 from __future__ import annotations
 
 import logging
@@ -41,7 +42,8 @@ def _connect(options: LaunchOptions):
             raise DomainGradError(
                 f"cannot connect to the Ray cluster at {options.ray_address} ({exc}). Check the address "
                 "(`ray status` on the head node); a cluster with token authentication (Ray's default for "
-                "clusters started by ray.init) also needs RAY_AUTH_MODE=token in this shell.") from exc
+                "clusters started by ray.init) also needs RAY_AUTH_MODE=token in this shell."
+            ) from exc
     else:
         ray.init(num_cpus=options.workers * options.threads_per_job, **common)
     return ray, True

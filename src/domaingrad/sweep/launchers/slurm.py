@@ -7,6 +7,7 @@ logs go to ``SWEEP_DIR/.submitit`` unless ``--submitit-folder`` says otherwise.
 ``--submitit-cluster local`` (processes on this machine) and ``debug`` (in this
 process) run the same code without Slurm, for trying a sweep out.
 """
+
 from __future__ import annotations
 
 import time
@@ -34,8 +35,9 @@ def make_executor(options: LaunchOptions):
     try:
         import submitit
     except ImportError as exc:
-        raise DomainGradError("--launcher slurm needs submitit: pip install 'domaingrad[slurm]' "
-                              "(or pip install submitit)") from exc
+        raise DomainGradError(
+            "--launcher slurm needs submitit: pip install 'domaingrad[slurm]' (or pip install submitit)"
+        ) from exc
     conf = options.submitit
     try:
         executor = submitit.AutoExecutor(folder=conf["folder"], cluster=conf.get("cluster"))
