@@ -259,7 +259,7 @@ def spec_from_flags(ns: argparse.Namespace):
     """
     from ..algorithms import ALGORITHMS
     from ..data import DATASETS
-    from .jobs import SweepSpec
+    from .jobs import SweepSpec, check_spec, hparams_of_run
 
     if ns.hparams_seeds is not None and (ns.n_hparams is not None or ns.n_hparams_from is not None):
         raise DomainGradError("give either --hparams-seeds or --n-hparams-from/--n-hparams, not both")
@@ -295,57 +295,6 @@ def spec_from_flags(ns: argparse.Namespace):
     )
     check_spec(spec)
     return spec
-
-
-def check_spec(spec) -> None:
-    """Refuse a spec that would give no job or jobs that cannot start.
-
-    Raises:
-        DomainGradError: naming the flag and what is expected.
-    """
-    from ..hparams import parse_hparams_json
-    from ..registry import resolve_hparams
-
-    if spec.hparams_seeds is None and not 0 <= spec.n_hparams_from < spec.n_hparams:
-        raise DomainGradError(
-            f"--n-hparams-from {spec.n_hparams_from} --n-hparams {spec.n_hparams} gives no "
-            "draw; need 0 <= n_hparams_from < n_hparams"
-        )
-    if spec.trial_seeds is None and spec.n_trials < 1:
-        raise DomainGradError(f"--n-trials must be at least 1, got {spec.n_trials}")
-    for name in ("hparams_seeds", "trial_seeds"):
-        if any(v < 0 for v in getattr(spec, name) or ()):
-            raise DomainGradError(f"--{name.replace('_', '-')} must be non-negative integers")
-    for name in ("steps", "checkpoint_freq"):
-        if getattr(spec, name) is not None and getattr(spec, name) < 1:
-            raise DomainGradError(f"--{name.replace('_', '-')} must be a positive integer")
-    if not 0 < spec.holdout_fraction < 1:
-        raise DomainGradError(f"--holdout-fraction must be in (0, 1), got {spec.holdout_fraction}")
-    overrides = parse_hparams_json(spec.hparams)
-    for dataset in spec.datasets:
-        for algorithm in spec.algorithms:
-            resolve_hparams(algorithm, dataset, 0, 0, overrides)
-
-
-def hparams_of_run(run_dir: str) -> str:
-    """The hyperparameters of a finished run as JSON text (its last results.jsonl record).
-
-    Raises:
-        DomainGradError: no done run or no readable record there.
-    """
-    import json
-    from pathlib import Path
-
-    from ..layout import DONE, RESULTS, read_results
-
-    path = Path(run_dir)
-    records, _ = read_results(path / RESULTS)
-    if not (path / DONE).exists() or not records or "hparams" not in records[-1]:
-        raise DomainGradError(
-            f"--hparams-from {run_dir}: expected a finished run directory (with 'done' and "
-            f"{RESULTS} records holding 'hparams')"
-        )
-    return json.dumps(records[-1]["hparams"], sort_keys=True)
 
 
 def show_status(states, list_all: bool) -> int:
