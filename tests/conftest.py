@@ -229,3 +229,18 @@ def train_until_interrupted(monkeypatch, args, at_call: int) -> None:
     with pytest.raises(KeyboardInterrupt), open(os.devnull, "w") as sink:
         train(args, stream=sink)
     monkeypatch.setattr(TrainingRun, "train_step", original)
+
+
+def train_on_pacs_sample(run_cli, real_photos_dir: Path, out: Path, algorithm: str) -> dict:
+    """Two steps of ``algorithm`` on the PACS sample photographs through ``domaingrad train``
+    (ResNet-18 at 32x32 from scratch, test env 0); returns the last results record."""
+    from domaingrad.run.output import read_records
+
+    code, _, err = run_cli(
+        "train", "--dataset", "PACS", "--data-dir", real_photos_dir, "--algorithm", algorithm,
+        "--test-envs", "0", "--steps", "2", "--checkpoint-freq", "2", "--image-size", "32",
+        "--weights", "none", "--num-workers", "0", "--hparams", '{"resnet18": true, "batch_size": 4}',
+        "--output-dir", out,
+    )  # fmt: skip
+    assert code == 0, err
+    return read_records(out / "results.jsonl")[0][-1]

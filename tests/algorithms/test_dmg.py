@@ -21,6 +21,7 @@ from domaingrad.errors import DomainGradError
 from domaingrad.hparams import common_hparams
 from tests.algorithms.test_dropout import SHAPE, StagedCNN
 from tests.algorithms.test_dropout import build as build_algorithm
+from tests.conftest import train_on_pacs_sample
 
 #: one torch thread (tests/conftest.py): small tensors gain nothing from two
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -315,36 +316,8 @@ def test_trains_on_mnist_cnn(cls):
 def test_dmg_trains_on_real_pacs_photos_with_resnet18(real_photos_dir, run_cli, tmp_path):
     """A few DMG steps on the PACS sample through ``domaingrad train`` (ResNet-18 at 32x32,
     from scratch): masks on layer2, layer3 and the features; statistics in the records."""
-    from domaingrad.run.output import read_records
-
     out = tmp_path / "run"
-    code, _, err = run_cli(
-        "train",
-        "--dataset",
-        "PACS",
-        "--data-dir",
-        real_photos_dir,
-        "--algorithm",
-        "DMG",
-        "--test-envs",
-        "0",
-        "--steps",
-        "2",
-        "--checkpoint-freq",
-        "2",
-        "--image-size",
-        "32",
-        "--weights",
-        "none",
-        "--num-workers",
-        "0",
-        "--hparams",
-        '{"resnet18": true, "batch_size": 4}',
-        "--output-dir",
-        out,
-    )
-    assert code == 0, err
-    record = read_records(out / "results.jsonl")[0][-1]
+    record = train_on_pacs_sample(run_cli, real_photos_dir, out, "DMG")
     assert record["step"] == 1 and (out / "done").exists()
     for layer in ("layer2", "layer3", "features"):
         assert 0.0 <= record[f"mask_iou_{layer}"] <= 1.0 and 0.0 <= record[f"mask_active_{layer}"] <= 1.0

@@ -24,6 +24,7 @@ from domaingrad.algorithms.rsc import RSC, rsc_official_feature_mask, rsc_offici
 from domaingrad.errors import DomainGradError
 from domaingrad.gradients.gsnr import batch_gsnr, drop_block2d, expand_blocks, gsnr_seed_mask
 from domaingrad.hparams import common_hparams
+from tests.conftest import train_on_pacs_sample
 from tests.gradients.test_gsnr import listing2_drop_block2d_gsnr
 
 SHAPE = (2, 9, 9)  # input shape of StagedCNN
@@ -606,36 +607,8 @@ def test_trains_on_mnist_cnn(cls, overrides):
 def test_trains_on_real_pacs_photos_with_resnet18(real_photos_dir, run_cli, tmp_path, name):
     """A few steps on the PACS sample (real photographs) through ``domaingrad train``:
     ResNet-18 at 32x32 from scratch (stage maps 8x8 .. 1x1, so DB+gsnr's blocks clamp)."""
-    from domaingrad.run.output import read_records
-
     out = tmp_path / "run"
-    code, _, err = run_cli(
-        "train",
-        "--dataset",
-        "PACS",
-        "--data-dir",
-        real_photos_dir,
-        "--algorithm",
-        name,
-        "--test-envs",
-        "0",
-        "--steps",
-        "2",
-        "--checkpoint-freq",
-        "2",
-        "--image-size",
-        "32",
-        "--weights",
-        "none",
-        "--num-workers",
-        "0",
-        "--hparams",
-        '{"resnet18": true, "batch_size": 4}',
-        "--output-dir",
-        out,
-    )
-    assert code == 0, err
-    record = read_records(out / "results.jsonl")[0][-1]
+    record = train_on_pacs_sample(run_cli, real_photos_dir, out, name)
     assert record["step"] == 1 and math.isfinite(record["loss"]) and (out / "done").exists()
     assert all(0.0 <= record[f"env{i}_in_acc"] <= 1.0 for i in range(4))
 
