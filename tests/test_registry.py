@@ -94,17 +94,11 @@ def test_weights_that_do_not_fit_are_refused_naming_the_entries(tmp_path):
         dg.create_algorithm("ERM", (2, 28, 28), 2, 2, weights="imagenet")
 
 
-def test_a_run_passes_its_initial_weights_explicitly(tmp_path, monkeypatch):
-    """The training run loads --weights into the algorithm it built; no context variable
-    carries them (models.use_weights is not called)."""
+def test_a_run_passes_its_initial_weights_explicitly(tmp_path):
+    """The training run loads --weights into every featurizer of the algorithm it built."""
     torch.manual_seed(7)
     reference = models.MNIST_CNN((3, 28, 28)).state_dict()
     torch.save(reference, tmp_path / "cnn.pt")
-
-    def refuse(spec):
-        raise AssertionError("weights must be passed explicitly, not through models.use_weights")
-
-    monkeypatch.setattr(models, "use_weights", refuse)
     run = TrainingRun.prepare(
         TrainArgs(
             dataset="Debug28",

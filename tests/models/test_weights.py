@@ -24,11 +24,9 @@ def test_state_dict_file_is_loaded(tmp_path):
     state = _resnet18_state(1)
     path = tmp_path / "r18.pt"
     torch.save(state, path)
-    with models.use_weights(str(path)):
-        net = models.featurizer_for((3, 32, 32), {"backbone": "resnet18"})
+    net = models.featurizer_for((3, 32, 32), {"backbone": "resnet18"}, weights=str(path))
     got = net.network.state_dict()
     assert all(torch.equal(got[k], v) for k, v in state.items() if not k.startswith("fc."))
-    assert models.current_weights() == "none"  # the context ended
     fresh = models.featurizer_for((3, 32, 32), {"backbone": "resnet18"})
     assert not torch.equal(fresh.network.conv1.weight, state["conv1.weight"])
 
@@ -37,8 +35,7 @@ def test_wrapped_and_prefixed_state_dicts_and_channel_adaptation(tmp_path):
     state = _resnet18_state(2)
     path = tmp_path / "wrapped.pt"
     torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}}, path)
-    with models.use_weights(str(path)):
-        net = models.featurizer_for((2, 32, 32), {"backbone": "resnet18"})
+    net = models.featurizer_for((2, 32, 32), {"backbone": "resnet18"}, weights=str(path))
     # DomainBed's adaptation: input channel i takes the RGB filter i % 3
     assert torch.equal(net.network.conv1.weight, state["conv1.weight"][:, [0, 1]])
     assert torch.equal(net.network.layer4[1].conv2.weight, state["layer4.1.conv2.weight"])
@@ -48,13 +45,11 @@ def test_alexnet_and_mnist_cnn_state_dicts(tmp_path):
     torch.manual_seed(0)
     alex = torchvision.models.alexnet(weights=None).state_dict()
     torch.save(alex, tmp_path / "alex.pt")
-    with models.use_weights(str(tmp_path / "alex.pt")):
-        net = models.featurizer_for((3, 64, 64), {"backbone": "alexnet"})
+    net = models.featurizer_for((3, 64, 64), {"backbone": "alexnet"}, weights=str(tmp_path / "alex.pt"))
     assert torch.equal(net.fc7.weight, alex["classifier.4.weight"])
     cnn = models.MNIST_CNN((2, 28, 28)).state_dict()
     torch.save(cnn, tmp_path / "cnn.pt")
-    with models.use_weights(str(tmp_path / "cnn.pt")):
-        loaded = models.featurizer_for((2, 28, 28), {})
+    loaded = models.featurizer_for((2, 28, 28), {}, weights=str(tmp_path / "cnn.pt"))
     assert torch.equal(loaded.conv4.weight, cnn["conv4.weight"])
 
 
@@ -64,37 +59,35 @@ def test_wrong_keys_and_shapes_are_named(tmp_path):
     state["extra.weight"] = torch.zeros(1)
     del state["layer1.0.bn1.bias"]
     torch.save(state, tmp_path / "bad.pt")
-    with models.use_weights(str(tmp_path / "bad.pt")):
-        with pytest.raises(DomainGradError) as info:
-            models.featurizer_for((3, 32, 32), {"backbone": "resnet18"})
+    with pytest.raises(DomainGradError) as info:
+        models.featurizer_for((3, 32, 32), {"backbone": "resnet18"}, weights=str(tmp_path / "bad.pt"))
     text = str(info.value)
     assert "missing: layer1.0.bn1.bias" in text and "unexpected: extra.weight" in text
     assert "conv1.weight (file (64, 3, 3, 3), ResNet-18 (64, 3, 7, 7))" in text
     # a ResNet-50 file given to ResNet-18 also fails with names, not a torch traceback
     torch.save(torchvision.models.resnet50(weights=None).state_dict(), tmp_path / "r50.pt")
-    with models.use_weights(str(tmp_path / "r50.pt")), pytest.raises(DomainGradError, match="does not fit ResNet-18"):
-        models.featurizer_for((3, 32, 32), {"backbone": "resnet18"})
+    with pytest.raises(DomainGradError, match="does not fit ResNet-18"):
+        models.featurizer_for((3, 32, 32), {"backbone": "resnet18"}, weights=str(tmp_path / "r50.pt"))
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    with models.use_weights(str(tmp_path / "junk.pt")), pytest.raises(DomainGradError, match="cannot read"):
-        models.featurizer_for((3, 32, 32), {"backbone": "resnet18"})
-    with models.use_weights(str(tmp_path / "nope.pt")), pytest.raises(DomainGradError, match="no such file"):
-        models.featurizer_for((3, 32, 32), {"backbone": "resnet18"})
+    with pytest.raises(DomainGradError, match="cannot read"):
+        models.featurizer_for((3, 32, 32), {"backbone": "resnet18"}, weights=str(tmp_path / "junk.pt"))
+    with pytest.raises(DomainGradError, match="no such file"):
+        models.featurizer_for((3, 32, 32), {"backbone": "resnet18"}, weights=str(tmp_path / "nope.pt"))
 
 
 def test_imagenet_reads_the_torchvision_cache_and_never_downloads(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     expected = tmp_path / "torch" / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
     assert models.imagenet_file("resnet18") == expected
-    with models.use_weights("imagenet"), pytest.raises(DomainGradError) as info:
-        models.featurizer_for((3, 32, 32), {"backbone": "resnet18"})
+    with pytest.raises(DomainGradError) as info:
+        models.featurizer_for((3, 32, 32), {"backbone": "resnet18"}, weights="imagenet")
     text = str(info.value)
     assert "resnet18-f37072fd.pth" in text and str(expected.parent) in text and "--weights none" in text
     assert not expected.exists()
     state = _resnet18_state(4)
     expected.parent.mkdir(parents=True)
     torch.save(state, expected)
-    with models.use_weights("imagenet"):
-        net = models.featurizer_for((3, 32, 32), {"backbone": "resnet18"})
+    net = models.featurizer_for((3, 32, 32), {"backbone": "resnet18"}, weights="imagenet")
     assert torch.equal(net.network.layer2[0].conv1.weight, state["layer2.0.conv1.weight"])
-    with models.use_weights("imagenet"), pytest.raises(DomainGradError, match="no ImageNet weights for mnist_cnn"):
-        models.featurizer_for((1, 28, 28), {})
+    with pytest.raises(DomainGradError, match="no ImageNet weights for mnist_cnn"):
+        models.featurizer_for((1, 28, 28), {}, weights="imagenet")

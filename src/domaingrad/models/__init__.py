@@ -7,8 +7,8 @@ calling ``stage_fn(name, output)`` on each stage; a *classifier* maps features t
 (B, num_classes) logits. Featurizers are registered by name (:data:`FEATURIZERS`);
 :func:`featurizer_for` picks one from the ``backbone`` hyperparameter, or with
 ``backbone`` ``auto`` DomainBed's default for the input shape (MNIST_CNN for 28x28,
-ResNet-50 for other images, ResNet-18 when ``resnet18`` is true). Initial weights come
-from :func:`domaingrad.models.weights.use_weights`.
+ResNet-50 for other images, ResNet-18 when ``resnet18`` is true). Initial weights are
+an argument of :func:`featurizer_for` (see :mod:`domaingrad.models.weights`).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from ..errors import DomainGradError
 from .backbones import AlexNetFeaturizer, ResNetFeaturizer
 from .base import Featurizer, StageFn
 from .mnist_cnn import MNIST_CNN
-from .weights import current_weights, imagenet_file, load_backbone_state, read_state_dict, use_weights
+from .weights import imagenet_file, load_backbone_state, read_state_dict
 
 Builder = Callable[[tuple[int, ...], dict[str, Any], "dict | None"], Featurizer]
 
@@ -69,10 +69,11 @@ def backbone_name(input_shape: tuple[int, ...], hparams: dict[str, Any]) -> str:
     return name
 
 
-def featurizer_for(input_shape: tuple[int, ...], hparams: dict[str, Any]) -> Featurizer:
+def featurizer_for(input_shape: tuple[int, ...], hparams: dict[str, Any], weights: str = "none") -> Featurizer:
     """DomainBed's ``networks.Featurizer``: the network for this input shape and hparams
-    (see :func:`backbone_name`), initialised from the weights of the enclosing
-    :func:`use_weights` block (random outside one).
+    (see :func:`backbone_name`), initialised from ``weights``: ``none`` (random, the
+    default), ``imagenet`` or the path of a state-dict file (see
+    :mod:`domaingrad.models.weights`).
 
     Input (B, *input_shape); output (B, featurizer.n_outputs).
 
@@ -81,7 +82,7 @@ def featurizer_for(input_shape: tuple[int, ...], hparams: dict[str, Any]) -> Fea
             missing or do not fit (see :mod:`domaingrad.models.weights`).
     """
     name = backbone_name(input_shape, hparams)
-    return FEATURIZERS[name](tuple(input_shape), hparams, read_state_dict(current_weights(), name))
+    return FEATURIZERS[name](tuple(input_shape), hparams, read_state_dict(weights, name))
 
 
 def classifier(in_features: int, out_features: int, nonlinear: bool = False) -> nn.Module:
@@ -107,9 +108,7 @@ __all__ = [
     "StageFn",
     "backbone_name",
     "classifier",
-    "current_weights",
     "featurizer_for",
     "imagenet_file",
     "read_state_dict",
-    "use_weights",
 ]

@@ -1,10 +1,9 @@
 """Initial weights of featurizers: ``none``, ``imagenet`` or a state-dict file.
 
-The weights of a run are chosen by ``--weights`` (``TrainArgs.weights``) and reach
-:func:`domaingrad.models.featurizer_for` through :func:`use_weights`, a context the
-training run opens while it builds the algorithm; every featurizer built inside it (an
-algorithm may build several) starts from the same weights. Outside such a context
-featurizers start from random initialisation.
+The weights of a run are chosen by ``--weights`` (``TrainArgs.weights``); the training
+run builds the algorithm with random featurizers and then loads the weights into every
+featurizer it holds (:func:`domaingrad.registry.load_initial_weights`). A featurizer
+built on its own takes them as an argument: ``featurizer_for(shape, hparams, weights=...)``.
 
 - ``none``: random initialisation (training from scratch).
 - ``imagenet``: torchvision's ImageNet weights (``IMAGENET1K_V1``, what DomainBed's
@@ -20,10 +19,7 @@ featurizers start from random initialisation.
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -45,25 +41,6 @@ def imagenet_weights(backbone: str):
         "resnet50": torchvision.models.ResNet50_Weights.IMAGENET1K_V1,
         "alexnet": torchvision.models.AlexNet_Weights.IMAGENET1K_V1,
     }[backbone]
-
-
-_WEIGHTS: contextvars.ContextVar[str] = contextvars.ContextVar("domaingrad_weights", default="none")
-
-
-@contextlib.contextmanager
-def use_weights(spec: str) -> Iterator[None]:
-    """Within the block, :func:`~domaingrad.models.featurizer_for` initialises
-    featurizers from ``spec`` (``none``, ``imagenet`` or a state-dict path)."""
-    token = _WEIGHTS.set(spec)
-    try:
-        yield
-    finally:
-        _WEIGHTS.reset(token)
-
-
-def current_weights() -> str:
-    """The weights spec of the enclosing :func:`use_weights` block (``none`` outside)."""
-    return _WEIGHTS.get()
 
 
 def imagenet_file(backbone: str) -> Path:
