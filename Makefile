@@ -5,7 +5,7 @@ VENV ?= .venv
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 DEMO_DIR := runs/demo-$(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: demo test check docs bench install
+.PHONY: demo test check test-clusters docs bench install
 
 install: $(STAMP)
 
@@ -30,7 +30,13 @@ check: $(STAMP)
 	$(VENV)/bin/ruff format --check src tests benchmarks scripts docs/_ext
 	$(VENV)/bin/mypy
 	$(VENV)/bin/python -m pytest -q --doctest-modules src/domaingrad/gradients
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q -m "not clusters"
+
+# Real clusters on this machine: a two-node Ray cluster the tests start and stop, and the
+# single-node Slurm cluster of scripts/start_slurm.sh (started if needed; skipped when Slurm
+# is not installed). .ci/run installs Slurm (as root) and runs this after make check.
+test-clusters: $(STAMP)
+	$(VENV)/bin/python -m pytest -q -m clusters tests/sweep/test_clusters.py
 
 DOCS_STAMP := $(VENV)/.docs-installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 

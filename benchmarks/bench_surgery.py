@@ -8,12 +8,19 @@ to the floor of the same round.
 
 Usage (from the repository root)::
 
-    .venv/bin/python benchmarks/bench_surgery.py --params 25_000_000 --domains 3 5 --repeats 5
+    .venv/bin/python benchmarks/bench_surgery.py --params 25_000_000 --domains 3 5 8 --threads 1 2
 
-Options for a shared or noisy machine: ``--threads 1 --clock cpu`` (process CPU time of
-one thread) and ``--keep-heap`` (glibc keeps freed memory, so that no rule, the floor
-included, pays page faults for fresh output buffers; without it the numbers depend on
-the allocator's history).
+``--threads 1 2`` gives one table per thread count (0: torch's default). Options for a
+shared or noisy machine: ``--clock cpu`` (process CPU time; with one thread, the time
+the rule needs whatever the load), ``--clock thread`` (CPU time of the calling thread
+only, with idle threads put to sleep by ``OMP_WAIT_POLICY=PASSIVE``: with several
+threads, a proxy of the wall time on an idle machine when the work is shared evenly,
+since the calling thread takes part in every parallel step and does every serial one),
+``--rules`` (a subset of the rules), ``--baseline DIR`` (the rules of another copy of the
+surgery package, timed in the same rounds: a before/after comparison under the same
+load) and ``--keep-heap`` (glibc keeps freed memory, so
+that no rule, the floor included, pays page faults for fresh output buffers; without it
+the numbers depend on the allocator's history).
 
 The parameter shapes are those of ``torchvision.models.resnet50(weights=None)`` (about
 25.6 M parameters in 161 tensors) when torchvision imports and ``--params`` is within
@@ -25,11 +32,14 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
+import inspect
 import os
 import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
+from types import ModuleType
 
 import torch
 
@@ -104,19 +114,73 @@ def _bind(fn: Callable[[list[torch.Tensor]], object], grads: list[torch.Tensor])
     return lambda: fn(grads)
 
 
+def load_baseline(path: str) -> ModuleType:
+    """Import a copy of the ``domaingrad.gradients.surgery`` package directory (e.g. from
+    ``git archive`` of an earlier commit) as the module ``baseline_surgery``; the package
+    imports nothing outside itself."""
+    init = os.path.join(path, "__init__.py")
+    spec = importlib.util.spec_from_file_location("baseline_surgery", init, submodule_search_locations=[path])
+    if spec is None or spec.loader is None or not os.path.isfile(init):
+        raise SystemExit(f"--baseline {path}: not a package directory (no __init__.py)")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["baseline_surgery"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _rules(
+    surgery: ModuleType = surgery, suffix: str = "", floor: bool = True
+) -> list[tuple[str, Callable[[list[torch.Tensor]], object]]]:
+    """The floor first, then every rule of ``surgery`` (``agr_rand (sequential)`` where it
+    exists), their names followed by ``suffix``."""
+    rules: list[tuple[str, Callable[[list[torch.Tensor]], object]]] = [
+        ("floor: sum over domains", lambda g: [t.sum(0) for t in g]),
+        ("agr_sum", lambda g: surgery.agr_sum(g)),
+        ("agr_rand", lambda g: surgery.agr_rand(g, generator=torch.Generator().manual_seed(0))),
+    ]
+    if "noise" in inspect.signature(surgery.agr_rand).parameters:
+        rules.append(
+            (
+                "agr_rand (sequential)",
+                lambda g: surgery.agr_rand(g, generator=torch.Generator().manual_seed(0), noise="sequential"),
+            )
+        )
+    rules += [
+        ("and_mask", lambda g: surgery.and_mask(g)),
+        ("sand_mask", lambda g: surgery.sand_mask(g)),
+        ("pcgrad", lambda g: surgery.pcgrad(g, generator=torch.Generator().manual_seed(0))),
+        ("corgrad (defaults)", lambda g: surgery.corgrad(g, generator=torch.Generator().manual_seed(0))),
+        ("corgrad (slices=1, smoothing off)", lambda g: surgery.corgrad(g, slices=1, smoothing=None)),
+        ("corgrad (official options)", lambda g: surgery.corgrad(g, **surgery.OFFICIAL_CORGRAD_OPTIONS)),
+    ]
+    return [(name + suffix, fn) for name, fn in rules[0 if floor else 1 :]]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--params", type=lambda s: int(s.replace("_", "")), default=25_000_000)
-    parser.add_argument("--domains", type=int, nargs="+", default=[3, 5])
+    parser.add_argument("--domains", type=int, nargs="+", default=[3, 5, 8])
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    parser.add_argument(
+        "--threads", type=int, nargs="+", default=[0], help="torch thread counts, one table each (0: torch default)"
+    )
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--rules", nargs="+", default=None, help="rules to time (names as in the table; the floor is always timed)"
+    )
+    parser.add_argument(
+        "--baseline",
+        default=None,
+        help="a copy of the src/domaingrad/gradients/surgery directory (e.g. of an earlier commit, "
+        "from git archive): its rules are timed in the same rounds, named with ' [baseline]'",
+    )
+    parser.add_argument(
         "--clock",
-        choices=["wall", "cpu"],
+        choices=["wall", "cpu", "thread"],
         default="wall",
-        help="wall: time.perf_counter; cpu: process CPU time (steadier on a shared machine)",
+        help="wall: time.perf_counter; cpu: process CPU time (steadier on a shared machine); "
+        "thread: CPU time of the calling thread (set OMP_WAIT_POLICY=PASSIVE; see above)",
     )
     parser.add_argument(
         "--keep-heap",
@@ -129,49 +193,51 @@ def main() -> None:
     if args.keep_heap and os.environ.get("MALLOC_TRIM_THRESHOLD_") is None:
         env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(1 << 32), MALLOC_TRIM_THRESHOLD_=str(1 << 36))
         os.execvpe(sys.executable, [sys.executable, *sys.argv], env)
-    clock = time.perf_counter if args.clock == "wall" else time.process_time
+    clock = {"wall": time.perf_counter, "cpu": time.process_time, "thread": time.thread_time}[args.clock]
 
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     shapes, origin = resnet50_shapes(args.params)
     n_params = sum(torch.Size(s).numel() for s in shapes)
-    print(
-        f"# {origin}: {n_params:,} parameters in {len(shapes)} tensors, {args.dtype}, "
-        f"{torch.get_num_threads()} threads, {args.clock} clock, median of {args.repeats} "
-        f"round-robin rounds after a warm-up{', heap kept (glibc env)' if args.keep_heap else ''}\n"
-    )
+    rules = _rules()
+    if args.rules is not None:
+        unknown = sorted(set(args.rules) - {name for name, _ in rules})
+        if unknown:
+            parser.error(f"unknown rules {unknown}; choose among {[name for name, _ in rules[1:]]}")
+    baseline = [] if args.baseline is None else _rules(load_baseline(args.baseline), " [baseline]", floor=False)
+    if args.rules is not None:
+        chosen = set(args.rules) | {f"{name} [baseline]" for name in args.rules}
+        rules = [rules[0]] + [(name, fn) for name, fn in rules[1:] if name in chosen]
+        baseline = [(name, fn) for name, fn in baseline if name in chosen]
+    rules += baseline
+    for threads in args.threads:
+        if threads > 0:
+            torch.set_num_threads(threads)
+        wait = os.environ.get("OMP_WAIT_POLICY", "default")
+        print(
+            f"# {origin}: {n_params:,} parameters in {len(shapes)} tensors, {args.dtype}, torch "
+            f"{torch.__version__}, {torch.get_num_threads()} threads, {args.clock} clock"
+            f"{f' (OMP_WAIT_POLICY={wait})' if args.clock == 'thread' else ''}, median of {args.repeats} "
+            f"round-robin rounds after a warm-up{', heap kept (glibc env)' if args.keep_heap else ''}\n"
+        )
+        results: dict[int, tuple[dict[str, float], dict[str, float]]] = {}
+        for num_domains in args.domains:
+            gen = torch.Generator().manual_seed(args.seed)
+            grads = [torch.randn((num_domains, *s), generator=gen, dtype=dtype) for s in shapes]
+            bound = [(name, _bind(fn, grads)) for name, fn in rules]
+            results[num_domains] = time_rules(bound, args.repeats, clock)
+            del grads, bound
+            gc.collect()
 
-    rules: list[tuple[str, Callable[[list[torch.Tensor]], object]]] = [
-        ("floor: sum over domains", lambda g: [t.sum(0) for t in g]),
-        ("agr_sum", lambda g: surgery.agr_sum(g)),
-        ("agr_rand", lambda g: surgery.agr_rand(g, generator=torch.Generator().manual_seed(0))),
-        ("and_mask", lambda g: surgery.and_mask(g)),
-        ("sand_mask", lambda g: surgery.sand_mask(g)),
-        ("pcgrad", lambda g: surgery.pcgrad(g, generator=torch.Generator().manual_seed(0))),
-        ("corgrad (defaults)", lambda g: surgery.corgrad(g, generator=torch.Generator().manual_seed(0))),
-        ("corgrad (slices=1, smoothing off)", lambda g: surgery.corgrad(g, slices=1, smoothing=None)),
-        ("corgrad (official options)", lambda g: surgery.corgrad(g, **surgery.OFFICIAL_CORGRAD_OPTIONS)),
-    ]
-    results: dict[int, tuple[dict[str, float], dict[str, float]]] = {}
-    for num_domains in args.domains:
-        gen = torch.Generator().manual_seed(args.seed)
-        grads = [torch.randn((num_domains, *s), generator=gen, dtype=dtype) for s in shapes]
-        bound = [(name, _bind(fn, grads)) for name, fn in rules]
-        results[num_domains] = time_rules(bound, args.repeats, clock)
-        del grads, bound
-        gc.collect()
-
-    header = "| rule | " + " | ".join(f"D={d} ms | D={d} x floor" for d in args.domains) + " |"
-    print(header)
-    print("|" + "---|" * (1 + 2 * len(args.domains)))
-    for name, _ in rules:
-        cells = []
-        for d in args.domains:
-            ms, ratio = results[d]
-            cells += [f"{ms[name]:.1f}", f"{ratio[name]:.2f}"]
-        print(f"| {name} | " + " | ".join(cells) + " |")
-    print("\nratio = median over rounds of (rule time / floor time in the same round)")
+        header = "| rule | " + " | ".join(f"D={d} ms | D={d} x floor" for d in args.domains) + " |"
+        print(header)
+        print("|" + "---|" * (1 + 2 * len(args.domains)))
+        for name, _ in rules:
+            cells = []
+            for d in args.domains:
+                ms, ratio = results[d]
+                cells += [f"{ms[name]:.1f}", f"{ratio[name]:.2f}"]
+            print(f"| {name} | " + " | ".join(cells) + " |")
+        print("\nratio = median over rounds of (rule time / floor time in the same round)\n", flush=True)
 
 
 if __name__ == "__main__":

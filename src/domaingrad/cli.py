@@ -13,12 +13,16 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .errors import DomainGradError, report_error
+from .errors import DomainGradError, report_error, show_warnings_plainly
 from .layout import SPLIT_70_10_20, SPLIT_DOMAINBED, SPLIT_PROTOCOLS
 
 #: commands that live in their own module: name -> module exposing
 #: ``add_parser(subparsers)`` (cheap imports only) and ``run(namespace)``
-MODULE_COMMANDS = {"sweep": "domaingrad.sweep.command", "report": "domaingrad.report.command"}
+MODULE_COMMANDS = {
+    "sweep": "domaingrad.sweep.command",
+    "report": "domaingrad.report.command",
+    "analyze": "domaingrad.analysis.command",
+}
 
 
 def _option(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:
@@ -175,11 +179,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     progress.add_argument("--no-progress", dest="progress", action="store_false")
 
-    sub.add_parser(
+    listing = sub.add_parser(
         "list",
-        help="list datasets and algorithms",
+        help="list datasets and algorithms; `list NAME` for one in full, with its hyperparameters",
         description=LIST_DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    listing.add_argument(
+        "names",
+        nargs="*",
+        metavar="NAME",
+        help="an algorithm or dataset (any case): print its whole description and every hyperparameter "
+        "with its default, random-search distribution and meaning",
+    )
+    listing.add_argument(
+        "--verbose", "-v", action="store_true", help="every dataset and algorithm in full, as `list NAME` does"
+    )
+    listing.add_argument(
+        "--dataset",
+        default=None,
+        help="show an algorithm's hyperparameter values on this dataset (default ColoredMNIST; image datasets "
+        "such as PACS have other learning rates and batch sizes)",
     )
 
     reproduce = sub.add_parser("reproduce", help="rerun a published experiment and print it beside the paper")
@@ -218,37 +238,33 @@ def build_parser() -> argparse.ArgumentParser:
     )
     for module in MODULE_COMMANDS.values():
         importlib.import_module(module).add_parser(sub)
+    _mark_usage(parser)
     return parser
 
 
-def cmd_list() -> None:
-    from importlib import metadata
-
-    from .algorithms import ALGORITHMS
-    from .data import DATASETS
-    from .plugins import ALGORITHM_GROUP, DATASET_GROUP
-
-    def entry_points(group: str, known: dict) -> None:
-        for ep in sorted(metadata.entry_points(group=group), key=lambda ep: ep.name):
-            if ep.name not in known:
-                print(f"  {ep.name:<22} entry point {ep.value} (installed plug-in)")
-
-    print("datasets:")
-    for name, (_, text) in DATASETS.items():
-        print(f"  {name:<22} {text}")
-    entry_points(DATASET_GROUP, DATASETS)
-    print("algorithms:")
-    for name, cls in ALGORITHMS.items():
-        print(f"  {name:<22} {_summary(cls.__doc__ or '')}")
-    entry_points(ALGORITHM_GROUP, ALGORITHMS)
-    print("your own: --dataset package.module:Class, --algorithm package.module:Class (see the README, Plug-ins)")
-    print("deviations from DomainBed (MLDG with two training domains, the model.pkl layout): domaingrad list --help")
+#: namespace attribute naming the innermost (sub)command parser that parsed the line
+USAGE_PARSER = "_usage_parser"
 
 
-def _summary(doc: str, width: int = 96) -> str:
-    """The first paragraph of a docstring on one line, cut at a word boundary."""
-    text = " ".join(doc.strip().split("\n\n")[0].split())
-    return text if len(text) <= width else text[:width].rsplit(" ", 1)[0] + " ..."
+def _mark_usage(parser: argparse.ArgumentParser) -> None:
+    """Let every subcommand parser, nested ones too (``sweep launch``), record itself in
+    the namespace, so that :func:`parse` reports unknown options with its usage."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in dict.fromkeys(action.choices.values()):
+                sub.set_defaults(**{USAGE_PARSER: sub})
+                _mark_usage(sub)
+
+
+def cmd_list(ns: argparse.Namespace) -> None:
+    """Print ``domaingrad list [NAME ...] [--verbose] [--dataset D]`` (see :mod:`domaingrad.listing`).
+
+    Raises:
+        DomainGradError: an unknown name, with the closest names suggested.
+    """
+    from .listing import run_list
+
+    print(run_list(list(ns.names), ns.verbose, ns.dataset))
 
 
 def cmd_reproduce(ns: argparse.Namespace) -> None:
@@ -288,20 +304,37 @@ def cmd_reproduce(ns: argparse.Namespace) -> None:
 
 
 def cmd_train(ns: argparse.Namespace) -> None:
+    from .algorithms import resolve_algorithm_name
+    from .data import resolve_dataset_name
     from .hparams import parse_hparams_json
     from .run import TrainArgs, train
 
-    fields = {k: v for k, v in vars(ns).items() if k != "command"}
+    fields = {k: v for k, v in vars(ns).items() if k not in ("command", USAGE_PARSER)}
     fields["hparams"] = parse_hparams_json(ns.hparams)  # JSON text stops here: a dict from now on
+    # the canonical spellings (--algorithm erm -> ERM) are what records and model.pkl keep
+    fields["dataset"] = resolve_dataset_name(ns.dataset)
+    fields["algorithm"] = resolve_algorithm_name(ns.algorithm)
     train(TrainArgs(**fields))
+
+
+def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """``parser.parse_args(argv)``, except that an unknown option is reported with the
+    usage of the (sub)command it was given to (``domaingrad train --bogus`` prints
+    ``train``'s usage, not the top-level one); exits 2 as argparse does."""
+    ns, extra = parser.parse_known_args(argv)
+    if extra:
+        getattr(ns, USAGE_PARSER, parser).error(f"unrecognized arguments: {' '.join(extra)}")
+    if hasattr(ns, USAGE_PARSER):
+        delattr(ns, USAGE_PARSER)
+    return ns
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    ns = parser.parse_args(argv)
+    ns = parse(parser, argv)
     try:
         if ns.command == "list":
-            cmd_list()
+            cmd_list(ns)
         elif ns.command == "train":
             cmd_train(ns)
         elif ns.command == "reproduce":
@@ -320,5 +353,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def console_main() -> int:
+    """The ``domaingrad`` executable: :func:`main` with domaingrad's warnings printed as
+    ``domaingrad: warning: ...`` (in-process callers of :func:`main` keep Python's
+    warning machinery, e.g. ``pytest.warns``)."""
+    show_warnings_plainly()
+    return main()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console_main())

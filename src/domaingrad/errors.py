@@ -9,6 +9,11 @@ class DomainGradError(Exception):
     """A problem with the user's input or files; the CLI prints it without a traceback."""
 
 
+class DomainGradWarning(UserWarning):
+    """Something that runs but is very likely not what the user meant; the CLI prints it
+    as ``domaingrad: warning: ...`` on stderr (see :func:`show_warnings_plainly`)."""
+
+
 class NonFiniteLossError(DomainGradError):
     """Training produced a NaN or infinite loss.
 
@@ -38,3 +43,20 @@ def report_error(exc: DomainGradError) -> int:
     non-finite loss (the run stopped), 2 for any other user error."""
     print(f"domaingrad: error: {exc}", file=sys.stderr)
     return 1 if isinstance(exc, NonFiniteLossError) else 2
+
+
+def show_warnings_plainly() -> None:
+    """Print :class:`DomainGradWarning` s as ``domaingrad: warning: MESSAGE`` on stderr
+    (no file and line: they are about the user's input, not the code); other warnings
+    keep Python's format. The command line calls this once at start-up."""
+    import warnings
+
+    default = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if isinstance(category, type) and issubclass(category, DomainGradWarning):
+            print(f"domaingrad: warning: {message}", file=file or sys.stderr)
+        else:
+            default(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show

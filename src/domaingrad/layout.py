@@ -11,20 +11,25 @@ Search of Lost Domain Generalization", ICLR 2021, plus domaingrad's resume state
     model.pkl            the final model (DomainBed's keys)
     model_step{N}.pkl    the model at checkpoint N (--save-model-every-checkpoint)
     done                 written last: the run finished
+    lock                 flock-ed by the process running the run; holds its PID and host
 
 A *sweep directory* (DomainBed's ``scripts/sweep.py`` layout) holds one run directory per
-job, named by the md5 of the job's arguments, each with three more files written by
-``domaingrad sweep``: ``lock`` (held by the process running the job), ``failed`` (the exit
-status of a failed last attempt) and ``err.txt`` (stderr of every attempt); and
-``sweep.json``, the manifest of every job ever launched there (format below).
+job, named by the md5 of the job's arguments, each with two more files written by
+``domaingrad sweep``: ``failed`` (the exit status of a failed last attempt) and ``err.txt``
+(stderr of every attempt); and ``sweep.json``, the manifest of every job ever launched
+there (format below).
 
 Nothing here imports torch: the report reads sweeps without it.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import re
+import socket
+import time
 from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
@@ -45,8 +50,27 @@ def model_step_file(step: int) -> str:
     return f"model_step{step}.pkl"
 
 
-# -- a sweep's job directory --------------------------------------------------------------
+#: suffix of the temporary file of an atomic write (``NAME.tmp``, then renamed over ``NAME``)
+TMP_SUFFIX = ".tmp"
+_MODEL_STEP_NAME = re.compile(r"model_step[0-9]+\.pkl")
+
+
+def is_write_temporary(name: str) -> bool:
+    """Whether ``name`` is the temporary of an atomic write of a run's file (e.g.
+    ``checkpoint.pt.tmp``, ``model_step40.pkl.tmp``), which a kill mid-write leaves behind."""
+    if not name.endswith(TMP_SUFFIX):
+        return False
+    base = name[: -len(TMP_SUFFIX)]
+    return base in (RESULTS, CHECKPOINT, MODEL) or _MODEL_STEP_NAME.fullmatch(base) is not None
+
+
+#: the run directory's lock file (see :func:`acquire_lock`)
 LOCK = "lock"
+#: seconds :func:`acquire_lock` retries by default, so that a momentary probe of the lock
+#: (``domaingrad sweep status``) is not mistaken for a running process
+LOCK_WAIT_SECONDS = 1.0
+
+# -- a sweep's job directory --------------------------------------------------------------
 FAILED = "failed"
 ERR = "err.txt"
 #: first characters of the header line written to err.txt before each attempt
@@ -81,6 +105,96 @@ class JobState(str, Enum):
     FAILED = "failed"  # last attempt exited with an error (see err.txt)
     RUNNING = "running"  # a process holds the job's lock
     DONE = "done"
+
+
+# -- the lock of a run directory -----------------------------------------------------------
+#: the locks this process holds: (st_dev, st_ino) of the lock file -> the descriptor holding it
+_HELD_LOCKS: dict[tuple[int, int], int] = {}
+
+
+def _file_key(fd: int) -> tuple[int, int]:
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino
+
+
+def _held_here(key: tuple[int, int]) -> bool:
+    """Whether this process holds the lock of the lock file ``key`` through the descriptor
+    it registered (still open, still that file, still locked)."""
+    fd = _HELD_LOCKS.get(key)
+    if fd is None:
+        return False
+    try:
+        if _file_key(fd) != key:  # closed without release_lock and the number reused
+            raise OSError
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a no-op on the description that holds it
+    except OSError:
+        del _HELD_LOCKS[key]
+        return False
+    return True
+
+
+def acquire_lock(directory: Path, wait: float = LOCK_WAIT_SECONDS) -> int | None:
+    """Take the exclusive ``flock`` on ``directory/lock`` (creating both if needed).
+
+    Returns an open descriptor (keep it open while you work; :func:`release_lock` or
+    closing it releases the lock), or None when another process holds the lock. Retries
+    for ``wait`` seconds, so a momentary probe (``domaingrad sweep status``) is not
+    mistaken for a running process. The holder writes ``"PID HOST"`` into the file
+    (:func:`lock_holder` reads it).
+
+    Re-entrant within one process: a process that already holds the lock (the sweep
+    worker, which runs the training in the same process) gets a second descriptor at
+    once; closing that one leaves the first one's lock in place (``flock`` locks belong to
+    the open file description, and two descriptions of one file in one process would
+    otherwise conflict).
+
+    Raises:
+        OSError: the directory or the lock file cannot be created or opened (e.g.
+            ``PermissionError``).
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    fd = os.open(directory / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    key = _file_key(fd)
+    if _held_here(key):
+        return fd
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                os.close(fd)
+                return None
+            time.sleep(0.1)
+    _HELD_LOCKS[key] = fd
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+    except OSError:
+        pass  # the lock holds without the note; lock_holder then names no process
+    return fd
+
+
+def release_lock(fd: int) -> None:
+    """Release a lock taken by :func:`acquire_lock` and close ``fd``; a second descriptor
+    of a re-entrant acquisition is only closed (the outer holder keeps the lock)."""
+    key = _file_key(fd)
+    if _HELD_LOCKS.get(key) == fd:
+        del _HELD_LOCKS[key]
+    os.close(fd)
+
+
+def lock_holder(directory: Path) -> str | None:
+    """Who holds (or last held) ``directory/lock``, e.g. ``"PID 1234 on node1"``, from the
+    note :func:`acquire_lock` writes; None when there is no readable note."""
+    try:
+        note = (directory / LOCK).read_text(encoding="utf-8", errors="replace").split()
+    except OSError:
+        return None
+    if not note or not note[0].isdigit():
+        return None
+    return f"PID {note[0]}" + (f" on {note[1]}" if len(note) > 1 else "")
 
 
 class Problem(NamedTuple):

@@ -19,8 +19,10 @@ This module knows nothing of algorithms or datasets: the registries
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import re
+from collections.abc import Iterable
 from importlib import metadata
 from typing import Any
 
@@ -121,6 +123,48 @@ def check_new_name(name: str, builtin: frozenset[str], kind: str) -> None:
         )
     if name in builtin:
         raise ValueError(f"{name!r} is one of domaingrad's own {kind}s; register yours under another name")
+
+
+def did_you_mean(name: str, known: Iterable[str]) -> str:
+    """``"; did you mean X?"`` for an unknown ``name``: the names of ``known`` equal to it
+    up to case when there are several (an ambiguous spelling), else the closest one,
+    compared case-insensitively (:func:`difflib.get_close_matches`, cutoff 0.6);
+    ``""`` when none is close.
+
+    Example:
+
+    >>> did_you_mean("Fisher", ["ERM", "Fish", "Fishr"])
+    '; did you mean Fishr?'
+    """
+    names = list(dict.fromkeys(known))
+    close = [n for n in names if n.lower() == name.lower()]
+    if len(close) < 2:
+        by_lower: dict[str, str] = {}
+        for candidate in names:
+            by_lower.setdefault(candidate.lower(), candidate)
+        close = [by_lower[m] for m in difflib.get_close_matches(name.lower(), list(by_lower), n=1)]
+    if not close:
+        return ""
+    return "; did you mean " + (close[0] if len(close) == 1 else ", ".join(close[:-1]) + " or " + close[-1]) + "?"
+
+
+def canonical_name(name: str, known: Iterable[str]) -> str | None:
+    """The spelling in ``known`` of ``name``: ``name`` itself when listed, else the one
+    name equal to it up to case (``"erm"`` -> ``"ERM"``); None when no name, or two names
+    differing only by case, match.
+
+    Example:
+
+    >>> canonical_name("debug28", ["ColoredMNIST", "Debug28"])
+    'Debug28'
+    >>> canonical_name("Fisher", ["Fish", "Fishr"]) is None
+    True
+    """
+    names = list(known)
+    if name in names:
+        return name
+    matches = {n for n in names if n.lower() == name.lower()}
+    return matches.pop() if len(matches) == 1 else None
 
 
 def first_paragraph(doc: str | None) -> str:

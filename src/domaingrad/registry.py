@@ -91,7 +91,7 @@ def random_hparams(algorithm: str, dataset: str, hparams_seed: int, trial_seed: 
 
 
 def _override(
-    hparams: dict[str, Any], specs: dict[str, HParam], overrides: Mapping[str, Any] | None, where: str
+    hparams: dict[str, Any], specs: dict[str, HParam], overrides: Mapping[str, Any] | None, where: str, owner: str
 ) -> dict[str, Any]:
     if overrides is not None and not isinstance(overrides, Mapping):
         raise TypeError(f"hyperparameters are a dict of name -> value, got {type(overrides).__name__}")
@@ -100,7 +100,7 @@ def _override(
             raise DomainGradError(
                 f"unknown hyperparameter {name!r} for {where}; valid names: {', '.join(sorted(specs))}"
             )
-        hparams[name] = coerce_hparam(specs[name], value)
+        hparams[name] = coerce_hparam(specs[name], value, owner)
     return hparams
 
 
@@ -111,18 +111,20 @@ def resolve_hparams(
 
     ``hparams_seed`` 0 gives the defaults; otherwise :func:`random_hparams`. Then
     ``overrides`` (a dict; ``--hparams`` at the command line) replace single values
-    after a type check.
+    after a check of their type, choices and range
+    (:func:`domaingrad.hparams.coerce_hparam`), made here for every given value whether
+    or not the run's model uses it (``resnet_dropout`` on an MNIST_CNN, say).
 
     Raises:
-        DomainGradError: for an unknown algorithm or dataset, or an unknown or ill-typed
-            override (naming the valid names).
+        DomainGradError: for an unknown algorithm or dataset, or an unknown, ill-typed
+            or out-of-range override (naming the valid names or the range).
         TypeError: ``overrides`` is not a mapping.
     """
     if hparams_seed == 0:
         hparams = default_hparams(algorithm, dataset)
     else:
         hparams = random_hparams(algorithm, dataset, hparams_seed, trial_seed)
-    return _override(hparams, hparam_specs(algorithm, dataset), overrides, f"{algorithm} on {dataset}")
+    return _override(hparams, hparam_specs(algorithm, dataset), overrides, f"{algorithm} on {dataset}", algorithm)
 
 
 def create_algorithm(
@@ -165,7 +167,7 @@ def create_algorithm(
     else:
         specs = _specs(name, tuple(input_shape[1:]) == (28, 28), None)
         where = name
-    full = _override({k: s.default for k, s in specs.items()}, specs, hparams, where)
+    full = _override({k: s.default for k, s in specs.items()}, specs, hparams, where, name)
     try:
         algorithm = algorithm_class(name)(tuple(input_shape), num_classes, num_domains, full)
     except ValueError as exc:  # e.g. torch rejecting a negative learning rate

@@ -16,11 +16,18 @@ import torch
 import torch.nn.functional as F
 
 from domaingrad import models
-from domaingrad.algorithms.dmg import DMG, MultiHeaded, mask_statistics, resolve_layers, soft_iou
+from domaingrad.algorithms.dmg import (
+    DMG,
+    MultiHeaded,
+    mask_statistics,
+    pairwise_mask_iou,
+    resolve_layers,
+    soft_iou,
+)
 from domaingrad.errors import DomainGradError
 from domaingrad.hparams import common_hparams
-from tests.algorithms.test_dropout import SHAPE, StagedCNN
-from tests.algorithms.test_dropout import build as build_algorithm
+from tests.algorithms.staged import SHAPE, StagedCNN
+from tests.algorithms.staged import build as build_algorithm
 from tests.conftest import train_on_pacs_sample
 
 #: one torch thread (tests/conftest.py): small tensors gain nothing from two
@@ -228,6 +235,40 @@ def test_pred_ens_mask_ens_and_kd_against_manual_forwards():
         assert not torch.allclose(a, b, atol=1e-4)
     with pytest.raises(DomainGradError, match="training-domain index"):
         algo.predict_domain(x, 3)
+
+
+def test_predict_ensemble_gives_each_test_rule_whatever_dmg_predict_is():
+    """Pred-Ens and Mask-Ens of one model side by side (appendix Table 5): each mode equals
+    ``predict`` under that ``dmg_predict``, and combine_domain_logits of the per-domain
+    logits is Pred-Ens."""
+    algo = build(DMG)
+    randomise_masks(algo)
+    algo.eval()
+    x = batches(n=5)[0][0]
+    with torch.no_grad():
+        each = algo.predict_each_domain(x)
+        for mode in DMG.PREDICT:
+            got = algo.predict_ensemble(x, mode)
+            algo.hparams["dmg_predict"] = mode
+            torch.testing.assert_close(got, algo.predict(x), rtol=0, atol=0)
+        algo.hparams["dmg_predict"] = "pred_ens"  # the others stay reachable
+        assert not torch.allclose(algo.predict_ensemble(x, "mask_ens"), algo.predict(x), atol=1e-4)
+        for mode in ("pred_ens", "pred_ens_logits"):
+            torch.testing.assert_close(DMG.combine_domain_logits(each, mode), algo.predict_ensemble(x, mode))
+    with pytest.raises(DomainGradError, match="ensemble mode"):
+        algo.predict_ensemble(x, "vote")
+
+
+def test_pairwise_mask_iou_of_identical_disjoint_and_empty_masks():
+    probs = torch.tensor([[0.9, 0.8, 0.1, 0.2], [0.7, 0.6, 0.3, 0.1], [0.1, 0.2, 0.9, 0.6], [0.0, 0.1, 0.2, 0.3]])
+    iou = pairwise_mask_iou(probs)
+    # domains 0 and 1 both keep units {0, 1}; domain 2 keeps {2, 3}; domain 3 keeps none
+    expected = torch.tensor([[1.0, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]])
+    assert torch.equal(iou, expected)
+    assert pairwise_mask_iou(torch.zeros(2, 3)).tolist() == [[1.0, 1.0], [1.0, 1.0]]
+    # the mean over pairs is mask_statistics' IoU
+    i, j = torch.triu_indices(4, 4, offset=1)
+    assert mask_statistics(probs)[0] == pytest.approx(float(iou[i, j].mean()))
 
 
 def test_layers_follow_the_official_placement_or_the_hparam():

@@ -69,6 +69,7 @@ def test_gsnr_dropblock_update_follows_listings_1_and_2():
         return out
 
     loss = F.cross_entropy(stage_outputs_forward(ref, images, keep), labels)
+    unmasked = loss.item()
     grads = [torch.autograd.grad(loss, block, retain_graph=True)[0] for block in blocks]
     torch.set_rng_state(algo.generator.get_state())
     it = iter(grads)
@@ -78,9 +79,13 @@ def test_gsnr_dropblock_update_follows_listings_1_and_2():
     loss = F.cross_entropy(class_logits, labels)
     ref.optimizer.zero_grad()
     loss.backward()
-    assert algo.update(mbs)["loss"] == pytest.approx(loss.item(), rel=1e-6)
+    out = algo.update(mbs)
+    assert out["loss"] == pytest.approx(loss.item(), rel=1e-6)
     for mine, theirs in zip(algo.network.parameters(), ref.network.parameters()):
         torch.testing.assert_close(mine.grad, theirs.grad, rtol=1e-4, atol=1e-7)
+    # the supplement's Gamma (Fig. 1): |loss of the GSNR pass - loss of the dropout pass|
+    assert abs(unmasked - loss.item()) > 1e-3
+    assert out["loss_gap"] == pytest.approx(abs(unmasked - loss.item()), abs=1e-6)
 
 
 def test_gsnr_dropblock_default_is_table_4s_db_gsnr_without_a_bernoulli_draw():
@@ -144,6 +149,14 @@ def test_table_4_rows_map_to_the_documented_options():
 def test_bad_hyperparameters_are_refused(overrides, match):
     with pytest.raises(DomainGradError, match=match):
         build(GSNRDropBlock, **overrides)
+
+
+def test_dropblock_and_gsnr_dropblock_at_p_zero_log_a_zero_loss_gap_only_where_it_is_free():
+    """p = 0: the dropout pass is the unmasked pass, so Gamma is exactly 0. Plain DropBlock
+    has no unmasked pass (it would cost a forward) and logs no loss_gap."""
+    assert build(GSNRDropBlock, dropblock_p=0.0).update(batches())["loss_gap"] == 0.0
+    assert build(MetaGSNR, dropblock_p=0.0, meta_gsnr_meta=False).update(batches())["loss_gap"] == 0.0
+    assert "loss_gap" not in build(DropBlock).update(batches())
 
 
 # -- Meta-GSNR ---------------------------------------------------------------------------
@@ -215,7 +228,7 @@ def test_meta_gsnr_network_gradient_is_train_plus_beta_meta_test():
     meta = build(MetaGSNR, meta_gsnr_inner_lr=0.0, meta_gsnr_beta=beta)
     ref = copy.deepcopy(meta)
     mbs = batches(num_domains=3)
-    meta.update(mbs)
+    out = meta.update(mbs)
     test = int(torch.randint(3, (1,), generator=ref.generator))
     train = [mb for d, mb in enumerate(mbs) if d != test]
     x_tr, y_tr = concat(train)
@@ -226,6 +239,10 @@ def test_meta_gsnr_network_gradient_is_train_plus_beta_meta_test():
     (loss_tr + beta * loss_te).backward()
     for p, q in zip(meta.network.parameters(), ref.network.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-7)
+    # loss_gap on the meta-train batch: |unmasked CE - CE of the dropout pass|
+    with torch.no_grad():
+        gap = abs(F.cross_entropy(ref.network(x_tr), y_tr).item() - loss_tr.item())
+    assert gap > 1e-3 and out["loss_gap"] == pytest.approx(gap, abs=1e-6)
 
 
 # -- every algorithm --------------------------------------------------------------------

@@ -87,6 +87,24 @@ def test_rsc_update_matches_domainbed(monkeypatch, f_factor, b_factor):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-7)
 
 
+def test_rsc_loss_gap_is_the_unmasked_minus_the_masked_loss(monkeypatch):
+    """The supplement's Gamma (Michalkiewicz et al., ICCV 2023, Fig. 1) of DomainBed's RSC:
+    |CE of the unmasked features - CE of the features the step trained on|, both before
+    the step's update."""
+    monkeypatch.setattr(models, "featurizer_for", lambda input_shape, hparams: TinyFeaturizer(input_shape))
+    algo, ref = build(RSC), build(RSC)
+    mbs = batches(n=6, shape=SHAPE)
+    masked, mask = domainbed_rsc_loss(ref, mbs, 1 / 3, 1 / 3)
+    x, y = concat(mbs)
+    with torch.no_grad():
+        unmasked = F.cross_entropy(ref.classifier(ref.featurizer(x)), y)
+    expected = abs(unmasked.item() - masked.item())
+    assert expected > 1e-3 and (mask < 1).any()
+    out = algo.update(mbs)
+    assert out["loss"] == pytest.approx(masked.item(), rel=1e-6)
+    assert out["loss_gap"] == pytest.approx(expected, abs=1e-6)
+
+
 # -- RSC, the official variant ---------------------------------------------------------
 
 
@@ -232,6 +250,26 @@ def test_rsc_official_on_mnist_cnn_matches_a_per_sample_reference(spatial):
     logits = algo.classifier(algo.featurizer(x, stage_fn=lambda n, o: o * mask if n == "conv4" else o))
     assert out["loss"] == pytest.approx(F.cross_entropy(logits, y).item(), rel=1e-6)
     assert out["rsc_spatial"] == float(spatial) and out["rsc_muted_fraction"] == pytest.approx(0.3)
+
+
+def test_rsc_official_loss_gap_on_mnist_cnn_is_the_unmasked_minus_the_masked_loss():
+    """The official variant's Gamma: the unmasked network's CE (GroupNorm: eval = train
+    mode) against the CE of conv4 * mask the step trained on."""
+    algo = mnist_cnn_rsc(rsc_spatial_prob=1.0)
+    mbs = batches(n=5, shape=(2, 14, 14))
+    for _ in range(2):
+        algo.update(mbs)
+    x, y = concat(mbs)
+    reference = copy.deepcopy(algo)
+    mask, _ = official_rsc_reference_mask(reference, x, y, True, 0.3)
+    with torch.no_grad():
+        unmasked = F.cross_entropy(reference.network(x), y).item()
+        logits = reference.classifier(reference.featurizer(x, stage_fn=lambda n, o: o * mask if n == "conv4" else o))
+        masked = F.cross_entropy(logits, y).item()
+    assert abs(unmasked - masked) > 1e-3
+    out = algo.update(mbs)
+    assert out["loss"] == pytest.approx(masked, rel=1e-5)
+    assert out["loss_gap"] == pytest.approx(abs(unmasked - masked), abs=1e-5)
 
 
 def test_rsc_official_batch_percent_follows_the_epoch_curriculum_on_mnist_cnn():

@@ -44,7 +44,12 @@ RULE_CALLS = {
 
 
 @pytest.mark.parametrize("name", list(RULE_CALLS))
-def test_update_is_the_rule_applied_to_per_domain_gradients(name):
+def test_update_is_the_rule_applied_to_per_domain_gradients(name, single_thread):
+    """With the default surgery_batches "domain" the rule sees the given batches as they
+    are: the update is bit for bit the rule + Adam, the rule draws only its own random
+    numbers, and the statistics of the coarse and fine granularities come along."""
+    from domaingrad.algorithms.surgery import granularity_stats
+
     algo, ref = build(name), build(name)
     mb = minibatches()
     params, grads = manual_grads(ref, mb)
@@ -55,14 +60,18 @@ def test_update_is_the_rule_applied_to_per_domain_gradients(name):
     opt.step()
     stats = algo.update(mb)
     for p, q in zip(algo.network.parameters(), ref.network.parameters()):
-        assert torch.allclose(p, q, atol=1e-6), name
+        assert torch.equal(p, q), name
+    assert torch.equal(algo.generator.get_state(), ref.generator.get_state())
+    assert "batch_generator" not in algo.training_state()["attributes"]
     assert set(expected.stats) <= set(stats) and "loss" in stats
     for key, value in expected.stats.items():  # the rule's statistics, recomputed
         assert stats[key] == pytest.approx(value, rel=1e-6, abs=1e-9), (name, key)
+    for key, value in granularity_stats(grads).items():
+        assert stats[key] == pytest.approx(value, rel=1e-9, abs=1e-12), (name, key)
     assert int(algo.update_count) == 1
 
 
-def test_agr_rand_is_reproducible_and_resumable():
+def test_agr_rand_is_reproducible_and_resumable(single_thread):
     a, b = build("AgrRand"), build("AgrRand")
     mb = minibatches(1)
     assert a.update(mb) == b.update(mb)
@@ -73,7 +82,7 @@ def test_agr_rand_is_reproducible_and_resumable():
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), c.parameters()))
 
 
-def test_corgrad_random_order_is_reproducible_and_resumable():
+def test_corgrad_random_order_is_reproducible_and_resumable(single_thread):
     a, b = build("CorGrad"), build("CorGrad")
     a.total_steps = b.total_steps = 10
     for step in range(2):
@@ -100,7 +109,7 @@ def test_corgrad_function_and_algorithm_defaults_agree():
     assert hp["corgrad_params"] == "all"
 
 
-def test_corgrad_official_hparams_reproduce_the_official_update():
+def test_corgrad_official_hparams_reproduce_the_official_update(single_thread):
     # corgrad_params 'conv_linear': Conv/Linear parameters through the official rule,
     # GroupNorm affine parameters keep the LAST domain's gradient alone
     official = algorithm_class("CorGrad").OFFICIAL_HPARAMS
@@ -123,7 +132,7 @@ def test_corgrad_official_hparams_reproduce_the_official_update():
     assert algo.hparams["corgrad_order"] == "index" and algo.hparams["corgrad_min_slice"] == 1
 
 
-def test_corgrad_decay_without_a_run_length_is_an_error_not_a_silent_constant():
+def test_corgrad_decay_without_a_run_length_is_an_error_not_a_silent_constant(single_thread):
     algo = build("CorGrad")
     algo.update(minibatches(0))  # step 0: alpha is the initial value whatever the length
     with pytest.raises(ValueError, match="total_steps"):
@@ -132,7 +141,7 @@ def test_corgrad_decay_without_a_run_length_is_an_error_not_a_silent_constant():
     assert algo.update(minibatches(1))["alpha"] == pytest.approx(0.75 * (1 - math.log(2) / math.log(10)))
 
 
-def test_mean_reduction_divides_the_sum_by_the_number_of_domains():
+def test_mean_reduction_divides_the_sum_by_the_number_of_domains(single_thread):
     grads = manual_grads(build("AgrSum"), minibatches())[1]
     total = surgery.agr_sum(grads, reduction="sum").grads
     mean = surgery.agr_sum(grads, reduction="mean").grads
@@ -200,4 +209,125 @@ def test_trains_through_the_cli(tmp_path, monkeypatch, run_cli, small_mnist_dir,
     assert len(returned) == 3 and all(stat in values for values in returned)
     assert first[stat] == returned[0][stat]
     assert record[stat] == pytest.approx((returned[1][stat] + returned[2][stat]) / 2, rel=1e-12)
+    for key in ("coarse_mod_freq", "coarse_mod_ratio", "fine_mod_freq"):  # in every surgery run's records
+        assert record[key] == pytest.approx((returned[1][key] + returned[2][key]) / 2, rel=1e-12), key
     assert (out / "done").exists()
+
+
+# -- the statistics of the same gradients at CorGrad's two other granularities ------------
+
+
+def test_granularity_stats_known_signs():
+    from domaingrad.algorithms.surgery import granularity_stats
+
+    # element 0: all agree; 1: +,-,+ (three projections); 2: all agree; 3: 0,+,- (two)
+    g = torch.tensor([[1.0, 1.0, -1.0, 0.0], [1.0, -1.0, -1.0, 2.0], [1.0, 1.0, -1.0, -3.0]])
+    stats = granularity_stats([g])
+    assert stats["fine_mod_freq"] == 5 / 24
+    coarse = surgery.pcgrad([g], order=[0, 1, 2]).stats
+    assert (stats["coarse_mod_freq"], stats["coarse_mod_ratio"]) == (coarse["mod_freq"], coarse["mod_ratio"])
+    assert granularity_stats([g[:1]]) == {"coarse_mod_freq": 0.0, "coarse_mod_ratio": 0.0, "fine_mod_freq": 0.0}
+
+
+@pytest.mark.parametrize("domains", [2, 3, 5])
+def test_granularity_stats_are_the_surgery_rules_at_network_and_element_granularity(domains):
+    """coarse = pcgrad on the whole network; fine = corgrad's sequential PCGrad on
+    one-element pieces with exact projections (eps 0); neither draws a random number."""
+    from domaingrad.algorithms.surgery import granularity_stats
+
+    g = torch.Generator().manual_seed(domains)
+    shapes = [(16, 3, 3, 3), (16,), (10, 16), (10,)]
+    grads = [torch.randn(domains, *s, generator=g) * (torch.rand(domains, *s, generator=g) > 0.1) for s in shapes]
+    grads[0] += 0.3  # correlated domains: some, not all, whole-network pairs conflict
+    state = torch.get_rng_state()
+    stats = granularity_stats(grads)
+    assert torch.equal(torch.get_rng_state(), state)
+    whole = surgery.pcgrad(grads, order=list(range(domains))).stats
+    assert stats["coarse_mod_freq"] == whole["mod_freq"] and stats["coarse_mod_ratio"] == whole["mod_ratio"]
+    one_element = surgery.corgrad(
+        grads, order="index", slices=max(t[0].numel() for t in grads), min_slice=1, smoothing=None, eps=0.0
+    ).stats
+    assert one_element["pieces"] == sum(t[0].numel() for t in grads)
+    assert stats["fine_mod_freq"] == pytest.approx(one_element["mod_freq"], rel=1e-12)
+    assert 0 < stats["fine_mod_freq"] < 1
+
+
+# -- surgery_batches: the per-domain batches (default) or mixed batches (control) ------------
+
+
+def domain_batches(sizes=(5, 7, 6), seed: int = 0):
+    """Batches whose every sample names its domain and index: x[:, 0, 0, 0] = domain,
+    x[:, 0, 0, 1] = position in the domain's batch."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for d, n in enumerate(sizes):
+        x = torch.rand(n, 1, 28, 28, generator=g)
+        x[:, 0, 0, 0] = d
+        x[:, 0, 0, 1] = torch.arange(n, dtype=x.dtype)
+        out.append((x, torch.randint(0, 10, (n,), generator=g)))
+    return out
+
+
+def test_mixed_minibatches_keep_sizes_mix_domains_and_deal_out_the_union():
+    from domaingrad.algorithms.surgery import mixed_minibatches
+
+    given = domain_batches()
+    mixed = mixed_minibatches(given, torch.Generator().manual_seed(0))
+    assert [tuple(x.shape) for x, _ in mixed] == [tuple(x.shape) for x, _ in given]
+    assert [tuple(y.shape) for _, y in mixed] == [tuple(y.shape) for _, y in given]
+    domains = [set(x[:, 0, 0, 0].long().tolist()) for x, _ in mixed]
+    assert all(len(d) >= 2 for d in domains)  # every batch mixes domains (fixed seed)
+
+    def rows(batches):
+        return sorted(tuple(x[k].flatten().tolist()) + (int(y[k]),) for x, y in batches for k in range(x.shape[0]))
+
+    assert rows(mixed) == rows(given)  # the union, each sample exactly once
+    again = mixed_minibatches(given, torch.Generator().manual_seed(0))
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(mixed, again))
+
+
+def test_mixed_update_is_the_rule_on_the_mixed_batches_and_resumes_exactly(single_thread):
+    from domaingrad.algorithms.surgery import mixed_minibatches
+
+    algo, ref = build("AgrRand", {"surgery_batches": "mixed"}), build("AgrRand")
+    given = domain_batches((4, 4, 4), seed=1)
+    mixed = mixed_minibatches(given, torch.Generator().manual_seed(algo.batch_generator.initial_seed()))
+    assert algo.update(given) == ref.update(mixed)
+    assert all(torch.equal(p, q) for p, q in zip(algo.parameters(), ref.parameters()))
+    # the rule's own random draws are those of the domain run with the same seed
+    assert torch.equal(algo.generator.get_state(), ref.generator.get_state())
+    state = algo.training_state()
+    assert "batch_generator" in state["attributes"]
+    resumed = build("AgrRand", {"surgery_batches": "mixed"}, seed=5)
+    resumed.load_training_state(state)
+    assert algo.update(domain_batches((4, 4, 4), seed=3)) == resumed.update(domain_batches((4, 4, 4), seed=3))
+    assert all(torch.equal(p, q) for p, q in zip(algo.parameters(), resumed.parameters()))
+
+
+def test_surgery_batches_hparam_defaults_to_the_domain_batches():
+    from domaingrad.errors import DomainGradError
+
+    for name in SURGERY:
+        assert default_hparams(name, "RotatedMNIST")["surgery_batches"] == "domain"
+    with pytest.raises(DomainGradError, match="'surgery_batches' must be one of"):
+        resolve_hparams("PCGrad", "RotatedMNIST", 0, 0, {"surgery_batches": "single"})
+
+
+def test_agr_rand_resumes_an_older_checkpoint_on_its_sequential_noise_stream():
+    """A training state saved before the parallel noise stream existed (no
+    ``agr_rand_noise`` entry) resumes on the sequential stream it was made with; a new
+    one on the parallel stream; the two streams draw different noise."""
+    new = build("AgrRand")
+    assert new.noise_stream == "parallel" and new.training_state()["agr_rand_noise"] == "parallel"
+    old_state = new.training_state()
+    del old_state["agr_rand_noise"]
+    resumed = build("AgrRand", seed=5)
+    resumed.load_training_state(old_state)
+    assert resumed.noise_stream == "sequential"
+    again = build("AgrRand", seed=5)
+    again.load_training_state(new.training_state())
+    assert again.noise_stream == "parallel"
+    resumed.update(minibatches(1))
+    again.update(minibatches(1))
+    differ = [not torch.equal(p, q) for p, q in zip(resumed.network.parameters(), again.network.parameters())]
+    assert any(differ)

@@ -170,3 +170,56 @@ def w_param():
 def test_bad_inputs_raise_clear_errors(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def per_sample_losses(seed: int = 0):
+    """The network of :func:`model_and_losses` and the per-sample losses (reduction
+    'none') of its three domains: a list of D = 3 tensors of shape (B,) = (6,)."""
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3))
+    gen = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(6, 5, generator=gen), torch.randint(0, 3, (6,), generator=gen)
+    return model, [F.cross_entropy(model(x), (y + d) % 3, reduction="none") for d in range(3)]
+
+
+SCALAR_PER_DOMAIN = "expected a list of D scalar losses \\(shape \\(\\)\\), one per domain"
+
+
+@pytest.mark.parametrize(
+    "make_input, shown",
+    [
+        (
+            lambda losses: torch.cat(losses),
+            "one tensor of shape \\(18,\\): per-sample losses\\?",
+        ),  # a concatenated batch
+        (lambda losses: torch.stack(losses), "one tensor of shape \\(3, 6\\): per-sample losses of 3 domains\\?"),
+        (lambda losses: losses, "3 tensors of shapes \\(6,\\), \\(6,\\), \\(6,\\), not scalar losses"),
+        (lambda losses: [losses[0].mean(), losses[1]], "losses_or_grads\\[1\\] is a tensor of shape \\(6,\\)"),
+        (lambda losses: torch.cat(losses).mean(), "one scalar loss"),
+    ],
+)
+def test_per_sample_losses_are_refused_with_the_shape_expected(make_input, shown):
+    model, losses = per_sample_losses()
+    with pytest.raises(ValueError, match=f"{shown}.*{SCALAR_PER_DOMAIN}"):
+        surgery_backward(make_input(losses), model.parameters(), rule="pcgrad")
+    assert all(p.grad is None for p in model.parameters())  # nothing was written
+
+
+def test_a_bare_tensor_of_domain_losses_is_refused_and_the_list_the_message_advises_works():
+    model, losses = per_sample_losses()
+    means = torch.stack(losses).mean(dim=1)  # shape (D,): ambiguous with per-sample losses of one batch
+    with pytest.raises(ValueError, match="one tensor of shape \\(3,\\).*pass list\\(losses\\)"):
+        surgery_backward(means, model.parameters(), rule="agr_sum")
+    expected = surgery_backward([loss.mean() for loss in losses], model.parameters(), rule="agr_sum")
+    grads = [p.grad.clone() for p in model.parameters()]
+    for p in model.parameters():
+        p.grad = None
+    assert surgery_backward(list(means), model.parameters(), rule="agr_sum") == expected
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))
+
+
+def test_misshapen_stacked_gradients_name_the_shapes_expected():
+    model, _ = model_and_losses()
+    wrong = [torch.zeros(3, 4), torch.zeros(3, 3, 4), torch.zeros(3, 3)]  # the first should be (3, 4, 5)
+    with pytest.raises(ValueError, match="\\(D, 4, 5\\), \\(D, 3, 4\\), \\(D, 3\\); got 3 items of shapes \\(3, 4\\)"):
+        surgery_backward(wrong, model.parameters())

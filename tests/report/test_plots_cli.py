@@ -142,3 +142,49 @@ def test_cli_accepts_the_old_selection_spelling_seed002(tmp_path, run_cli):
     code, new, err = run_cli("report", tmp_path / "s", "--selection", "70/10/20")
     assert code == 0, err
     assert old == new and "| ERM | X | 40.0 +/- 0.0 | X | X |" in old
+
+
+def _box(sweep_dir, **kwargs):
+    from domaingrad.report.plots import box_figure
+    from domaingrad.report.records import load_sweep
+    from domaingrad.report.summary import build_report
+
+    report = build_report(load_sweep(sweep_dir), selection="iid", baseline="ERM")
+    return box_figure(report, report.sections[0], "ColoredMNIST", **kwargs)
+
+
+def test_box_plot_has_a_legend_and_n_per_box(sweep):
+    figure = _box(sweep)
+    legend = figure.axes[0].get_legend()
+    assert legend is not None and [t.get_text() for t in legend.get_texts()] == ["mean", "median"]
+    for ax in figure.axes:  # 2 algorithms x 6 trials in every panel
+        assert sorted(t.get_text() for t in ax.texts if t.get_text().startswith("n=")) == ["n=6", "n=6"]
+
+
+def test_box_plot_shared_y_axis_on_request(sweep, tmp_path, run_cli):
+    own, shared = _box(sweep), _box(sweep, sharey=True)
+    # the test envs' accuracies are 2 points apart (ACCS), so each panel's own limits differ
+    assert len({ax.get_ylim() for ax in own.axes}) == 3
+    assert len({ax.get_ylim() for ax in shared.axes}) == 1
+    assert all(shared.axes[0].get_shared_y_axes().joined(shared.axes[0], ax) for ax in shared.axes)
+    assert not own.axes[0].get_shared_y_axes().joined(own.axes[0], own.axes[1])
+    code, _, err = run_cli("report", sweep, "--selection", "iid", "--plots", tmp_path / "p", "--plot-sharey")
+    assert code == 0 and f"wrote {tmp_path / 'p' / 'box_iid_ColoredMNIST.png'}" in err
+    code, _, err = run_cli("report", sweep, "--plot-sharey")
+    assert code == 2 and "--plot-sharey applies to the box plots: add --plots DIR" in err
+
+
+def test_box_plot_title_promises_asterisks_only_when_reachable(sweep_dir):
+    few = {k: v for k, v in ACCS.items() if k[2] < 5}  # 5 trials: p >= 0.0625 whatever the accuracies
+    write_job(sweep_dir, "few", cmnist_trials(few, steps=3))
+    title = _box(sweep_dir).get_suptitle()
+    assert "* p < 0.05" not in title
+    assert "paired Wilcoxon vs ERM: 5 paired trial(s) cannot give p < 0.05 (smallest p 0.0625)" in title
+    from domaingrad.report.stats import pairs_needed, smallest_p_value
+
+    # the smallest p-value of scipy's two-sided Wilcoxon test with n pairs: 2/2^n (all differences one sign)
+    assert [smallest_p_value(n) for n in (3, 5, 6)] == pytest.approx([0.25, 0.0625, 0.03125]) and pairs_needed() == 6
+
+
+def test_box_plot_title_with_enough_trials(sweep):
+    assert _box(sweep).get_suptitle().endswith("; * p < 0.05 vs ERM (paired Wilcoxon)")

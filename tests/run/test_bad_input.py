@@ -27,7 +27,7 @@ DEBUG = ["train", "--dataset", "Debug28", "--test-envs", "0", "--hparams", '{"ba
         (["train", "--dataset", "Debug28", "--hparams", '{"lrr": 0.1}'], "unknown hyperparameter 'lrr'.*valid names"),
         (["train", "--dataset", "Debug28", "--hparams", '{"lr": "big"}'], "'lr' must be of type float"),
         (["train", "--dataset", "Debug28", "--hparams", '{"lr": 1e-3'], "--hparams is not valid JSON"),
-        (["train", "--dataset", "Debug28", "--hparams", '{"batch_size": 0}'], "batch_size must be a positive integer"),
+        (["train", "--dataset", "Debug28", "--hparams", '{"batch_size": 0}'], "'batch_size' must be >= 1, got 0"),
         (["train", "--dataset", "Debug28", "--hparams", '{"lr": -1.0}'], "cannot build ERM with these hyperparameters"),
         (["train", "--dataset", "Debug28", "--steps", "0"], "--steps must be a positive integer"),
     ],
@@ -76,11 +76,15 @@ def test_user_mnist_folder_is_used_and_logged(tmp_path, run_cli):
 
 
 def test_finished_run_is_not_overwritten(tmp_path, run_cli):
+    """The same command again says the run is finished (exit 0); other arguments are
+    refused (exit 2); neither touches a file."""
     out = tmp_path / "o"
     assert run_cli(*DEBUG, "--steps", "2", "--output-dir", out)[0] == 0
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    code, _, err = run_cli(*DEBUG, "--steps", "2", "--output-dir", out)
-    assert code == 2 and "already holds a finished run" in err and "2 records" in err
+    code, stdout, _ = run_cli(*DEBUG, "--steps", "2", "--output-dir", out)
+    assert code == 0 and "finished" in stdout
+    code, _, err = run_cli(*DEBUG, "--steps", "2", "--seed", "3", "--output-dir", out)
+    assert code == 2 and "finished run" in err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 

@@ -246,6 +246,16 @@ def test_clean_eval_is_a_sweep_option_reaching_every_job(tmp_path, run_cli, caps
     assert all(j.args["clean_eval"] is True for j in clean)
     assert all(j.args["clean_eval"] is False for j in plain)
     assert not {j.id for j in plain} & {j.id for j in clean}
-    with pytest.raises(SystemExit):
-        run_cli("sweep", "--help")
-    assert "--clean-eval" in capsys.readouterr().out
+    for action in ("launch", "status", "delete-incomplete"):  # a job flag: every subcommand takes it
+        with pytest.raises(SystemExit):
+            run_cli("sweep", action, "--help")
+        assert "--clean-eval" in capsys.readouterr().out
+
+
+def test_a_domain_adaptation_sweep_is_refused_before_any_job_exists():
+    from domaingrad.sweep.jobs import check_spec
+
+    spec = SweepSpec(datasets=["ColoredMNIST"], algorithms=["ERM"], task="domain_adaptation")
+    with pytest.raises(DomainGradError, match="--task domain_adaptation is not supported yet"):
+        check_spec(spec)
+    check_spec(replace(spec, task="domain_generalization"))

@@ -173,7 +173,8 @@ def kill_job_process_when(job_dir: Path, ready, timeout: float = 120.0) -> threa
 @pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="finds the job process through /proc")
 def test_crashed_and_killed_jobs_are_reported_and_the_others_finish(tiny_mnist_dir, tmp_path, run_cli):
     sweep = tmp_path / "sweep"
-    code, out, _ = run_cli("sweep", "status", "--output-dir", sweep, *flags(tiny_mnist_dir, "0 1 2"), "--list")
+    job_flags = [f for f in flags(tiny_mnist_dir, "0 1 2") if f not in ("--skip-confirmation", "--no-progress")]
+    code, out, _ = run_cli("sweep", "status", "--output-dir", sweep, *job_flags, "--list")  # status: no launch flags
     broken, killed, good = (line.split()[2] for line in out.splitlines()[1:4])  # test envs 0, 1, 2
     (sweep / broken).mkdir(parents=True)
     (sweep / broken / "checkpoint.pt").write_bytes(b"not a checkpoint")

@@ -95,25 +95,51 @@ def register_algorithm(name: str) -> Callable[[A], A]:
     return decorate
 
 
-def algorithm_class(name: str) -> type[Algorithm]:
-    """The algorithm class named ``name``: a registered name, a ``package.module:Class``
-    spec, or an entry point of the group ``domaingrad.algorithms``.
+def resolve_algorithm_name(name: str) -> str:
+    """The canonical spelling of the algorithm name ``name``, as records, manifests and
+    output keep it: a registered or entry-point name whatever its case (``"erm"`` ->
+    ``"ERM"``, when only one name matches up to case), a ``package.module:Class`` spec
+    unchanged. Nothing is imported.
 
     Raises:
-        DomainGradError: for an unknown name (listing the valid ones), or a spec that
-            cannot be imported or does not name an :class:`Algorithm` subclass.
+        DomainGradError: for an unknown name, listing the valid ones and suggesting the
+            closest (``"Fisher"``: did you mean Fishr?).
+        TypeError: ``name`` is not a string.
     """
+    if not isinstance(name, str):
+        raise TypeError(f"an algorithm name is a string, got {name!r}")
+    if name in ALGORITHMS or plugins.is_spec(name):
+        return name
+    known = list_algorithms()
+    canonical = plugins.canonical_name(name, known)
+    if canonical is not None:
+        return canonical
+    raise DomainGradError(
+        f"unknown algorithm {name!r}; valid algorithms: {', '.join(known)}, "
+        f"or package.module:Class for your own class{plugins.did_you_mean(name, known)}"
+    )
+
+
+def algorithm_class(name: str) -> type[Algorithm]:
+    """The algorithm class named ``name``: a registered name, a ``package.module:Class``
+    spec, or an entry point of the group ``domaingrad.algorithms``. Names are matched
+    case-insensitively when that is unambiguous (:func:`resolve_algorithm_name`).
+
+    Raises:
+        DomainGradError: for an unknown name (listing the valid ones, suggesting the
+            closest), or a spec that cannot be imported or does not name an
+            :class:`Algorithm` subclass.
+        TypeError: ``name`` is not a string.
+    """
+    name = resolve_algorithm_name(name)
     if name in ALGORITHMS:
         return ALGORITHMS[name]
     if plugins.is_spec(name):
         return _checked(plugins.load_spec(name, "--algorithm"), name)
     found = plugins.load_entry_point(plugins.ALGORITHM_GROUP, name, "--algorithm")
-    if found is not None:
-        return _checked(found, f"{name} (entry point)")
-    raise DomainGradError(
-        f"unknown algorithm {name!r}; valid algorithms: {', '.join(list_algorithms())}, "
-        "or package.module:Class for your own class"
-    )
+    if found is None:  # listed a moment ago, gone now (an uninstalled distribution)
+        raise DomainGradError(f"--algorithm {name}: its entry point is no longer installed")
+    return _checked(found, f"{name} (entry point)")
 
 
 def _checked(obj: Any, what: str) -> type[Algorithm]:
@@ -164,4 +190,5 @@ __all__ = [
     "algorithm_class",
     "list_algorithms",
     "register_algorithm",
+    "resolve_algorithm_name",
 ]

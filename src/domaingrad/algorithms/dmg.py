@@ -40,6 +40,22 @@ def soft_iou(m_i: torch.Tensor, m_j: torch.Tensor) -> torch.Tensor:
     return (inter + 1e-6) / (union + 1e-6)
 
 
+def pairwise_mask_iou(probs: torch.Tensor) -> torch.Tensor:
+    """IoU of every pair of domain masks binarised at 0.5 (``m^d > 0.5``; Chattopadhyay
+    et al., ECCV 2020, appendix Section 7.1, Fig. 4).
+
+    Args:
+        probs: (D, k) soft masks.
+
+    Returns:
+        (D, D) IoU, symmetric, diagonal 1; two empty masks count as IoU 1 (identical).
+    """
+    hard = probs.detach() > 0.5
+    inter = (hard[:, None] & hard[None]).sum(-1).float()
+    union = (hard[:, None] | hard[None]).sum(-1).float()
+    return torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(union))
+
+
 def mask_statistics(probs: torch.Tensor) -> tuple[float, float]:
     """DMG's mask diagnostic (Chattopadhyay et al., ECCV 2020, appendix Section 7.1):
     binarise at 0.5 (``m^d > 0.5``), then the mean pairwise IoU over domain pairs and the
@@ -332,13 +348,31 @@ class DMG(ERM):
         return self.classifier(features).view(D, B, -1)
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
-        mode = self.hparams["dmg_predict"]
+        return self.predict_ensemble(x, self.hparams["dmg_predict"])
+
+    def predict_ensemble(self, x: torch.Tensor, mode: str) -> torch.Tensor:
+        """Logits (B, num_classes) of one of the test rules of the class docstring,
+        whatever ``dmg_predict`` is (so Pred-Ens and Mask-Ens can be compared on one
+        model, Chattopadhyay et al., ECCV 2020, appendix Table 5): ``mode`` "pred_ens",
+        "pred_ens_logits" or "mask_ens".
+
+        Raises:
+            DomainGradError: for another ``mode``.
+        """
+        if mode not in self.PREDICT:
+            raise DomainGradError(f"DMG ensemble mode must be one of {list(self.PREDICT)}, got {mode!r}")
         if mode == "mask_ens":
             return self.forward_masked(x, {n: p.mean(0).expand(x.shape[0], -1) for n, p in self.soft_masks().items()})
-        logits = self.predict_each_domain(x)
+        return self.combine_domain_logits(self.predict_each_domain(x), mode)
+
+    @staticmethod
+    def combine_domain_logits(logits: torch.Tensor, mode: str) -> torch.Tensor:
+        """Pred-Ens of the per-domain logits (D, B, num_classes) of
+        :meth:`predict_each_domain`: "pred_ens_logits" their mean; otherwise the log of
+        the mean softmax probabilities. Returns (B, num_classes)."""
         if mode == "pred_ens_logits":
             return logits.mean(0)
-        return torch.logsumexp(F.log_softmax(logits, dim=-1), dim=0) - math.log(self.num_domains)
+        return torch.logsumexp(F.log_softmax(logits, dim=-1), dim=0) - math.log(logits.shape[0])
 
     def predict_source(self, x: torch.Tensor, domain: int) -> torch.Tensor:
         """Logits (B, num_classes) for inputs x (B, *input_shape) of training domain

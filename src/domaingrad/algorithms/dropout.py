@@ -43,6 +43,22 @@ def resolve_dropout_stages(featurizer: Featurizer, spec: str) -> tuple[tuple[str
     return names, True
 
 
+def loss_gap(unmasked_loss: torch.Tensor, masked_loss: torch.Tensor) -> float:
+    """The loss difference ``Gamma(theta(t)) = |h(theta, z) - h(theta, z~)|`` of one step
+    (Michalkiewicz et al., ICCV 2023, supplementary material, Section 2 and Fig. 1), h
+    the batch's *mean* cross-entropy (the supplement writes the sum, N times this):
+    the unmasked loss of the GSNR pass (Listing 1, line 3) against the loss of the
+    dropout pass (line 7), both on the same batch, so no extra forward pass.
+
+    Args:
+        unmasked_loss, masked_loss: () mean cross-entropies.
+
+    Returns:
+        ``|unmasked_loss - masked_loss|`` as a Python float (a record value).
+    """
+    return (unmasked_loss.detach() - masked_loss.detach()).abs().item()
+
+
 class DropBlock(ERM):
     """ERM with DropBlock (Ghiasi, Lin, Le, NeurIPS 2018) on the outputs of chosen featurizer
     stages during training, torchvision's ``drop_block2d`` with a saved generator
@@ -136,7 +152,9 @@ class GSNRDropBlock(DropBlock):
     :func:`~domaingrad.gradients.gsnr.drop_block2d_gsnr` to each chosen stage output with
     its gradients: the units of highest batch-wise GSNR become block seeds (M1, their
     number set by ``dropblock_p``), grown to ``dropblock_size`` blocks, zeroed and the rest
-    rescaled; backward, Adam step.
+    rescaled; backward, Adam step. ``update`` returns ``loss`` (of the dropout pass) and
+    ``loss_gap`` (:func:`loss_gap`, the supplement's Gamma: |loss of pass (1) - loss of
+    pass (2)|, no extra pass).
 
     The mask M2 on the seeds, hparam ``gsnr_p``:
 
@@ -199,6 +217,12 @@ class GSNRDropBlock(DropBlock):
     def stage_gradients(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         """Listing 1, lines 2-4: gradients of the mean CE with respect to each chosen 4-D
         stage output, stage -> (N, C, H, W)."""
+        return self.stage_gradients_and_loss(x, y)[1]
+
+    def stage_gradients_and_loss(
+        self, x: torch.Tensor, y: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(the () mean CE of the unmasked pass, detached; :meth:`stage_gradients`)."""
         outputs: dict[str, torch.Tensor] = {}
 
         def keep(name: str, out: torch.Tensor) -> torch.Tensor:
@@ -207,7 +231,7 @@ class GSNRDropBlock(DropBlock):
 
         loss = F.cross_entropy(self.classifier(self.featurizer(x, stage_fn=self.stage_hook(keep))), y)
         grads = autograd.grad(loss, list(outputs.values()))
-        return dict(zip(outputs, grads))
+        return loss.detach(), dict(zip(outputs, grads))
 
     def gsnr_drop(
         self,
@@ -230,8 +254,9 @@ class GSNRDropBlock(DropBlock):
 
     def update(self, minibatches: Minibatches, unlabeled=None) -> dict[str, float]:
         x, y = concat_minibatches(minibatches)
-        loss = self.train_step(x, y, self.gsnr_drop(self.stage_gradients(x, y)))
-        return {"loss": loss.item()}
+        unmasked, grads = self.stage_gradients_and_loss(x, y)
+        loss = self.train_step(x, y, self.gsnr_drop(grads))
+        return {"loss": loss.item(), "loss_gap": loss_gap(unmasked, loss)}
 
 
 class MetaGSNR(GSNRDropBlock):
@@ -267,7 +292,9 @@ class MetaGSNR(GSNRDropBlock):
     then fixed by ``dropblock_p`` and nothing is meta-learned: the updates are
     :class:`GSNRDropBlock`'s defaults); ``meta_gsnr_meta`` False -> r_s stays at
     ``gsnr_p`` and the update is exactly :class:`GSNRDropBlock`'s with that ``gsnr_p``
-    (Listing 2 at 0.5 by default). ``update`` returns ``loss`` and ``gsnr_ratio_<stage>``.
+    (Listing 2 at 0.5 by default). ``update`` returns ``loss``, ``loss_gap`` (as
+    :class:`GSNRDropBlock`'s, on the meta-train batch), ``gsnr_ratio_<stage>`` and, when
+    meta-learning, ``meta_test_loss``.
     """
 
     @classmethod
@@ -320,9 +347,14 @@ class MetaGSNR(GSNRDropBlock):
         m1, m2 = self.hparams["meta_gsnr_m1"], self.hparams["meta_gsnr_m2"]
         if not (self.hparams["meta_gsnr_meta"] and m2):
             x, y = concat_minibatches(minibatches)  # fixed ratio gsnr_p: exactly GSNRDropBlock's update
-            loss = self.train_step(x, y, self.gsnr_drop(self.stage_gradients(x, y), None, m1, m2))
-            return {"loss": loss.item(), **{f"gsnr_ratio_{n}": r.item() for n, r in self.ratios().items()}}
-        loss_tr, loss_te, inner, grads = self.meta_losses(minibatches, m1, m2)
+            unmasked, stage_grads = self.stage_gradients_and_loss(x, y)
+            loss = self.train_step(x, y, self.gsnr_drop(stage_grads, None, m1, m2))
+            return {
+                "loss": loss.item(),
+                "loss_gap": loss_gap(unmasked, loss),
+                **{f"gsnr_ratio_{n}": r.item() for n, r in self.ratios().items()},
+            }
+        loss_tr, loss_te, inner, grads, unmasked = self.meta_losses(minibatches, m1, m2)
         rhos = list(self.ratio_logits.values())
         meta = autograd.grad(loss_te, rhos + list(inner.values()), allow_unused=True)
         self.optimizer.zero_grad(set_to_none=True)
@@ -335,23 +367,24 @@ class MetaGSNR(GSNRDropBlock):
             rho.grad = torch.zeros_like(rho) if g is None else g
         self.optimizer.step()
         self.ratio_optimizer.step()
-        values = {"loss": loss_tr.item(), "meta_test_loss": loss_te.item()}
+        values = {"loss": loss_tr.item(), "loss_gap": loss_gap(unmasked, loss_tr), "meta_test_loss": loss_te.item()}
         values.update({f"gsnr_ratio_{n}": r.item() for n, r in self.ratios().items()})
         return values
 
     def meta_losses(
         self, minibatches: Minibatches, use_m1: bool, use_m2: bool
-    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor], tuple[torch.Tensor, ...]]:
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor], tuple[torch.Tensor, ...], torch.Tensor]:
         """Steps 1-2 of the class docstring: (L_tr, L_te, theta' by parameter name,
-        g = dL_tr/dtheta differentiable in rho), theta' ordered as the trainable
-        parameters of ``network``."""
+        g = dL_tr/dtheta differentiable in rho, the detached meta-train loss of the
+        unmasked GSNR pass), theta' ordered as the trainable parameters of ``network``."""
         test = int(torch.randint(len(minibatches), (1,), generator=self.generator))
         train = [mb for d, mb in enumerate(minibatches) if d != test] or list(minibatches)
         x_tr, y_tr = concat_minibatches(train)
-        drop = self.gsnr_drop(self.stage_gradients(x_tr, y_tr), self.ratios(), use_m1, use_m2)
+        unmasked, stage_grads = self.stage_gradients_and_loss(x_tr, y_tr)
+        drop = self.gsnr_drop(stage_grads, self.ratios(), use_m1, use_m2)
         loss_tr = F.cross_entropy(self.classifier(self.featurizer(x_tr, stage_fn=self.stage_hook(drop))), y_tr)
         named = {n: p for n, p in self.network.named_parameters() if p.requires_grad}
         grads = autograd.grad(loss_tr, list(named.values()), create_graph=True)
         inner = {n: p - self.hparams["meta_gsnr_inner_lr"] * g for (n, p), g in zip(named.items(), grads)}
         loss_te = F.cross_entropy(functional_call(self.network, inner, (minibatches[test][0],)), minibatches[test][1])
-        return loss_tr, loss_te, inner, grads
+        return loss_tr, loss_te, inner, grads, unmasked

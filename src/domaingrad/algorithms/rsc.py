@@ -113,6 +113,26 @@ def rsc_official_muted_samples(change: torch.Tensor, batch_percent: float) -> to
     return d.gt(torch.sort(padded, descending=True).values[k])
 
 
+def loss_gap(unmasked_logits: torch.Tensor, masked_loss: torch.Tensor, y: torch.Tensor) -> float:
+    """The loss difference ``Gamma(theta(t)) = |h(theta, z) - h(theta, z~)|`` of one step
+    (Michalkiewicz, Faraki, Yu, Chandraker, Baktashmotlagh, "Domain Generalization Guided
+    by Gradient Signal to Noise Ratio of Parameters", ICCV 2023, supplementary material,
+    Section 2 and Fig. 1), with h the *mean* cross-entropy of the batch (the supplement
+    writes the sum, N times this): ``|CE(unmasked_logits, y) - masked_loss|``.
+
+    Args:
+        unmasked_logits: (N, num_classes) logits of the unmasked features z, as the step
+            already computed them (no extra forward pass).
+        masked_loss: () mean cross-entropy of the masked features z~ (the training loss).
+        y: (N,) int64 labels.
+
+    Returns:
+        The absolute difference, a Python float (a record value).
+    """
+    with torch.no_grad():
+        return (F.cross_entropy(unmasked_logits.detach(), y) - masked_loss.detach()).abs().item()
+
+
 class RSC(ERM):
     """Representation Self-Challenging (Huang, Wang, Xing, Huang, "Self-Challenging Improves
     Cross-Domain Generalization", ECCV 2020) in two variants, hparam ``rsc_variant``.
@@ -164,8 +184,12 @@ class RSC(ERM):
     after the stage (run on an empty batch up to the stage, so they cost little; with
     BatchNorm in training mode, ``freeze_bn`` False, on the whole batch instead, whose
     running statistics are then updated once more per step) and one gradient of those
-    layers. ``update`` returns ``loss`` and, for the official variant, ``rsc_spatial``
-    (1.0 for a spatial mask) and ``rsc_muted_fraction``.
+    layers. ``update`` returns ``loss``, ``loss_gap`` (:func:`loss_gap`: the absolute
+    difference of the mean cross-entropy on the unmasked and on the masked features,
+    from the logits the step already computed; for the official variant the unmasked
+    logits are those of step 2, in eval mode, which differ from training-mode ones only
+    through dropout or BatchNorm in training mode after the stage) and, for the official
+    variant, ``rsc_spatial`` (1.0 for a spatial mask) and ``rsc_muted_fraction``.
 
     Attributes (official variant only, so a DomainBed run's state and random streams are
     unchanged): ``generator`` (the spatial/channel draws) and ``update_count`` (a buffer).
@@ -297,7 +321,7 @@ class RSC(ERM):
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-        return {"loss": loss.item()}
+        return {"loss": loss.item(), "loss_gap": loss_gap(all_p, loss, all_y)}
 
     # -- the official variant ---------------------------------------------------------
     def batch_percent(self) -> float:
@@ -354,6 +378,13 @@ class RSC(ERM):
     ) -> tuple[str, torch.Tensor, torch.Tensor, bool, torch.Tensor]:
         """Steps 1-4 of the class docstring: (stage, a with graph, mask broadcastable to
         ``a`` (ones for the samples not muted), spatial?, (N,) bool muted samples)."""
+        return self.official_mask_and_logits(x, y)[:5]
+
+    def official_mask_and_logits(
+        self, x: torch.Tensor, y: torch.Tensor
+    ) -> tuple[str, torch.Tensor, torch.Tensor, bool, torch.Tensor, torch.Tensor]:
+        """:meth:`official_mask` and, last, the (N, num_classes) logits of the unmasked
+        stage output from step 2 (eval mode, detached)."""
         stage, a = self.stage_output(x)
         onehot = F.one_hot(y, self.num_classes).to(a.dtype)
         was_training = self.network.training
@@ -377,15 +408,20 @@ class RSC(ERM):
                 mask = torch.where(muted.view(-1, 1, 1, 1), mask, torch.ones_like(mask))
         finally:
             self.network.train(was_training)
-        return stage, a, mask, spatial, muted
+        return stage, a, mask, spatial, muted, logits.detach()
 
     def update_official(self, minibatches: Minibatches) -> dict[str, float]:
         """One step of the official variant (class docstring)."""
         x, y = concat_minibatches(minibatches)
-        stage, a, mask, spatial, muted = self.official_mask(x, y)
+        stage, a, mask, spatial, muted, unmasked = self.official_mask_and_logits(x, y)
         loss = F.cross_entropy(self.logits_after(x, stage, a * mask), y)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
         self.update_count += 1
-        return {"loss": loss.item(), "rsc_spatial": float(spatial), "rsc_muted_fraction": muted.float().mean().item()}
+        return {
+            "loss": loss.item(),
+            "loss_gap": loss_gap(unmasked, loss, y),
+            "rsc_spatial": float(spatial),
+            "rsc_muted_fraction": muted.float().mean().item(),
+        }

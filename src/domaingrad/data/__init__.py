@@ -92,16 +92,45 @@ def register_dataset(name: str, description: str | None = None) -> Callable[[D],
     return decorate
 
 
+def resolve_dataset_name(name: str) -> str:
+    """The canonical spelling of the dataset name ``name``, as records, manifests and
+    output keep it: a registered or entry-point name whatever its case (``"debug28"`` ->
+    ``"Debug28"``, when only one name matches up to case); ``folder:PATH`` and
+    ``package.module:Class`` specs unchanged. Nothing is imported.
+
+    Raises:
+        DomainGradError: for an unknown name, listing the valid ones and suggesting the
+            closest.
+        TypeError: ``name`` is not a string.
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"a dataset name is a string, got {name!r}")
+    if name in DATASETS or name.startswith(USER_FOLDER_PREFIX) or plugins.is_spec(name):
+        return name
+    known = list_datasets()
+    canonical = plugins.canonical_name(name, known)
+    if canonical is not None:
+        return canonical
+    raise DomainGradError(
+        f"unknown dataset {name!r}; valid datasets: {', '.join(known)}, folder:PATH for your own "
+        f"image folder, or package.module:Class for your own class{plugins.did_you_mean(name, known)}"
+    )
+
+
 def dataset_class(name: str) -> type[MultipleDomainDataset]:
     """The dataset class named ``name``: a registered name, ``folder:PATH`` (a user's
     image folder ``PATH/<domain>/<class>/<image>``, PATH relative to ``--data-dir``), a
     ``package.module:Class`` spec, or an entry point of the group
-    ``domaingrad.datasets``.
+    ``domaingrad.datasets``. Names are matched case-insensitively when that is
+    unambiguous (:func:`resolve_dataset_name`).
 
     Raises:
-        DomainGradError: for an unknown name (listing the valid ones) or a spec that
-            cannot be imported or does not name a :class:`MultipleDomainDataset` subclass.
+        DomainGradError: for an unknown name (listing the valid ones, suggesting the
+            closest) or a spec that cannot be imported or does not name a
+            :class:`MultipleDomainDataset` subclass.
+        TypeError: ``name`` is not a string.
     """
+    name = resolve_dataset_name(name)
     if name.startswith(USER_FOLDER_PREFIX):
         return user_folder_dataset(name[len(USER_FOLDER_PREFIX) :])
     if name in DATASETS:
@@ -109,12 +138,9 @@ def dataset_class(name: str) -> type[MultipleDomainDataset]:
     if plugins.is_spec(name):
         return _checked(plugins.load_spec(name, "--dataset"), name)
     found = plugins.load_entry_point(plugins.DATASET_GROUP, name, "--dataset")
-    if found is not None:
-        return _checked(found, f"{name} (entry point)")
-    raise DomainGradError(
-        f"unknown dataset {name!r}; valid datasets: {', '.join(list_datasets())}, "
-        f"folder:PATH for your own image folder, or package.module:Class for your own class"
-    )
+    if found is None:  # listed a moment ago, gone now (an uninstalled distribution)
+        raise DomainGradError(f"--dataset {name}: its entry point is no longer installed")
+    return _checked(found, f"{name} (entry point)")
 
 
 def _checked(obj: Any, what: str) -> type[MultipleDomainDataset]:
@@ -168,6 +194,7 @@ __all__ = [
     "get_dataset",
     "list_datasets",
     "register_dataset",
+    "resolve_dataset_name",
     "split_environment",
     "split_environment_70_10_20",
 ]

@@ -8,6 +8,7 @@ one ``index_select`` on each: no per-sample Python work in the training loop.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Protocol
@@ -15,8 +16,13 @@ from typing import ClassVar, Protocol
 import numpy as np
 import torch
 
-from ..errors import DomainGradError
+from ..errors import DomainGradError, DomainGradWarning
 from ..rng import seed_hash
+
+
+class DataWarning(DomainGradWarning):
+    """Data that trains but is very likely not what the user meant (a training set with a
+    single class, say); shown on stderr."""
 
 
 class Environment(Protocol):
@@ -209,13 +215,19 @@ def split_environment(
         (out_split, in_split), disjoint and together covering the environment.
 
     Raises:
-        DomainGradError: if ``holdout_fraction`` is outside [0, 1).
+        DomainGradError: if ``holdout_fraction`` is outside [0, 1) or the environment
+            has no samples (its in split would be empty).
     """
     if not 0.0 <= holdout_fraction < 1.0:
         raise DomainGradError(f"holdout_fraction must be in [0, 1), got {holdout_fraction}")
+    check_not_empty(env, env_index)
     keys = np.arange(len(env))
     np.random.RandomState(seed_hash(trial_seed, env_index)).shuffle(keys)
     n_out = int(len(env) * holdout_fraction)
+    if n_out == 0 and holdout_fraction > 0:
+        _warn_empty_out(
+            env, env_index, f"holdout_fraction {holdout_fraction} of its {len(env)} sample(s) rounds down to none"
+        )
     keys_t = torch.from_numpy(keys)
     return Split(env, keys_t[:n_out]), Split(env, keys_t[n_out:])
 
@@ -232,10 +244,16 @@ def split_environment_70_10_20(env: Environment, trial_seed: int, env_index: int
     Returns:
         (in_split (70%), out_split (10%), test_split (20%)), disjoint, together covering
         the environment; ``in``/``out`` keep DomainBed's record keys.
+
+    Raises:
+        DomainGradError: if the environment has no samples.
     """
+    check_not_empty(env, env_index)
     keys = np.arange(len(env))
     np.random.RandomState(seed_hash(trial_seed, env_index)).shuffle(keys)
     n_test, n_val = int(len(env) * 0.2), int(len(env) * 0.1)
+    if n_val == 0:
+        _warn_empty_out(env, env_index, f"the 10% validation part of its {len(env)} sample(s) rounds down to none")
     keys_t = torch.from_numpy(keys)
     return (
         Split(env, keys_t[n_test + n_val :]),
@@ -244,17 +262,60 @@ def split_environment_70_10_20(env: Environment, trial_seed: int, env_index: int
     )
 
 
+def _warn_empty_out(env: Environment, env_index: int, why: str) -> None:
+    warnings.warn(
+        f"environment {env_index} ({env.name!r}) gets an empty out (validation) split: {why}; its out "
+        "accuracy will be NaN and training-domain validation cannot select on it. Give it more samples",
+        DataWarning,
+        stacklevel=3,
+    )
+
+
+def check_not_empty(env: Environment, env_index: int) -> None:
+    """Refuse an environment without samples before it is split: its in split would be
+    empty, and DomainBed's epoch count (the smallest in split over the batch size)
+    would divide by zero.
+
+    Raises:
+        DomainGradError: naming the environment.
+    """
+    if len(env) == 0:
+        raise DomainGradError(
+            f"environment {env_index} ({env.name!r}) has no samples; every environment needs samples to train "
+            "on or to be evaluated: check the dataset's files, or give it more data"
+        )
+
+
 def check_training_splits(splits: Sequence[Split], batch_size: int) -> None:
     """The checks every training stream makes before drawing.
 
+    Warns (:class:`DataWarning`, on stderr) when the training splits together hold a
+    single class: every classifier then predicts it, and the accuracies measure nothing.
+
     Raises:
-        DomainGradError: a batch size below 1, or a training split without samples.
+        DomainGradError: no training split (every environment is a test environment), a
+            batch size below 1, or a training split without samples.
     """
+    if not splits:
+        raise DomainGradError(
+            "no training environment: every environment is a test environment; leave at least one "
+            "environment out of --test-envs"
+        )
     if batch_size < 1:
         raise DomainGradError(f"batch_size must be a positive integer, got {batch_size}")
     for split in splits:
         if len(split) == 0:
             raise DomainGradError(f"environment {split.env.name!r} has no training samples; lower holdout_fraction")
+    classes = torch.unique(torch.cat([split.y for split in splits]))
+    if len(classes) == 1:
+        names = ", ".join(repr(split.env.name) for split in splits)
+        warnings.warn(
+            f"the training data (environments {names}) holds a single class (label {int(classes[0])}): "
+            "a classifier trained on it predicts that class for every input, which makes it trivial and "
+            "its accuracies meaningless; check the labels, the class folders and --test-envs",
+            DataWarning,
+            stacklevel=3,
+        )
 
 
 class InfiniteMinibatches:

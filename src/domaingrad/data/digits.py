@@ -27,6 +27,13 @@ from ..errors import DomainGradError
 EMBEDDED_DIR = Path(__file__).resolve().parent / "embedded"
 DEBIAN_FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+#: (images, labels) file stems of each part, in the order they are concatenated
+IDX_PARTS = (
+    ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+)
+#: MNIST's and Fashion-MNIST's classes are 0..9
+NUM_DIGIT_CLASSES = 10
 
 
 @dataclass
@@ -42,6 +49,27 @@ class Digits:
     images: torch.Tensor
     labels: torch.Tensor
     source: str
+    #: the files the digits were read from (empty for the embedded ones); named by errors
+    files: tuple[str, ...] = ()
+
+
+def check_digit_labels(labels: np.ndarray | torch.Tensor, where: str) -> None:
+    """Refuse labels outside MNIST's (and Fashion-MNIST's) classes 0..9.
+
+    Colored MNIST would otherwise take any label of 5 or more (200, say) for class 1 and
+    Rotated MNIST would fail inside the loss with a different error per device.
+
+    Raises:
+        DomainGradError: naming ``where`` (a file or a source), the bad values and how many.
+    """
+    values = np.asarray(labels)
+    bad = (values < 0) | (values >= NUM_DIGIT_CLASSES)
+    if bad.any():
+        shown = ", ".join(str(int(v)) for v in np.unique(values[bad])[:10])
+        raise DomainGradError(
+            f"{where} holds {int(bad.sum())} label(s) outside the digit classes 0..{NUM_DIGIT_CLASSES - 1} "
+            f"(values {shown}); expected MNIST's labels 0..9: download the file again"
+        )
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -78,28 +106,56 @@ def _find_idx(folder: Path, stem: str) -> Path | None:
     return None
 
 
-def load_idx_folder(folder: Path, what: str, hint: str) -> Digits:
-    """Load the four standard IDX files of ``folder`` (train then t10k, concatenated).
+def check_idx_part(images: np.ndarray, labels: np.ndarray, images_path: Path, labels_path: Path) -> None:
+    """The checks of one (images, labels) pair of IDX files, each error naming the file.
 
     Raises:
-        DomainGradError: naming the missing files, or from :func:`read_idx`.
+        DomainGradError: images not of shape (N, 28, 28) (an idx3 file), labels not of
+            shape (N,) (an idx1 file), counts that differ between the two files (they
+            would be paired wrongly, silently, once train and t10k are concatenated), or
+            labels outside 0..9 (:func:`check_digit_labels`).
+    """
+    if images.ndim != 3 or images.shape[1:] != (28, 28):
+        raise DomainGradError(
+            f"{images_path} holds images of shape {images.shape}; expected an idx3 file of shape (N, 28, 28) "
+            "(N images of 28x28 pixels): download it again"
+        )
+    if labels.ndim != 1:
+        raise DomainGradError(
+            f"{labels_path} holds labels of shape {labels.shape}; expected an idx1 file of shape (N,), one label "
+            f"per image of {images_path.name}: download it again"
+        )
+    if len(labels) != len(images):
+        raise DomainGradError(
+            f"{labels_path} holds {len(labels)} labels but {images_path} holds {len(images)} images; expected one "
+            "label per image, in the same order: download both files again"
+        )
+    check_digit_labels(labels, str(labels_path))
+
+
+def load_idx_folder(folder: Path, what: str, hint: str) -> Digits:
+    """Load the four standard IDX files of ``folder`` (train then t10k, concatenated),
+    each pair checked by :func:`check_idx_part`.
+
+    Raises:
+        DomainGradError: naming the missing files, or from :func:`read_idx` and
+            :func:`check_idx_part`.
     """
     paths = {stem: _find_idx(folder, stem) for stem in IDX_FILES}
-    missing = [stem for stem, p in paths.items() if p is None]
+    found = {stem: p for stem, p in paths.items() if p is not None}
+    missing = [stem for stem in IDX_FILES if stem not in found]
     if missing:
         raise DomainGradError(f"{what} files missing in {folder}: {', '.join(missing)} (plain or .gz). {hint}")
-    arrays = {stem: read_idx(p) for stem, p in paths.items() if p is not None}
-    images = np.concatenate([arrays["train-images-idx3-ubyte"], arrays["t10k-images-idx3-ubyte"]])
-    labels = np.concatenate([arrays["train-labels-idx1-ubyte"], arrays["t10k-labels-idx1-ubyte"]])
-    if images.ndim != 3 or images.shape[1:] != (28, 28) or len(images) != len(labels):
-        raise DomainGradError(
-            f"{what} files in {folder} hold images of shape {images.shape} and {len(labels)} labels; "
-            "expected (N, 28, 28) images and N labels"
-        )
+    arrays = {stem: read_idx(p) for stem, p in found.items()}
+    for images_stem, labels_stem in IDX_PARTS:
+        check_idx_part(arrays[images_stem], arrays[labels_stem], found[images_stem], found[labels_stem])
+    images = np.concatenate([arrays[images_stem] for images_stem, _ in IDX_PARTS])
+    labels = np.concatenate([arrays[labels_stem] for _, labels_stem in IDX_PARTS])
     return Digits(
         torch.from_numpy(images.copy()),
         torch.from_numpy(labels.astype(np.int64)),
         f"{what}: {len(images)} images from IDX files in {folder}",
+        tuple(str(found[images_stem]) for images_stem, _ in IDX_PARTS),
     )
 
 

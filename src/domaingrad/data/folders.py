@@ -36,6 +36,7 @@ Rules (documented for users in the README):
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -134,20 +135,56 @@ class DomainImages:
     ignored: int = 0
 
 
-def _subdirs(path: Path) -> list[Path]:
-    return sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+def _entries(path: Path, what: str) -> list[os.DirEntry[str]]:
+    """The entries of directory ``path`` (``os.scandir``); ``what`` names it in errors.
+
+    Raises:
+        DomainGradError: the directory cannot be listed (a PermissionError, say): without
+            this, an unreadable class folder would look like a class without images.
+    """
+    try:
+        with os.scandir(path) as listing:
+            return list(listing)
+    except OSError as exc:
+        raise DomainGradError(
+            f"cannot read {what} {path} ({type(exc).__name__}: {exc.strerror or exc}); make it readable "
+            f"(e.g. chmod -R u+rX '{path}') or move it out of the dataset"
+        ) from exc
+
+
+def _subdirs(path: Path, what: str = "directory") -> list[Path]:
+    return sorted(Path(e.path) for e in _entries(path, what) if e.is_dir() and not e.name.startswith("."))
+
+
+def _files(class_dir: Path) -> list[Path]:
+    """Every file under ``class_dir`` at any depth, sorted (as ``sorted(rglob("*"))``
+    finds them, symbolic links to directories not followed), but an unreadable directory
+    is an error instead of being skipped."""
+    files, pending = [], [class_dir]
+    while pending:
+        folder = pending.pop()
+        for entry in _entries(folder, "class directory" if folder == class_dir else "directory"):
+            if entry.is_dir(follow_symlinks=False):
+                pending.append(Path(entry.path))
+            elif entry.is_file():
+                files.append(Path(entry.path))
+    return sorted(files)
 
 
 def scan_domain(path: Path) -> DomainImages:
     """Class folders and image files of one domain directory (pooling train/val/test
-    sub-directories when the domain holds only those)."""
+    sub-directories when the domain holds only those).
+
+    Raises:
+        DomainGradError: a directory of the domain that cannot be listed, naming it.
+    """
     found = DomainImages(path.name)
-    subdirs = _subdirs(path)
+    subdirs = _subdirs(path, "domain directory")
     roots = subdirs if subdirs and {p.name for p in subdirs} <= SPLIT_DIRS else [path]
     for root in roots:
         for class_dir in _subdirs(root):
-            for file in sorted(class_dir.rglob("*")):
-                if not file.is_file() or file.name.startswith("."):
+            for file in _files(class_dir):
+                if file.name.startswith("."):
                     continue
                 if file.suffix.lower() in IMAGE_EXTENSIONS:
                     found.classes.setdefault(class_dir.name, []).append(file)
@@ -173,7 +210,7 @@ def find_domains(root: Path, spec: FolderSpec) -> tuple[list[Path], list[str]]:
             f"{spec.name}: no directory {root}; expected {layout}. Point --data-dir at the "
             f"directory holding {root.name}/"
         )
-    present = [p.name for p in _subdirs(root)]
+    present = [p.name for p in _subdirs(root, f"{spec.name} dataset directory")]
     if spec.domains is None:
         if not present:
             raise DomainGradError(f"{spec.name}: {root} has no domain sub-directories")

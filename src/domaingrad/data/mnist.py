@@ -16,12 +16,18 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
+from ..errors import DomainGradError
 from .base import MultipleDomainDataset, TensorEnvironment
-from .digits import Digits, load_fashion_mnist, load_mnist
+from .digits import Digits, check_digit_labels, load_fashion_mnist, load_mnist
 
 
 class MultipleEnvironmentDigits(MultipleDomainDataset):
-    """Shuffle a digit pool and deal it round-robin to ``len(settings)`` environments."""
+    """Shuffle a digit pool and deal it round-robin to ``len(settings)`` environments.
+
+    Raises:
+        DomainGradError: labels outside 0..9, or fewer digits than environments (an
+            environment would get none), naming the files they came from.
+    """
 
     SMALL_IMAGES = True
     environments: list[TensorEnvironment]
@@ -35,10 +41,18 @@ class MultipleEnvironmentDigits(MultipleDomainDataset):
         num_classes: int,
         seed: int,
     ):
+        check_digit_labels(digits.labels, digits.source)
+        n_envs = len(settings)
+        if len(digits.images) < n_envs:
+            files = " and ".join(digits.files) if digits.files else digits.source
+            raise DomainGradError(
+                f"{type(self).__name__} deals its digits round-robin to {n_envs} environments, but {files} hold "
+                f"{len(digits.images)} image(s) in all, so an environment would get none; expected at least "
+                f"{n_envs} (DomainBed uses MNIST's 70,000): use the complete IDX files"
+            )
         generator = torch.Generator().manual_seed(seed)
         shuffle = torch.randperm(len(digits.images), generator=generator)
         images, labels = digits.images[shuffle], digits.labels[shuffle]
-        n_envs = len(settings)
         self.environments = []
         for i, (name, setting) in enumerate(zip(self.ENVIRONMENTS, settings)):
             x, y = transform(images[i::n_envs], labels[i::n_envs], setting, generator)

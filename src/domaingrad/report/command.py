@@ -21,7 +21,10 @@ Read every job's results.jsonl under SWEEP_DIR (DomainBed's layout, also sweeps 
 DomainBed itself) and print DomainBed's result tables: per dataset, rows = algorithms, columns
 = test environments + Avg, mean +/- standard error over trial seeds of the selected accuracy.
 Unreadable lines are reported (path:line) and skipped; jobs without `done` and jobs listed in
-sweep.json but absent are listed on stderr."""
+sweep.json but absent are listed on stderr. Done jobs without a record, steps recorded twice
+(counted once, the last record kept) and the runs leave-one-domain-out lacks are flagged on
+stderr and in the output. Runs of a dataset that differ in an argument a sweep keeps fixed
+(steps, checkpoint_freq, holdout_fraction, hparams, ...) are refused unless --allow-mixed."""
 
 SELECTION_HELP = (
     "model selection: iid = training-domain validation, loo = leave-one-domain-out, "
@@ -82,6 +85,29 @@ def add_parser(subparsers) -> None:
         help="also use jobs without `done` (their records up to their latest checkpoint), "
         "as DomainBed's collect_results does",
     )
+    p.add_argument(
+        "--plot-sharey",
+        action="store_true",
+        help="with --plots: one y axis for all test environments of a box plot (default: each panel fits its data)",
+    )
+    p.add_argument(
+        "--allow-mixed",
+        action="store_true",
+        help="merge runs of a dataset that differ in arguments other than the swept ones (dataset, algorithm, "
+        "test_envs, hparams_seed, trial_seed), e.g. --steps; refused by default, flagged in the output if allowed",
+    )
+    p.add_argument(
+        "--top-hparams",
+        action="store_true",
+        help="instead of the tables, list the hyperparameters each selection method picks per dataset, "
+        "algorithm, test environment and trial seed (DomainBed's list_top_hparams.py); --format markdown "
+        "(text), csv or json",
+    )
+    p.add_argument(
+        "--top-hparams-all",
+        action="store_true",
+        help="like --top-hparams, listing every hyperparameter draw in the method's ranking, not only the selected one",
+    )
     p.add_argument("--force", action="store_true", help="overwrite an existing --output file or plot files")
 
 
@@ -92,6 +118,11 @@ def run(ns: argparse.Namespace) -> int:
     from .summary import build_report
 
     output = Path(ns.output) if ns.output else None
+    if ns.plot_sharey and not ns.plots:
+        raise DomainGradError("--plot-sharey applies to the box plots: add --plots DIR")
+    listing = ns.top_hparams or ns.top_hparams_all
+    if listing and ns.format == "latex":
+        raise DomainGradError("--top-hparams writes --format markdown (text), csv or json, not latex")
     if output is not None:
         _refuse_overwrite([output], ns.force, "--output")
         if not output.parent.is_dir():
@@ -99,7 +130,9 @@ def run(ns: argparse.Namespace) -> int:
     sweep = load_sweep(ns.sweep_dir, include_incomplete=ns.latest)
     for line in sweep.status_lines():
         print(line, file=sys.stderr)
-    report = build_report(sweep, ns.selection, ns.baseline, ns.in_domain)
+    report = build_report(sweep, ns.selection, ns.baseline, ns.in_domain, allow_mixed=ns.allow_mixed)
+    for flag in report.flags:
+        print(f"{flag.level}: {flag.message}", file=sys.stderr)
     for note in report.notes:
         print(f"note: {note}", file=sys.stderr)
     plot_dir = Path(ns.plots) if ns.plots else None
@@ -109,14 +142,19 @@ def run(ns: argparse.Namespace) -> int:
         from .plots import planned_files, write_plots  # matplotlib only when plots are asked for
 
         _refuse_overwrite(planned_files(report, plot_dir), ns.force, "--plots")
-    text = render(report, ns.format)
+    if listing:
+        from .top_hparams import render_top_hparams
+
+        text = render_top_hparams(report, ns.format, all_runs=ns.top_hparams_all)
+    else:
+        text = render(report, ns.format)
     if output is None:
         sys.stdout.write(text)
     else:
         _atomic_write(output, text)
         print(f"wrote {output}", file=sys.stderr)
     if plot_dir is not None:
-        for path in write_plots(report, plot_dir):
+        for path in write_plots(report, plot_dir, sharey=ns.plot_sharey):
             print(f"wrote {path}", file=sys.stderr)
     return 0
 

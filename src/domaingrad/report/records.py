@@ -13,10 +13,16 @@ them.
 Nothing here raises on bad content: an unreadable file or line becomes a :class:`Problem`
 (path, 1-based line number, what is wrong) and is skipped. DomainBed's ``load_records``
 instead stops at the first bad line.
+
+What would silently change the numbers becomes a :class:`Flag` that the report prints on
+stderr and writes into every output format: a ``done`` job without a usable record (its
+cells average fewer trials) and a step recorded twice by one run (counted once: the last
+record of that step is kept, where DomainBed's ``load_records`` keeps both).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -32,6 +38,30 @@ from .names import count_environments
 REQUIRED_ARGS = ("dataset", "algorithm", "test_envs", "trial_seed", "hparams_seed")
 
 
+@dataclass(frozen=True)
+class Flag:
+    """Something about the records used that changes or limits the report's numbers.
+
+    Printed on stderr (``warning:`` or ``note:``, by ``level``) and written into every
+    output format (Markdown/LaTeX notes, CSV ``notes`` rows, the JSON ``flags`` list).
+
+    Attributes:
+        kind: what it is about: ``empty_done_jobs``, ``duplicate_steps``, ``mixed_args``,
+            ``no_single_test_env`` or ``loo_missing_pairs``.
+        message: the sentence shown to the user.
+        jobs: the job directories (names under the sweep directory) concerned.
+        level: ``warning`` (numbers changed or lost) or ``note`` (why cells are X).
+    """
+
+    kind: str
+    message: str
+    jobs: tuple[str, ...] = ()
+    level: str = "warning"
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "level": self.level, "message": self.message, "jobs": list(self.jobs)}
+
+
 @dataclass
 class JobResults:
     """What the report read of one job: its directory (or its sweep.json entry when the
@@ -45,6 +75,8 @@ class JobResults:
         n_records, last_step: how many usable records, up to which step.
         args: the job's train arguments (sweep.json's, else its last record's).
         listed: whether sweep.json lists it.
+        repeated_steps: step -> how many records of one run had that step (only steps
+            recorded more than once; the last of them is used).
     """
 
     id: str
@@ -54,6 +86,7 @@ class JobResults:
     last_step: int | None = None
     args: dict | None = None
     listed: bool = False
+    repeated_steps: dict[float, int] = field(default_factory=dict)
 
     @property
     def done(self) -> bool:
@@ -86,6 +119,8 @@ class Sweep:
         problems: unreadable files and lines, skipped.
         manifest: whether sweep.json was present and readable.
         include_incomplete: whether records of jobs without ``done`` are in ``records``.
+        flags: what the report must say about the records (:class:`Flag`): done jobs
+            without a usable record, steps recorded twice.
     """
 
     root: Path
@@ -95,6 +130,11 @@ class Sweep:
     problems: list[Problem] = field(default_factory=list)
     manifest: bool = False
     include_incomplete: bool = False
+    flags: list[Flag] = field(default_factory=list)
+
+    def job_of(self) -> dict[int, str]:
+        """``id(record)`` -> the id of the job whose results.jsonl holds it, for every record read."""
+        return {id(r): job_id for job_id, records in self.records_by_job.items() for r in records}
 
     def jobs_in_state(self, state: JobState | str) -> list[JobResults]:
         """The jobs in ``state`` (a :class:`JobState` or its value, e.g. ``"incomplete"``)."""
@@ -226,7 +266,73 @@ def load_sweep(root: str | os.PathLike, include_incomplete: bool = False) -> Swe
     ids |= set(manifest or {})
     for job_id in sorted(ids):
         sweep.jobs.append(_read_job(sweep, root / job_id, (manifest or {}).get(job_id), job_id in (manifest or {})))
+    sweep.flags += _load_flags(sweep)
     return sweep
+
+
+def _run_key(record: dict) -> str:
+    """What identifies the run a record belongs to within one results.jsonl: all its args."""
+    return json.dumps(record["args"], sort_keys=True, default=repr)
+
+
+def drop_repeated_steps(records: list[dict]) -> tuple[list[dict], dict[float, int]]:
+    """Keep one record per (run, step): the LAST one in file order, at its place.
+
+    A step appears twice when a run appended a checkpoint's record and was restarted from
+    an earlier checkpoint without truncating results.jsonl (DomainBed's train.py does not
+    resume; a copy of two attempts into one file does the same). A run is the records with
+    identical ``args`` (a DomainBed job directory holds one).
+
+    Returns:
+        (records kept in file order, {step: number of records it had} for repeated steps).
+    """
+    last: dict[tuple[str, float], int] = {}
+    counts: dict[tuple[str, float], int] = {}
+    for i, r in enumerate(records):
+        key = (_run_key(r), r["step"])
+        last[key] = i
+        counts[key] = counts.get(key, 0) + 1
+    kept = [r for i, r in enumerate(records) if last[(_run_key(r), r["step"])] == i]
+    repeated: dict[float, int] = {}
+    for (_, step), n in counts.items():
+        if n > 1:
+            repeated[step] = max(repeated.get(step, 0), n)
+    return kept, repeated
+
+
+def _step_text(step: float) -> str:
+    return str(int(step)) if float(step).is_integer() else repr(step)
+
+
+def _load_flags(sweep: Sweep) -> list[Flag]:
+    flags = []
+    empty = [j for j in sweep.jobs if j.done and not j.n_records]
+    if empty:
+        shown = "; ".join(j.describe() for j in empty)
+        flags.append(
+            Flag(
+                "empty_done_jobs",
+                f"{len(empty)} job(s) are done but have no usable record in {RESULTS} (empty, missing or "
+                f"unreadable), so they are left out and their cells average fewer trials: {shown}. "
+                "Rerun them (delete the job directory, or its `done` file, and relaunch the sweep)",
+                tuple(j.id for j in empty),
+            )
+        )
+    repeated = [j for j in sweep.jobs if j.repeated_steps]
+    if repeated:
+        shown = "; ".join(
+            f"{j.id}: " + ", ".join(f"step {_step_text(s)} x{n}" for s, n in sorted(j.repeated_steps.items()))
+            for j in repeated
+        )
+        flags.append(
+            Flag(
+                "duplicate_steps",
+                f"{len(repeated)} job(s) record the same step more than once in {RESULTS}; each step is "
+                f"counted once, using the LAST record of it: {shown}",
+                tuple(j.id for j in repeated),
+            )
+        )
+    return flags
 
 
 def _read_job(sweep: Sweep, path: Path, manifest_args: dict | None, listed: bool) -> JobResults:
@@ -235,6 +341,7 @@ def _read_job(sweep: Sweep, path: Path, manifest_args: dict | None, listed: bool
     if (path / RESULTS).exists():
         records, problems = read_results(path / RESULTS)
         sweep.problems += problems
+        records, job.repeated_steps = drop_repeated_steps(records)
     if records:
         job.n_records, job.last_step = len(records), max(r["step"] for r in records)
         job.args = job.args or records[-1]["args"]
@@ -247,11 +354,13 @@ def _read_job(sweep: Sweep, path: Path, manifest_args: dict | None, listed: bool
 __all__ = [
     "DONE",
     "RESULTS",
+    "Flag",
     "REQUIRED_ARGS",
     "SPLIT_70_10_20",
     "JobResults",
     "Problem",
     "Sweep",
+    "drop_repeated_steps",
     "load_sweep",
     "read_results",
     "record_error",

@@ -3,7 +3,9 @@
 Cell text is DomainBed's ``format_mean`` ("m.m +/- e.e", LaTeX "m.m $\\pm$ e.e", "X" when
 missing); an asterisk follows a cell whose paired Wilcoxon test against the baseline
 gives p < 0.05 (the convention of Table 1 of Mansilla, Echeveste, Milone, Ferrante, "Domain
-Generalization via Gradient Surgery", ICCV 2021).
+Generalization via Gradient Surgery", ICCV 2021). Every format carries the report's flags
+and notes (:meth:`.summary.Report.all_notes`): paragraphs after the tables (Markdown,
+LaTeX), rows with ``table`` = ``notes`` (CSV), the ``flags`` and ``notes`` fields (JSON).
 """
 
 from __future__ import annotations
@@ -79,7 +81,7 @@ def to_markdown(report: Report) -> str:
             name = table.dataset or "Averages"
             lines += [f"### {name}" + (", in-domain (source held-out split)" if kind == "in" else ""), ""]
             lines += _markdown_table(table) + [""]
-    for line in [_significance_line(report), *report.notes]:
+    for line in [_significance_line(report), *report.all_notes()]:
         if line:
             lines += [line, ""]
     return "\n".join(lines).rstrip("\n") + "\n"
@@ -119,7 +121,7 @@ def to_latex(report: Report) -> str:
             title = _latex_escape(table.dataset) if table.dataset else "Averages"
             lines += ["", f"\\subsubsection{{{title}" + (", in-domain" if kind == "in" else "") + "}", ""]
             lines += _latex_table(table, colwidth=20 if table.dataset else 25)
-    for line in [_significance_line(report), *report.notes]:
+    for line in [_significance_line(report), *report.all_notes()]:
         if line:
             lines += ["", _latex_escape(line).replace("\\* p", "$^*$ p")]
     lines.append("\\end{document}")
@@ -162,8 +164,19 @@ CSV_FIELDS = [
 ]
 
 
+def note_rows(report: Report) -> list[dict]:
+    """The CSV rows of the report's flags and notes: ``table`` = ``notes``, ``column`` = the
+    flag's kind (``note`` for other notes), ``text`` = the message; other fields empty."""
+    kinds = [f.kind for f in report.flags] + ["note"] * len(report.notes)
+    return [
+        {**{name: "" for name in CSV_FIELDS}, "table": "notes", "column": kind, "text": text}
+        for kind, text in zip(kinds, report.all_notes())
+    ]
+
+
 def csv_rows(report: Report) -> list[dict]:
-    """One dict per table cell (and per Avg cell): the CSV's rows before writing."""
+    """One dict per table cell (and per Avg cell), then one per flag and note
+    (:func:`note_rows`): the CSV's rows before writing."""
     rows = []
     for section in report.sections:
         for table, _ in _tables_in_order(section):
@@ -203,7 +216,7 @@ def csv_rows(report: Report) -> list[dict]:
                         "values": "",
                     }
                 )
-    return rows
+    return rows + note_rows(report)
 
 
 def _num(value: float | None) -> str:
@@ -219,7 +232,9 @@ def to_csv(report: Report) -> str:
 
 
 def report_dict(report: Report) -> dict:
-    """The JSON document: sweep status, every table with per-trial values, selections, tests."""
+    """The JSON document: sweep status, every table with per-trial values, selections, tests;
+    ``flags`` lists the report's flags (kind, level, message, jobs) and ``notes`` the text of
+    every flag and note."""
     sweep = report.sweep
     return {
         "version": 1,
@@ -231,7 +246,8 @@ def report_dict(report: Report) -> dict:
         "problems": [{"path": str(p.path), "line": p.line, "message": p.message} for p in sweep.problems],
         "baseline": report.baseline,
         "alpha": ALPHA,
-        "notes": list(report.notes),
+        "flags": [f.to_dict() for f in report.flags],
+        "notes": report.all_notes(),
         "selections": [_section_dict(s) for s in report.sections],
     }
 

@@ -9,19 +9,22 @@ arguments) it is JSON text, as DomainBed writes ``args.hparams``.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 import torch
 
 from .. import models
-from ..algorithms import Algorithm, algorithm_class
-from ..data import dataset_class
+from ..algorithms import Algorithm, algorithm_class, resolve_algorithm_name
+from ..data import ImageFolderDataset, dataset_class, resolve_dataset_name
 from ..data.folders import CORRUPT_POLICIES
 from ..errors import DomainGradError
 from ..hparams import parse_hparams_json
-from ..layout import SPLIT_70_10_20, SPLIT_PROTOCOLS
+from ..layout import SPLIT_70_10_20, SPLIT_DOMAINBED, SPLIT_PROTOCOLS
 from ..registry import resolve_hparams
+
+#: DomainBed's ``--task`` values; only domain generalization is implemented
+TASKS = ("domain_generalization",)
 
 
 @dataclass
@@ -53,6 +56,15 @@ class TrainArgs:
     (Section 4.1; :data:`domaingrad.layout.SPLIT_70_10_20`), recorded as
     ``env{i}_in_acc`` / ``env{i}_out_acc`` / ``env{i}_test_acc`` (``holdout_fraction`` is
     then unused).
+
+    ``task`` and ``uda_holdout_fraction`` are DomainBed's: only
+    ``domain_generalization`` is implemented, so ``task`` must keep that value and
+    ``uda_holdout_fraction`` (the share of each test environment given unlabelled to
+    domain-adaptation methods) its default 0; :func:`check_args` refuses others.
+
+    ``holdout_fraction`` is in (0, 1) under the ``domainbed`` protocol: 0 would leave
+    every out split empty, and training-domain validation (DomainBed's model selection)
+    could not select anything.
 
     ``clean_eval`` (not a DomainBed argument): on image datasets with hparam
     ``data_augmentation`` true, DomainBed builds every non-test environment with the
@@ -158,18 +170,71 @@ class CheckedArgs:
     hparams: dict[str, Any]
 
 
+def check_task(task: str, uda_holdout_fraction: float) -> None:
+    """Refuse DomainBed's ``--task domain_adaptation`` and a non-zero
+    ``--uda_holdout_fraction``: only domain generalization is implemented (a train run
+    and a sweep check the same way).
+
+    Raises:
+        DomainGradError: naming the argument and what to do.
+    """
+    if task not in TASKS:
+        raise DomainGradError(
+            f"--task {task} is not supported yet; domaingrad implements "
+            f"{', '.join(TASKS)} (DomainBed's default task) only: leave --task at its default"
+        )
+    if uda_holdout_fraction != 0:
+        raise DomainGradError(
+            f"--uda-holdout-fraction {uda_holdout_fraction} is not supported yet: it gives part of the "
+            "test environments to domain-adaptation methods, which domaingrad does not implement; leave it at 0"
+        )
+
+
 def check_args(args: TrainArgs) -> CheckedArgs:
     """Every check that needs no data: names, numbers, choices, hyperparameters.
+
+    Also refused here, before any data is read: a ``task`` other than
+    ``domain_generalization`` or a non-zero ``uda_holdout_fraction`` (domain adaptation
+    is not implemented), a ``holdout_fraction`` outside (0, 1) under the ``domainbed``
+    protocol, ``test_envs`` naming every environment of a dataset whose environments are
+    known from its class (``ENVIRONMENTS``; the others are checked by the data layer when
+    the training stream is built), and a ``class_map`` for a dataset without class
+    folders.
+
+    Every given hyperparameter is checked (type, choices, range) whether or not the
+    run's model uses it (:func:`domaingrad.registry.resolve_hparams`).
 
     Raises:
         DomainGradError: naming the bad argument and what is expected.
     """
-    dataset_class(args.dataset)
+    # names in their canonical spelling (``debug28`` -> ``Debug28``), so records,
+    # checkpoints and model.pkl hold the registered name whatever the user typed
+    args = replace(args, dataset=resolve_dataset_name(args.dataset), algorithm=resolve_algorithm_name(args.algorithm))
+    data_cls = dataset_class(args.dataset)
     cls = algorithm_class(args.algorithm)
+    check_task(args.task, args.uda_holdout_fraction)
+    if args.split_protocol == SPLIT_DOMAINBED and not 0 < args.holdout_fraction < 1:
+        raise DomainGradError(
+            f"--holdout-fraction must be in (0, 1), got {args.holdout_fraction}: it is the share of every "
+            "environment held out as its out split, which training-domain validation selects on "
+            "(0 leaves every out split empty); DomainBed's default is 0.2"
+        )
     if not args.test_envs:
         raise DomainGradError("--test-envs needs at least one environment index")
     if len(set(args.test_envs)) != len(args.test_envs):
         raise DomainGradError(f"--test-envs lists an environment twice: {list(args.test_envs)}")
+    names = list(getattr(data_cls, "ENVIRONMENTS", []) or [])
+    if names and set(range(len(names))) <= set(args.test_envs):
+        raise DomainGradError(
+            f"--test-envs {' '.join(map(str, args.test_envs))} names every environment of {args.dataset} "
+            f"({', '.join(f'{i}={n}' for i, n in enumerate(names))}), leaving none to train on; "
+            "leave at least one environment out of --test-envs"
+        )
+    if args.class_map is not None and not issubclass(data_cls, ImageFolderDataset):
+        raise DomainGradError(
+            f"--class-map applies only to image-folder datasets (PACS, VLCS, ..., folder:PATH), whose class "
+            f"folders it maps; {args.dataset} has no class folders: drop --class-map"
+        )
     for name in ("steps", "checkpoint_freq"):
         value = getattr(args, name)
         if value is not None and value < 1:

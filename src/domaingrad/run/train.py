@@ -18,6 +18,7 @@ from __future__ import annotations
 import collections
 import math
 import random
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -43,7 +44,7 @@ from ..rng import seed_hash
 from .args import CheckedArgs, TrainArgs, check_args, comparable, has_test_parts, initial_weights, resolve_device
 from .console import RunConsole
 from .evaluation import accuracy
-from .output import RunDirectory, atomic_torch_save
+from .output import RunDirectory, RunFinishedError, atomic_torch_save
 from .provenance import run_provenance
 
 
@@ -277,27 +278,48 @@ def run_training(args: TrainArgs, stream: IO[str] | None = None) -> RunOutcome:
     Writes ``results.jsonl``, ``out.txt``, ``checkpoint.pt`` while running, then
     ``model.pkl`` and ``done`` (see :mod:`domaingrad.layout`). A run killed at any moment
     and started again with the same arguments continues from its last checkpoint and
-    ends with the same records and weights as an uninterrupted run. Lines go to
-    ``stream`` (default stdout) and ``out.txt``.
+    ends with the same records and weights (and ``model_step{N}.pkl`` files) as an
+    uninterrupted run. The run holds the directory's lock while it runs: a second process
+    on the same directory is refused. Lines go to ``stream`` (default stdout) and
+    ``out.txt``.
 
     Raises:
-        DomainGradError: bad arguments, or an output directory holding a finished run or
-            a run with other arguments.
+        RunFinishedError: the directory holds this run, finished (:func:`train` reports
+            it and returns its last record).
+        DomainGradError: bad arguments; an empty, unwritable or in-use output directory;
+            or one holding a finished run or a run with other arguments. All before any
+            training step.
         NonFiniteLossError: an update returned a NaN or infinite value; the last good
             checkpoint and its records are kept and no ``done`` is written.
     """
     checked = check_args(args)
     out = RunDirectory(args.output_dir)
-    saved = out.check_startable(args.record(), defaults=_resume_defaults(args), normalize=comparable)
+    defaults = _resume_defaults(args)
+    if out.is_done:  # a finished run is only read (and cleaned of what a kill left)
+        out.check_startable(args.record(), defaults=defaults, normalize=comparable)
+    out.check_writable()
+    with out.locked():
+        with out.writing():
+            out.remove_stale_files()
+        saved = out.check_startable(args.record(), defaults=defaults, normalize=comparable)
+        return _run_locked(checked, out, saved, stream)
+
+
+def _run_locked(
+    checked: CheckedArgs, out: RunDirectory, saved: dict[str, Any] | None, stream: IO[str] | None
+) -> RunOutcome:
+    """The run of :func:`run_training` in its locked directory, from ``saved`` (a resume
+    state) or from scratch."""
+    args = checked.args
     run = TrainingRun.prepare(checked)
-    out.path.mkdir(parents=True, exist_ok=True)
     console = RunConsole(stream, out.log, args.progress)
 
     start_step, records = 0, []
-    if saved is not None:
-        start_step = run.load_resume_state(saved)
-        records = out.reconcile_results(saved)
-    console.header(run, None if saved is None else saved["step"])
+    with out.writing():  # the first writes: a clear error, not a traceback, if they fail
+        if saved is not None:
+            start_step = run.load_resume_state(saved)
+            records = out.reconcile_results(saved)
+        console.header(run, None if saved is None else saved["step"])
     last_checkpoint = saved["step"] if saved is not None else None
     console.start_bar(run.steps, start_step)
     try:
@@ -310,10 +332,12 @@ def run_training(args: TrainArgs, stream: IO[str] | None = None) -> RunOutcome:
             console.step_done()
             if step % run.checkpoint_freq == 0 or step == run.steps - 1:
                 record = run.make_record(step)
+                if args.save_model_every_checkpoint:
+                    # before the resume state: a kill after this write repeats the step and
+                    # rewrites the same file, a kill before it resumes from the previous one
+                    atomic_torch_save(run.model_file(), out.file(model_step_file(step)))
                 out.save_checkpoint(run.resume_state(record))
                 out.append_record(record)
-                if args.save_model_every_checkpoint:
-                    atomic_torch_save(run.model_file(), out.file(model_step_file(step)))
                 last_checkpoint = step
                 records.append(record)
                 console.checkpoint(run, record)
@@ -326,7 +350,7 @@ def run_training(args: TrainArgs, stream: IO[str] | None = None) -> RunOutcome:
     if not args.skip_model_save:
         atomic_torch_save(run.model_file(), out.file(MODEL))
     out.file(DONE).write_text("done")
-    out.file(CHECKPOINT).unlink(missing_ok=True)
+    out.file(CHECKPOINT).unlink(missing_ok=True)  # a kill before this: the next start removes it
     console.final(run, records[-1])
     return RunOutcome(run, records)
 
@@ -335,8 +359,16 @@ def train(args: TrainArgs, stream: IO[str] | None = None) -> dict[str, Any]:
     """Run (or resume) one training run and return its last results record (see
     :func:`run_training`, which also returns the trained algorithm and every record).
 
+    On a directory that holds this very run, finished, nothing is trained: a line says
+    so and where its results are, and its last record is returned (so a script may
+    rerun the same command until it succeeds).
+
     Raises:
         DomainGradError: bad arguments or output directory (see :func:`run_training`).
         NonFiniteLossError: an update returned a NaN or infinite value.
     """
-    return run_training(args, stream).records[-1]
+    try:
+        return run_training(args, stream).records[-1]
+    except RunFinishedError as finished:
+        print(f"domaingrad: {finished}", file=stream or sys.stdout)
+        return finished.records[-1]

@@ -5,6 +5,7 @@ job flag is given), records them in the manifest and runs every job that is not 
 jobs never started start, interrupted or failed ones resume from their last checkpoint.
 ``status`` counts the jobs by state and shows the errors of failed ones.
 ``delete-incomplete`` deletes the directories of jobs that are neither done nor running.
+Each is a subcommand with its own options (:mod:`.options`).
 
 Only cheap modules are imported at module level (the CLI builds its parser from here).
 """
@@ -19,189 +20,12 @@ import sys
 from collections import Counter
 
 from ..errors import DomainGradError
-from ..layout import SPLIT_PROTOCOLS
 from . import TRAIN_OPTIONS
-
-#: the flags that define which jobs a sweep has (any given: jobs from flags, else from the manifest)
-JOB_FLAGS = (
-    "datasets",
-    "algorithms",
-    "test_envs",
-    "single_test_envs",
-    "n_hparams_from",
-    "n_hparams",
-    "hparams_seeds",
-    "n_trials",
-    "trial_seeds",
-    "hparams",
-    "hparams_from",
-    "steps",
-    "checkpoint_freq",
-    "data_dir",
-    "holdout_fraction",
-    *TRAIN_OPTIONS,
-)
-
-
-def _option(parser: argparse.ArgumentParser | argparse._ArgumentGroup, name: str, *extra: str, **kwargs) -> None:
-    """``--name-with-dashes`` plus DomainBed's ``--name_with_underscores``."""
-    flags = [f"--{name.replace('_', '-')}"] + ([f"--{name}"] if "_" in name else []) + list(extra)
-    parser.add_argument(*flags, dest=name, **kwargs)
-
-
-def add_parser(subparsers) -> None:
-    """Register ``domaingrad sweep`` (DomainBed ``sweep.py`` flag names, dashed or underscored)."""
-    p = subparsers.add_parser(
-        "sweep",
-        help="launch, inspect or clean a sweep of training runs (DomainBed's sweep.py)",
-        description="A sweep is datasets x algorithms x test environments x hyperparameter draws x trials, one "
-        "directory per job in --output-dir. Without job flags, status/launch/delete-incomplete use "
-        "the jobs listed in OUTPUT_DIR/sweep.json.",
-    )
-    p.add_argument(
-        "action",
-        choices=["launch", "status", "delete-incomplete", "delete_incomplete"],
-        help="launch (or relaunch) the jobs not done, show their state, or delete unfinished ones",
-    )
-    _option(p, "output_dir", required=True, help="the sweep directory")
-    jobs = p.add_argument_group("jobs (DomainBed's defaults: every dataset and algorithm, 20 draws, 3 trials)")
-    _option(
-        jobs,
-        "datasets",
-        nargs="+",
-        default=None,
-        metavar="NAME",
-        help="dataset names, or package.module:Class for your own (importable by every job process)",
-    )
-    _option(
-        jobs,
-        "algorithms",
-        nargs="+",
-        default=None,
-        metavar="NAME",
-        help="algorithm names, or package.module:Class for your own (importable by every job process: "
-        "installed or on PYTHONPATH)",
-    )
-    _option(
-        jobs,
-        "test_envs",
-        nargs="+",
-        type=int,
-        default=None,
-        metavar="I",
-        help="only jobs whose test environments include one of these (default: all)",
-    )
-    _option(
-        jobs,
-        "single_test_envs",
-        action="store_true",
-        default=None,
-        help="one test environment per job (default: also every pair, for leave-one-domain-out)",
-    )
-    _option(jobs, "n_hparams_from", type=int, default=None, help="first hparams_seed (default 0)")
-    _option(jobs, "n_hparams", type=int, default=None, help="hparams_seed runs to N-1 (default 20)")
-    _option(
-        jobs,
-        "hparams_seeds",
-        nargs="+",
-        type=int,
-        default=None,
-        metavar="S",
-        help="exactly these hyperparameter draws, e.g. 3 7 (0 = defaults)",
-    )
-    _option(jobs, "n_trials", type=int, default=None, help="trial seeds 0..N-1 (default 3)")
-    _option(jobs, "trial_seeds", nargs="+", type=int, default=None, metavar="T", help="exactly these trial seeds")
-    _option(jobs, "hparams", default=None, help="JSON object of fixed hyperparameters for every job")
-    _option(
-        jobs,
-        "hparams_from",
-        default=None,
-        metavar="RUN_DIR",
-        help="fix every hyperparameter to those of a finished run (its results.jsonl); the draws "
-        "default to hparams_seed 0 only, so --n-trials reruns that set on more trials",
-    )
-    _option(jobs, "steps", type=int, default=None)
-    _option(jobs, "checkpoint_freq", type=int, default=None)
-    _option(jobs, "data_dir", default=None, help="data root (default: the embedded digits)")
-    _option(jobs, "holdout_fraction", type=float, default=None, help="default 0.2")
-    _option(
-        jobs,
-        "weights",
-        default=None,
-        help="as `domaingrad train --weights` (image datasets: none, imagenet or a state-dict path)",
-    )
-    _option(jobs, "image_size", type=int, default=None, help="as `domaingrad train --image-size`")
-    _option(
-        jobs, "split_protocol", default=None, choices=SPLIT_PROTOCOLS, help="as `domaingrad train --split-protocol`"
-    )
-    _option(jobs, "class_map", default=None, metavar="FILE", help="as `domaingrad train --class-map`")
-    _option(
-        jobs, "corrupt_images", default=None, choices=["error", "skip"], help="as `domaingrad train --corrupt-images`"
-    )
-    _option(
-        jobs,
-        "clean_eval",
-        action="store_true",
-        default=None,
-        help="as `domaingrad train --clean-eval` (evaluate training domains on clean images)",
-    )
-    run = p.add_argument_group("launching")
-    _option(
-        run,
-        "launcher",
-        "--command-launcher",
-        "--command_launcher",
-        default="local",
-        choices=["sequential", "local", "ray", "slurm"],
-        help="default: local",
-    )
-    _option(
-        run,
-        "workers",
-        type=int,
-        default=None,
-        help="parallel jobs (local, and a Ray instance started here); default: the number of CPUs",
-    )
-    _option(run, "threads_per_job", type=int, default=1, help="torch threads of each job (default 1)")
-    _option(run, "ray_address", default=None, help="connect to this running Ray cluster, e.g. auto or host:6379")
-    _option(run, "skip_confirmation", "--yes", "-y", action="store_true", help="do not ask before launching/deleting")
-    bar = run.add_mutually_exclusive_group()
-    bar.add_argument(
-        "--progress",
-        dest="progress",
-        action="store_true",
-        default=None,
-        help="always show the progress bar (default: only on a terminal)",
-    )
-    bar.add_argument("--no-progress", dest="progress", action="store_false")
-    _option(p, "list", action="store_true", help="status: list every job with its state")
-    slurm = p.add_argument_group("slurm launcher (submitit)")
-    _option(
-        slurm,
-        "submitit_cluster",
-        choices=["slurm", "local", "debug"],
-        default=None,
-        help="default: slurm when available, else local processes",
-    )
-    _option(slurm, "submitit_folder", default=None, help="submitit logs (default OUTPUT_DIR/.submitit)")
-    _option(slurm, "slurm_partition", default=None)
-    _option(slurm, "slurm_time", type=int, default=None, metavar="MINUTES", help="time limit per job")
-    _option(slurm, "slurm_gpus_per_node", type=int, default=None)
-    _option(slurm, "slurm_cpus_per_task", type=int, default=None, help="default: --threads-per-job")
-    _option(slurm, "slurm_mem_gb", type=int, default=None)
-    _option(slurm, "slurm_array_parallelism", type=int, default=None, help="array tasks running at once")
-    _option(
-        slurm,
-        "slurm_option",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="extra sbatch option (repeatable), e.g. account=myproj",
-    )
+from .options import JOB_FLAGS, add_parser
 
 
 def run(ns: argparse.Namespace) -> int:
-    """Run ``domaingrad sweep ACTION``; returns the exit code.
+    """Run ``domaingrad sweep ACTION`` (``launch``, ``status``, ``delete-incomplete``); returns the exit code.
 
     Raises:
         DomainGradError: bad flags, an unreadable manifest, no confirmation possible.
@@ -215,7 +39,7 @@ def run(ns: argparse.Namespace) -> int:
     states = list(iter_states(jobs))
     print(f"sweep {os.path.abspath(ns.output_dir)}: {summarize(states)}")
     if ns.action == "status":
-        return show_status(states, ns.list)
+        return show_status(states, getattr(ns, "list", False))
     if ns.action in ("delete-incomplete", "delete_incomplete"):
         return delete_incomplete([j for j, s in states if s in (JobState.INCOMPLETE, JobState.FAILED)], ns)
     return launch(jobs, states, ns)
@@ -257,8 +81,8 @@ def spec_from_flags(ns: argparse.Namespace):
         DomainGradError: contradictory or out-of-range flags, hyperparameters refused by
             an algorithm of the sweep.
     """
-    from ..algorithms import ALGORITHMS
-    from ..data import DATASETS
+    from ..algorithms import ALGORITHMS, resolve_algorithm_name
+    from ..data import DATASETS, resolve_dataset_name
     from .jobs import SweepSpec, check_spec, hparams_of_run
 
     if ns.hparams_seeds is not None and (ns.n_hparams is not None or ns.n_hparams_from is not None):
@@ -272,9 +96,14 @@ def spec_from_flags(ns: argparse.Namespace):
         hparams = hparams_of_run(ns.hparams_from)
         if hparams_seeds is None and ns.n_hparams is None and ns.n_hparams_from is None:
             hparams_seeds = [0]
+    # canonical spellings (--algorithms erm -> ERM): the job arguments, hashes and records keep them
+    datasets = (
+        [resolve_dataset_name(d) for d in ns.datasets] if ns.datasets else [d for d in DATASETS if "Debug" not in d]
+    )
+    algorithms = [resolve_algorithm_name(a) for a in ns.algorithms] if ns.algorithms else list(ALGORITHMS)
     spec = SweepSpec(
-        datasets=tuple(ns.datasets or [d for d in DATASETS if "Debug" not in d]),
-        algorithms=tuple(ns.algorithms or ALGORITHMS),
+        datasets=tuple(dict.fromkeys(datasets)),
+        algorithms=tuple(dict.fromkeys(algorithms)),
         test_envs=None if ns.test_envs is None else tuple(ns.test_envs),
         single_test_envs=bool(ns.single_test_envs),
         n_hparams_from=0 if ns.n_hparams_from is None else ns.n_hparams_from,
@@ -317,7 +146,7 @@ def confirm(ns: argparse.Namespace, question: str) -> bool:
     Raises:
         DomainGradError: no terminal to ask on and no --skip-confirmation.
     """
-    if ns.skip_confirmation:
+    if getattr(ns, "skip_confirmation", False):
         return True
     try:
         answer = input(f"{question} (y/n) ")
@@ -386,7 +215,7 @@ def launch_options(ns: argparse.Namespace):
         "cluster": ns.submitit_cluster,
         "parameters": {k: v for k, v in params.items() if v is not None},
     }
-    return LaunchOptions(ns.threads_per_job, workers, ns.ray_address, submitit)
+    return LaunchOptions(ns.threads_per_job, workers, ns.ray_address, submitit, ray_timeout=ns.ray_timeout)
 
 
 def launch(jobs, states, ns: argparse.Namespace) -> int:

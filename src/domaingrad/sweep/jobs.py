@@ -261,7 +261,9 @@ def check_spec(spec) -> None:
     """
     from ..hparams import parse_hparams_json
     from ..registry import resolve_hparams
+    from ..run.args import check_task
 
+    check_task(spec.task, 0.0)
     if spec.hparams_seeds is None and not 0 <= spec.n_hparams_from < spec.n_hparams:
         raise DomainGradError(
             f"--n-hparams-from {spec.n_hparams_from} --n-hparams {spec.n_hparams} gives no "

@@ -8,10 +8,11 @@ which job processes inherit).
 Every launcher starts each job as this fresh Python process, so a job sees the same
 process state (torch thread count, RNGs, imports) whichever launcher ran it, and the
 results are bit-identical across launchers. The process holds an exclusive ``flock`` on
-``JOB_DIR/lock`` while it runs: a second process given the same job (a relaunch while
-an orphan still runs, two launches at once) exits with :data:`EXIT_RUNNING_ELSEWHERE`
-instead of writing into the same directory, and ``domaingrad sweep status`` shows the
-job as running.
+``JOB_DIR/lock`` while it runs (:func:`domaingrad.layout.acquire_lock`; the training run
+it starts in the same process takes the same lock re-entrantly): a second process given
+the same job (a relaunch while an orphan still runs, two launches at once) exits with
+:data:`EXIT_RUNNING_ELSEWHERE` instead of writing into the same directory, and
+``domaingrad sweep status`` shows the job as running.
 
 Exit codes: 0 done (or already done), 1 crash or non-finite loss, 2 bad arguments
 (DomainGradError), 75 running elsewhere, 130 interrupted.
@@ -20,38 +21,18 @@ Exit codes: 0 done (or already done), 1 crash or non-finite loss, 2 bad argument
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
 import os
 import sys
-import time
 import traceback
 from pathlib import Path
 
+# the lock helpers live in the layout, which the training run also uses (re-exported here)
+from ..layout import LOCK_WAIT_SECONDS, acquire_lock
+
+__all__ = ["EXIT_RUNNING_ELSEWHERE", "LOCK_WAIT_SECONDS", "acquire_lock", "main", "run"]
+
 EXIT_RUNNING_ELSEWHERE = 75
-LOCK_WAIT_SECONDS = 1.0
-
-
-def acquire_lock(job_dir: Path, wait: float = LOCK_WAIT_SECONDS) -> int | None:
-    """Take the job's lock; returns the open descriptor (keep it open), None if held elsewhere.
-
-    Retries for ``wait`` seconds, so a momentary probe by ``sweep status`` is not
-    mistaken for a running job.
-    """
-    from ..layout import LOCK
-
-    job_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(job_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-    deadline = time.monotonic() + wait
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return fd
-        except BlockingIOError:
-            if time.monotonic() >= deadline:
-                os.close(fd)
-                return None
-            time.sleep(0.1)
 
 
 def run(args: dict, threads: int) -> int:

@@ -7,14 +7,16 @@ references of :mod:`tests.gradients.surgery.references`.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from domaingrad.gradients.surgery import AgrRand, AgrSum, agr_rand, agr_sum, agreement_mask
+from domaingrad.gradients.surgery import AgrRand, AgrSum, _agr_rand, agr_rand, agr_sum, agreement_mask
 
-from .references import F64, FAST, SHAPES, close, naive_agree, random_grads, sparse_signs, t64
+from .references import F64, FAST, SHAPES, close, naive_agree, sparse_signs, t64
 
 # ------------------------------------------------------------------ agreement, Agr-Sum
 
@@ -90,11 +92,35 @@ def test_paper_and_official_agreement_differ_exactly_at_all_zero_components(seed
 # ------------------------------------------------------------------------ Agr-Rand
 
 
+def parallel_noise(seed: int, sizes: list[int], dtype=F64, chunk: int = 1 << 18) -> list[torch.Tensor]:
+    """The standard-normal values of agr_rand's parallel stream, as its docstring states:
+    chunks of ``chunk`` components over all tensors in input order, chunk ``c`` drawn by
+    lane ``c mod 8``, the lanes seeded by ``torch.randint(0, 2**63 - 1, (8,))`` from the
+    call's generator, each lane drawing its pieces in order."""
+    seeds = torch.randint(0, 2**63 - 1, (8,), generator=torch.Generator().manual_seed(seed)).tolist()
+    lanes = [torch.Generator().manual_seed(s) for s in seeds]
+    noise = [torch.empty(n, dtype=dtype) for n in sizes]
+    pieces: list[list[tuple[int, int, int]]] = [[] for _ in range(8)]
+    start = 0
+    for t, n in enumerate(sizes):
+        a = 0
+        while a < n:  # tensor t's part [a, e) of chunk c
+            c = (start + a) // chunk
+            e = min(n, (c + 1) * chunk - start)
+            pieces[c % 8].append((t, a, e))
+            a = e
+        start += n
+    for lane, todo in zip(lanes, pieces):
+        for t, a, e in todo:
+            noise[t][a:e] = torch.randn(e - a, generator=lane, dtype=dtype)
+    return noise
+
+
 def test_agr_rand_hand_case_uses_the_documented_noise():
     # comp0: (1, 3) agree, sum 4; comps 1, 2 disagree. sigma = mean |g*| over A = 4.
     g = t64([[1.0, 2.0, -1.0], [3.0, -1.0, 1.0]])
     res = agr_rand([g], generator=torch.Generator().manual_seed(7))
-    z = torch.randn(3, generator=torch.Generator().manual_seed(7), dtype=F64)
+    (z,) = parallel_noise(7, [3])
     assert res.stats["sigma"] == pytest.approx(4.0)
     assert res.stats["agree_frac"] == pytest.approx(1 / 3)
     assert res.grads[0][0].item() == 4.0
@@ -105,6 +131,21 @@ def test_agr_rand_hand_case_uses_the_documented_noise():
     assert close(mean.grads[0], res.grads[0] / 2)
 
 
+def test_agr_rand_sequential_stream_is_the_earlier_one():
+    # the stream of domaingrad 0.1.0: torch.randn(param.shape) per tensor with noise
+    g = t64([[1.0, 2.0, -1.0], [3.0, -1.0, 1.0]])
+    res = agr_rand([g], generator=torch.Generator().manual_seed(7), noise="sequential")
+    z = torch.randn(3, generator=torch.Generator().manual_seed(7), dtype=F64)
+    assert res.grads[0][0].item() == 4.0
+    assert close(res.grads[0][1:], 4.0 * z[1:])
+    # a tensor without disagreement draws nothing: B's noise is the first draw
+    a = t64([[1.0, 3.0], [1.0, 3.0]])
+    b = t64([[-1.0, 1.0], [-3.0, -1.0]])
+    res = agr_rand([a, b], generator=torch.Generator().manual_seed(3), noise="sequential")
+    z = torch.randn(2, generator=torch.Generator().manual_seed(3), dtype=F64)
+    assert res.grads[1][1].item() == pytest.approx(4.0 * z[1].item())
+
+
 def test_agr_rand_sigma_is_network_wide():
     # tensor A agrees everywhere: sums (2, 6) -> |g*| 2, 6; tensor B: comp0 sum -4
     # agrees, comp1 disagrees. sigma = (2 + 6 + 4) / 3 = 4. Only B gets noise.
@@ -113,9 +154,104 @@ def test_agr_rand_sigma_is_network_wide():
     res = agr_rand([a, b], generator=torch.Generator().manual_seed(3))
     assert res.stats["sigma"] == pytest.approx(4.0)
     assert res.grads[0].tolist() == [2.0, 6.0]
-    z = torch.randn(2, generator=torch.Generator().manual_seed(3), dtype=F64)
+    _, z = parallel_noise(3, [2, 2])
     assert res.grads[1][0].item() == -4.0
     assert res.grads[1][1].item() == pytest.approx(4.0 * z[1].item())
+
+
+def set_noise_chunk(monkeypatch, chunk: int) -> None:
+    """Chunks of ``chunk`` components in the parallel stream (small: many lanes at work)."""
+    monkeypatch.setattr(_agr_rand, "_NOISE_CHUNK", chunk)
+
+
+@pytest.fixture
+def restore_threads():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+# sizes 23 + 24 + 1 + 0 + 12 + 40 = 100 components: in chunks of 5, 20 chunks over all 8
+# lanes, several chunks spanning two or three tensors
+CHUNKED_SHAPES = [(23,), (4, 6), (1,), (0,), (2, 2, 3), (40,)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_agr_rand_parallel_stream_across_chunks_lanes_and_threads(monkeypatch, restore_threads, dtype):
+    set_noise_chunk(monkeypatch, 5)
+    grads = [sparse_signs(torch.Generator().manual_seed(t), (3, *s)).to(dtype) for t, s in enumerate(CHUNKED_SHAPES)]
+    consensus = agr_sum(grads)
+    sizes = [g[0].numel() for g in grads]
+    noise = parallel_noise(11, sizes, dtype=dtype, chunk=5)
+    results = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        results.append(agr_rand(grads, generator=torch.Generator().manual_seed(11)))
+    one, two = results
+    sigma = one.stats["sigma"]
+    assert sigma > 0 and one.stats == two.stats
+    for g, out, out2, cons, z in zip(grads, one.grads, two.grads, consensus.grads, noise):
+        assert torch.equal(out, out2)  # the same bits with one thread or two
+        agree = naive_agree(g, "paper")
+        assert torch.equal(out[agree], cons[agree])  # the agreeing components are Agr-Sum's
+        assert torch.allclose(out.flatten()[~agree.flatten()], sigma * z[~agree.flatten()], rtol=1e-6, atol=0)
+
+
+@pytest.mark.usefixtures("single_thread")  # the values do not depend on it (tested above)
+@pytest.mark.parametrize("noise", ["parallel", "sequential"])
+def test_agr_rand_noise_is_normal_with_sd_sigma(monkeypatch, noise):
+    # 400,000 components, the first 1,000 agree with sum 2 -> sigma = 2 exactly; the other
+    # 399,000 are sigma * N(0, 1). Chunks of 2^14: 25 chunks, every lane draws 3 or 4.
+    from scipy import stats
+
+    set_noise_chunk(monkeypatch, 1 << 14)
+    n, n_agree = 400_000, 1_000
+    d0 = torch.ones(n, dtype=torch.float32)
+    d1 = -torch.ones(n, dtype=torch.float32)
+    d1[:n_agree] = 1.0
+    res = agr_rand([torch.stack([d0, d1])], generator=torch.Generator().manual_seed(5), noise=noise)
+    out = res.grads[0]
+    assert res.stats["sigma"] == 2.0
+    assert torch.all(out[:n_agree] == 2.0)
+    z = (out[n_agree:] / 2.0).double().numpy()
+    assert stats.kstest(z, "norm").pvalue > 0.01  # fixed seed: deterministic, cannot flake
+    assert abs(z.mean()) < 5 / n**0.5 and abs(z.std() - 1) < 0.01
+
+
+@pytest.mark.parametrize("noise", ["parallel", "sequential"])
+@pytest.mark.parametrize("rule", ["paper", "official"])
+def test_agr_rand_noise_only_where_the_domains_disagree(noise, rule):
+    # many zeros and ties; a NaN-free input: agreeing components are exactly Agr-Sum's, every
+    # disagreeing one carries noise (nonzero), and only those change with the seed
+    gen = torch.Generator().manual_seed(4)
+    grads = [sparse_signs(gen, (3, *s)) for s in [(300,), (20, 7), (3,)]]
+    first = agr_rand(grads, generator=torch.Generator().manual_seed(1), rule=rule, noise=noise)
+    again = agr_rand(grads, generator=torch.Generator().manual_seed(1), rule=rule, noise=noise)
+    other = agr_rand(grads, generator=torch.Generator().manual_seed(2), rule=rule, noise=noise)
+    consensus = agr_sum(grads, rule=rule)
+    assert first.stats == again.stats
+    for g, a, b, c, s in zip(grads, first.grads, again.grads, other.grads, consensus.grads):
+        agree = naive_agree(g, rule)
+        assert torch.equal(a, b)  # same seed, same bits
+        assert torch.equal(a[agree], s[agree]) and torch.equal(c[agree], s[agree])
+        assert torch.all(a[~agree] != 0) and torch.all(a[~agree] != c[~agree])
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_agr_rand_streams_agree_on_nan_input(reduction):
+    # a NaN sum disagrees and makes sigma NaN: no noise in either stream, the other
+    # disagreeing components are 0, the NaN stays NaN, the agreeing sums are kept
+    g = t64([[1.0, float("nan"), -1.0, 2.0], [3.0, 1.0, 1.0, 2.0]])
+    results = [
+        agr_rand([g], generator=torch.Generator().manual_seed(0), noise=n, reduction=reduction)
+        for n in ("parallel", "sequential")
+    ]
+    scale = 0.5 if reduction == "mean" else 1.0
+    for res in results:
+        assert math.isnan(res.stats["sigma"])
+        out = res.grads[0]
+        assert out[0].item() == 4.0 * scale and out[3].item() == 4.0 * scale
+        assert math.isnan(out[1].item()) and out[2].item() == 0.0
 
 
 @pytest.mark.parametrize("rule", ["paper", "official"])
@@ -134,29 +270,6 @@ def test_agr_rand_official_all_zero_gradients_is_zero_not_nan():
     assert torch.equal(res.grads[0], torch.zeros(4))
 
 
-def test_agr_rand_is_reproducible_with_the_same_seed():
-    grads = random_grads(0, 3, [(50,), (4, 5)], dtype=torch.float32)
-    a = agr_rand(grads, generator=torch.Generator().manual_seed(11))
-    b = agr_rand(grads, generator=torch.Generator().manual_seed(11))
-    c = agr_rand(grads, generator=torch.Generator().manual_seed(12))
-    assert all(torch.equal(x, y) for x, y in zip(a.grads, b.grads))
-    assert not all(torch.equal(x, y) for x, y in zip(a.grads, c.grads))
-
-
-def test_agr_rand_noise_std_matches_sigma_on_a_large_tensor():
-    n, n_agree = 200_000, 1_000
-    d0 = torch.ones(n, dtype=torch.float32)
-    d1 = -torch.ones(n, dtype=torch.float32)
-    d1[:n_agree] = 1.0  # agreeing components sum to 2 -> sigma = 2
-    res = agr_rand([torch.stack([d0, d1])], generator=torch.Generator().manual_seed(5))
-    out = res.grads[0]
-    assert res.stats["sigma"] == pytest.approx(2.0)
-    assert torch.all(out[:n_agree] == 2.0)
-    noise = out[n_agree:].double()
-    assert noise.std().item() == pytest.approx(2.0, rel=0.02)
-    assert abs(noise.mean().item()) < 0.03
-
-
 # ----------------------------------------------------------------------- the objects
 
 
@@ -168,6 +281,15 @@ def test_agr_sum_object_is_the_function_with_the_same_options():
     # the hand case: official rule, an all-zero component disagrees
     g = t64([[1.0, -1.0, 0.0, 2.0, 0.0], [3.0, 2.0, 0.0, -1.0, 5.0]])
     assert AgrSum(rule="official")([g]).stats["agree_frac"] == pytest.approx(1 / 5)
+
+
+@pytest.mark.parametrize("noise", ["parallel", "sequential"])
+def test_agr_rand_object_is_the_function_with_the_same_options(noise):
+    grads = [sparse_signs(torch.Generator().manual_seed(2), (3, *s)) for s in [(7,), (2, 3)]]
+    for kwargs in ({}, {"rule": "official"}, {"reduction": "mean"}):
+        res = AgrRand(generator=torch.Generator().manual_seed(4), noise=noise, **kwargs)(grads)
+        exp = agr_rand(grads, generator=torch.Generator().manual_seed(4), noise=noise, **kwargs)
+        assert all(torch.equal(a, b) for a, b in zip(res.grads, exp.grads)) and res.stats == exp.stats, kwargs
 
 
 def test_agr_rand_object_advances_its_generator_call_by_call():
@@ -184,8 +306,12 @@ def test_agr_rand_object_advances_its_generator_call_by_call():
 def test_agreement_objects_repr_and_errors():
     assert repr(AgrSum()) == "AgrSum(rule='paper', reduction='sum')"
     assert repr(AgrRand(generator=torch.Generator(), rule="official")) == (
-        "AgrRand(generator=torch.Generator(device='cpu'), rule='official', reduction='sum')"
+        "AgrRand(generator=torch.Generator(device='cpu'), rule='official', reduction='sum', noise='parallel')"
     )
+    with pytest.raises(ValueError, match=r"noise must be one of \['parallel', 'sequential'\]"):
+        AgrRand(generator=torch.Generator(), noise="exact")
+    with pytest.raises(ValueError, match="noise must be one of"):
+        agr_rand([torch.ones(2, 3)], generator=torch.Generator(), noise="fast")
     with pytest.raises(ValueError, match="rule must be one of"):
         AgrSum(rule="strict")
     with pytest.raises(ValueError, match="reduction must be one of"):

@@ -191,6 +191,61 @@ def test_gram_blocks_of_any_length_give_the_same_gram_matrices(monkeypatch, gram
     assert torch.allclose(_gram._gram_run(x[:, :1]), exact[:1], rtol=1e-12, atol=1e-12)  # one piece
 
 
+def set_splits(monkeypatch, gram_split: int, combine_split: int, gram_chunk: int | None = None) -> None:
+    """Columns per part of the batched Gram products and of the batched combination of a
+    long run (small: many batch items, which torch spreads over the threads)."""
+    monkeypatch.setattr(_gram, "_GRAM_SPLIT", gram_split)
+    monkeypatch.setattr(_gram, "_COMBINE_SPLIT", combine_split)
+    if gram_chunk is not None:
+        monkeypatch.setattr(_gram, "_GRAM_CHUNK", gram_chunk)
+
+
+@pytest.mark.parametrize("n", [1, 15, 16, 17, 64, 99, 100, 257, 1000])
+def test_long_runs_in_batched_parts_give_the_float64_gram_and_the_combination(monkeypatch, n):
+    # blocks of 100 columns cut in parts of 16 (ragged last part, blocks shorter than a
+    # part, a ragged last block) and the combination in parts of 32: the Gram matrix is
+    # the float64 one, the combination the float64 one to float32 rounding
+    set_splits(monkeypatch, 16, 32, gram_chunk=100)
+    x = torch.randn(4, 1, n, generator=torch.Generator().manual_seed(n))
+    exact = x[:, 0].double() @ x[:, 0].double().T
+    assert torch.allclose(_gram._gram_run(x)[0], exact, rtol=1e-13, atol=1e-13)
+    coef = torch.randn(1, 4, generator=torch.Generator().manual_seed(0), dtype=F64)
+    out = torch.full((1, n), float("nan"))
+    _gram._combine_run(x, coef, out)
+    assert torch.allclose(out.double(), coef @ x[:, 0].double(), rtol=1e-5, atol=1e-5)
+
+
+def test_conflict_decisions_do_not_depend_on_the_thread_count(monkeypatch):
+    # many batch items (parts of 64 and 128 columns), so that two threads share the Gram
+    # and combination passes; a pair made orthogonal by construction sits on the tie band.
+    # The decisions (conflicts, statistics) are identical, the update equal to rounding.
+    set_splits(monkeypatch, 64, 128, gram_chunk=512)
+    gen = torch.Generator().manual_seed(3)
+    big = torch.randn(5, 3000, generator=gen)
+    big[1] = -big[0] + 0.1 * torch.randn(3000, generator=gen)  # a strong conflict
+    big[2], big[3] = orthogonal_pair(7, 3000)  # <g_2, g_3> = 0 up to rounding: a tie
+    grads = [big.reshape(5, 30, 100), torch.randn(5, 7, generator=gen)]
+    rules = {
+        "pcgrad": lambda g: pcgrad(g, order=[4, 0, 2, 1, 3]),
+        "pcgrad projected": lambda g: pcgrad(g, order=[2, 3, 0, 1, 4], reference="projected"),
+        "corgrad slices=1": lambda g: corgrad(g, slices=1, smoothing=None, order=[0, 1, 2, 3, 4]),
+    }
+    before = torch.get_num_threads()
+    try:
+        runs = {}
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            runs[threads] = {name: rule(grads) for name, rule in rules.items()}
+    finally:
+        torch.set_num_threads(before)
+    for name in rules:
+        one, two = runs[1][name], runs[2][name]
+        assert one.stats == two.stats, name
+        assert one.stats["conflict_pairs"] > 0, name
+        for a, b in zip(one.grads, two.grads):
+            assert torch.allclose(a, b, rtol=1e-6, atol=1e-6), name
+
+
 # ------------------------------------------------------------------- PCGrad object
 
 

@@ -86,14 +86,15 @@ its alpha decay follows a training loop. :func:`surgery_backward` takes a rule n
 function or one of these objects, and writes the combined gradient into ``.grad``.
 
 Layout: one private module per concern (``_plumbing``: validation, packing, scratch
-buffers; ``_agreement``; ``_gram``: the float64 Gram engine; ``_pcgrad``; ``_slicing``,
+buffers; ``_agreement``, ``_agr_rand``; ``_gram``: the float64 Gram engine; ``_pcgrad``; ``_slicing``,
 ``_smoothing`` and ``_corgrad``; ``_masks``; ``_backward``); every public name is
 re-exported here.
 """
 
 from __future__ import annotations
 
-from ._agreement import AgrRand, AgrSum, agr_rand, agr_sum, agreement_mask
+from ._agr_rand import AgrRand, agr_rand
+from ._agreement import AgrSum, agr_sum, agreement_mask
 from ._backward import RULES, stack_domain_gradients, surgery_backward
 from ._corgrad import OFFICIAL_CORGRAD_OPTIONS, CorGrad, corgrad
 from ._masks import ANDMask, SANDMask, and_mask, sand_mask

@@ -1,6 +1,6 @@
-"""Sign agreement: the mask Phi, Agr-Sum and Agr-Rand (Mansilla, Echeveste, Milone,
-Ferrante, "Domain Generalization via Gradient Surgery", ICCV 2021, eqs. (2)-(4)), with
-the blocked masked-sum kernel that ANDMask shares."""
+"""Sign agreement: the mask Phi and Agr-Sum (Mansilla, Echeveste, Milone, Ferrante,
+"Domain Generalization via Gradient Surgery", ICCV 2021, eqs. (2)-(3)), with the blocked
+masked-sum kernel that Agr-Rand (:mod:`._agr_rand`) and ANDMask share."""
 
 from __future__ import annotations
 
@@ -13,15 +13,12 @@ from ._plumbing import (
     AgreementRule,
     Reduction,
     SurgeryResult,
-    _check_generator,
     _check_option,
     _count,
-    _Group,
     _make_groups,
     _Rule,
     _scale,
     _Scratch,
-    _segment_sums,
     _unpack,
     _validate,
 )
@@ -35,12 +32,15 @@ def _masked_domain_sum(
     tau: float = 1.0,
     keep: Tensor | None = None,
     l1: list[float] | None = None,
+    noise_in_out: bool = False,
 ) -> float:
     """Blocked ``out = mask * sum_d g2[d]``; returns the number of kept components.
 
     Args:
         g2: ``(D, n)`` flat per-domain gradients of one tensor.
-        out: ``(n,)`` output, same dtype.
+        out: ``(n,)`` output, same dtype. With ``noise_in_out`` it holds noise on entry
+            and leaves as ``mask * sum + (1 - mask) * noise`` (Agr-Rand's parallel
+            stream; NaN sums still propagate, ``NaN * 0`` being NaN).
         mask_rule: ``"paper"`` (all signs equal), ``"official"`` (all strictly positive
             or all strictly negative) or ``"tau"`` (DomainBed ANDMask:
             ``|mean_d sign(g_d)| >= tau``).
@@ -57,8 +57,11 @@ def _masked_domain_sum(
     for a in range(0, n, scratch.chunk):
         e = min(n, a + scratch.chunk)
         x = g2[:, a:e]
-        s = out[a:e]
-        lo, hi = scratch.get(g2.dtype, e - a)
+        if noise_in_out:
+            lo, hi, s = scratch.get(g2.dtype, e - a, 3)
+        else:
+            s = out[a:e]
+            lo, hi = scratch.get(g2.dtype, e - a)
         if num_domains == 1:
             s.copy_(x[0])
         else:
@@ -97,6 +100,9 @@ def _masked_domain_sum(
         if l1 is not None:
             acc_dtype = torch.float64 if s.dtype == torch.float64 else torch.float32
             abs_sum += torch.abs(s, out=lo).sum(dtype=acc_dtype)
+        if noise_in_out:  # out = (noise - noise * mask) + mask * sum, exact for 0/1 masks
+            blk = out[a:e]
+            blk.addcmul_(blk, hi, value=-1.0).add_(s)
     if l1 is not None:
         l1[0] += float(abs_sum.item())
     return float(kept.item())
@@ -167,120 +173,6 @@ def agr_sum(
     return SurgeryResult(out, {"agree_frac": agree / total if total else 1.0})
 
 
-def agr_rand(
-    grads: Sequence[Tensor],
-    *,
-    generator: torch.Generator,
-    rule: AgreementRule = "paper",
-    reduction: Reduction = "sum",
-) -> SurgeryResult:
-    """Agr-Rand consensus of Mansilla et al. (ICCV 2021), eq. (4).
-
-    As :func:`agr_sum`, but every disagreeing component is drawn from
-    ``N(0, sigma^2)`` with ``sigma = mean_{p in A} |g*_p|``, ``A`` the agreeing components
-    of the WHOLE network (all tensors together; with ``rule="paper"`` the all-zero
-    components are in ``A``).
-
-    Guard (domaingrad's choice): the official code computes sigma as 0/0 = NaN when no
-    component agrees. Here sigma is then 0, i.e. the update is all zeros (there is no
-    consensus to follow and no scale for the noise); the result is never NaN for finite
-    input. When ``sigma == 0`` no noise is drawn.
-
-    Noise: for each tensor with at least one disagreeing component, in order, one
-    standard-normal draw per component (``torch.randn(param.shape, generator=generator,
-    dtype=param.dtype)``, of which the disagreeing positions are used), so the same
-    generator state gives the same result. ``generator`` must be on the tensors'
-    device. With ``reduction="mean"`` the whole result, noise included, is divided by
-    ``D`` (equivalently, sigma is computed from the averaged consensus).
-
-    Returns:
-        grads of shapes ``param_t.shape``; stats ``agree_frac`` and ``sigma`` (the
-        standard deviation used, after the reduction).
-    """
-    tensors, num_domains = _validate(grads)
-    _check_option(rule, ("paper", "official"), "rule")
-    scale = _scale(reduction, num_domains)
-    _check_generator(generator, optional=False)
-    l1 = [0.0]
-    agree = 0.0
-    total = 0
-    with torch.no_grad():
-        groups = _make_groups(tensors, num_domains)
-        scratch = _Scratch(groups)
-        keeps: list[Tensor] = []
-        place: dict[int, tuple[int, int, int, bool]] = {}  # tensor -> group, offset, size, noisy
-        for gi, grp in enumerate(groups):
-            n = grp.out.numel()
-            keep = torch.empty(n, dtype=torch.bool, device=grp.out.device)
-            kept = _masked_domain_sum(grp.flat, grp.out, scratch, rule, keep=keep, l1=l1)
-            if scale != 1.0:
-                grp.out.mul_(scale)
-            keeps.append(keep)
-            agree += kept
-            total += n
-            counts = _segment_sums(keep, grp.sizes) if grp.packed else [kept]
-            for t, o, size, c in zip(grp.members, grp.offsets, grp.sizes, counts):
-                place[t] = (gi, o, size, c < size)
-        sigma = scale * l1[0] / agree if agree > 0 else 0.0
-        if sigma > 0.0 and agree < total:
-            _draw_noise(groups, place, keeps, sigma, generator, scratch)
-        out = _unpack(groups, tensors)
-    return SurgeryResult(out, {"agree_frac": agree / total if total else 1.0, "sigma": sigma})
-
-
-def _draw_noise(
-    groups: list[_Group],
-    place: dict[int, tuple[int, int, int, bool]],
-    keeps: list[Tensor],
-    sigma: float,
-    generator: torch.Generator,
-    scratch: _Scratch,
-) -> None:
-    """Agr-Rand's noise, added in place at the disagreeing components of the groups.
-
-    Drawn tensor by tensor in the input order (the stream of ``torch.randn(param.shape,
-    generator=generator)`` for each tensor with at least one disagreeing component),
-    then added at the disagreeing components. ``place[t]`` is ``(group, offset, size,
-    noisy)`` of tensor ``t``; ``keeps[g]`` the agreement mask of group ``g``.
-    """
-    noise = [torch.zeros_like(grp.out) if grp.packed else None for grp in groups]
-    big: dict[torch.dtype, Tensor] = {}
-    for t in range(len(place)):
-        gi, o, size, noisy = place[t]
-        if not noisy:
-            continue
-        grp = groups[gi]
-        buf = noise[gi]
-        if buf is not None:  # packed: draw into its slice, add below in one go
-            buf[o : o + size].normal_(generator=generator)
-            continue
-        dtype = grp.out.dtype
-        if dtype not in big:
-            largest = max(gr.out.numel() for gr in groups if gr.out.dtype == dtype)
-            big[dtype] = torch.empty(largest, dtype=dtype, device=grp.out.device)
-        z = big[dtype][:size]
-        z.normal_(generator=generator)  # same values as torch.randn(size, generator)
-        _add_noise(grp.out, z, keeps[gi], sigma, scratch)
-    for grp, buf, keep in zip(groups, noise, keeps):
-        if buf is not None:
-            _add_noise(grp.out, buf, keep, sigma, scratch)
-
-
-def _add_noise(out: Tensor, noise: Tensor, keep: Tensor, sigma: float, scratch: _Scratch) -> None:
-    """``out += sigma * noise`` where ``keep`` is False (blocked; ``noise`` is clobbered).
-
-    ``out`` is exactly zero at those components (Agr-Sum), so this sets them to the noise.
-    """
-    n = out.numel()
-    for a in range(0, n, scratch.chunk):
-        e = min(n, a + scratch.chunk)
-        (dis,) = scratch.get(out.dtype, e - a, 1)
-        dis.copy_(keep[a:e])
-        dis.sub_(1.0)  # 0 where agreeing, -1 where not
-        z = noise[a:e].mul_(dis)
-        out[a:e].sub_(z, alpha=sigma)
-
-
 class AgrSum(_Rule):
     """Agr-Sum as a configured object: ``AgrSum(**options)(grads)`` is
     :func:`agr_sum` ``(grads, **options)``, with the same defaults.
@@ -315,49 +207,3 @@ class AgrSum(_Rule):
     def __call__(self, grads: Sequence[Tensor]) -> SurgeryResult:
         """:func:`agr_sum` of ``grads`` (tensor ``t`` of shape ``(D, *param_t.shape)``)."""
         return agr_sum(grads, rule=self.rule, reduction=self.reduction)
-
-
-class AgrRand(_Rule):
-    """Agr-Rand as a configured object: ``AgrRand(generator=g, **options)(grads)`` is
-    :func:`agr_rand` ``(grads, generator=g, **options)``, with the same defaults.
-
-    The generator is kept and advanced by every call (so consecutive calls draw fresh
-    noise and a seeded generator makes a run reproducible).
-
-    Args:
-        generator: source of the noise (required, as for the function), on the tensors'
-            device.
-        rule: ``"paper"`` (default) or ``"official"`` agreement, see :func:`agreement_mask`.
-        reduction: ``"sum"`` (default, the paper) or ``"mean"`` (divide by D).
-
-    Raises:
-        ValueError: for an option outside its documented values (when constructed).
-
-    Example (only component 0 agrees; its sum 4 is kept and sets the noise scale
-    sigma = mean |agreeing sums| = 4 of the two others):
-
-    >>> import torch
-    >>> from domaingrad.gradients.surgery import AgrRand
-    >>> rule = AgrRand(generator=torch.Generator().manual_seed(0))
-    >>> result = rule([torch.tensor([[1.0, 2.0, -1.0], [3.0, -1.0, 1.0]])])
-    >>> result.grads[0][0].item(), result.stats["sigma"]
-    (4.0, 4.0)
-    >>> rule
-    AgrRand(generator=torch.Generator(device='cpu'), rule='paper', reduction='sum')
-    """
-
-    _options = ("generator", "rule", "reduction")
-
-    def __init__(
-        self, *, generator: torch.Generator, rule: AgreementRule = "paper", reduction: Reduction = "sum"
-    ) -> None:
-        _check_generator(generator, optional=False)
-        _check_option(rule, ("paper", "official"), "rule")
-        _check_option(reduction, ("sum", "mean"), "reduction")
-        self.generator = generator
-        self.rule = rule
-        self.reduction = reduction
-
-    def __call__(self, grads: Sequence[Tensor]) -> SurgeryResult:
-        """:func:`agr_rand` of ``grads`` (tensor ``t`` of shape ``(D, *param_t.shape)``)."""
-        return agr_rand(grads, generator=self.generator, rule=self.rule, reduction=self.reduction)

@@ -19,7 +19,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._agreement import agr_rand, agr_sum
+from ._agr_rand import agr_rand
+from ._agreement import agr_sum
 from ._corgrad import corgrad
 from ._masks import and_mask, sand_mask
 from ._pcgrad import pcgrad
@@ -36,6 +37,43 @@ RULES: dict[str, Callable[..., SurgeryResult]] = {
 }
 
 _FORMS = "D scalar losses, D lists of per-parameter gradients, or one (D, *param.shape) tensor per parameter"
+_ONE_LOSS_PER_DOMAIN = (
+    "expected a list of D scalar losses (shape ()), one per domain, e.g. "
+    "[F.cross_entropy(model(x), y) for x, y in minibatches]; per-sample losses (reduction='none') "
+    "must first be averaged within each domain"
+)
+
+
+def _check_not_one_tensor(losses_or_grads: Any) -> None:
+    """Refuse a single tensor given where D per-domain items are expected: a scalar (one
+    loss for everything), a 1-D tensor (per-sample losses of a concatenated batch, or
+    ``torch.stack`` of the domain losses) or a 2-D one (per-sample losses of D domains)."""
+    if not isinstance(losses_or_grads, Tensor):
+        return
+    shape = tuple(losses_or_grads.shape)
+    if losses_or_grads.dim() == 0:
+        raise ValueError(f"losses_or_grads is one scalar loss; {_ONE_LOSS_PER_DOMAIN}")
+    if losses_or_grads.dim() == 1:
+        raise ValueError(
+            f"losses_or_grads is one tensor of shape {shape}: per-sample losses? {_ONE_LOSS_PER_DOMAIN}. If it "
+            "already holds one loss per domain, pass list(losses)"
+        )
+    if losses_or_grads.dim() == 2:
+        raise ValueError(
+            f"losses_or_grads is one tensor of shape {shape}: per-sample losses of {shape[0]} domains? "
+            f"{_ONE_LOSS_PER_DOMAIN}: list(losses.mean(dim=1)) for a (D, B) tensor (stacked gradients go in a "
+            "list, one (D, *param.shape) tensor per parameter)"
+        )
+    raise ValueError(f"losses_or_grads is one tensor of shape {shape}; expected {_FORMS}, as a list")
+
+
+def _looks_like_per_sample_losses(items: list[Any], params: list[torch.nn.Parameter]) -> bool:
+    """Non-scalar tensors in the autograd graph (``grad_fn`` set: computed from the
+    parameters, as losses are; gradients from ``torch.autograd.grad`` are not) that are not
+    shaped as stacked gradients."""
+    return all(isinstance(t, Tensor) and t.dim() >= 1 and t.grad_fn is not None for t in items) and not (
+        len(items) == len(params) and all(t.shape[1:] == p.shape for t, p in zip(items, params))
+    )
 
 
 def _from_losses(items: list[Any], params: list[torch.nn.Parameter]) -> list[Tensor]:
@@ -43,7 +81,7 @@ def _from_losses(items: list[Any], params: list[torch.nn.Parameter]) -> list[Ten
         if not (isinstance(loss, Tensor) and loss.dim() == 0):
             what = f"a tensor of shape {tuple(loss.shape)}" if isinstance(loss, Tensor) else type(loss).__name__
             raise ValueError(
-                f"losses_or_grads[0] is a scalar loss but losses_or_grads[{d}] is {what}: expected {_FORMS}"
+                f"losses_or_grads[0] is a scalar loss but losses_or_grads[{d}] is {what}: {_ONE_LOSS_PER_DOMAIN}"
             )
         if not loss.requires_grad:
             raise ValueError(f"loss {d} does not require grad: compute it from the parameters, outside torch.no_grad()")
@@ -85,8 +123,9 @@ def stack_domain_gradients(losses_or_grads: Sequence[Any], params: Sequence[torc
         One tensor of shape (D, *param.shape) per parameter.
 
     Raises:
-        ValueError: if the input matches none of the three forms, or a loss does not
-            require grad.
+        ValueError: if the input matches none of the three forms (a single tensor, e.g.
+            per-sample losses of shape (B,) or (D, B), included: the message says which
+            shape was expected), or a loss does not require grad.
 
     Example:
 
@@ -95,6 +134,7 @@ def stack_domain_gradients(losses_or_grads: Sequence[Any], params: Sequence[torc
     >>> stack_domain_gradients([(w * w).sum(), 3 * w.sum()], [w])[0].tolist()
     [[2.0, 4.0], [3.0, 3.0]]
     """
+    _check_not_one_tensor(losses_or_grads)
     items = list(losses_or_grads)
     if not items:
         raise ValueError("surgery_backward needs at least one domain: got no losses or gradients")
@@ -102,12 +142,21 @@ def stack_domain_gradients(losses_or_grads: Sequence[Any], params: Sequence[torc
     if isinstance(first, Tensor) and first.dim() == 0:
         return _from_losses(items, list(params))
     if isinstance(first, Tensor):
+        if _looks_like_per_sample_losses(items, list(params)):
+            shapes = ", ".join(str(tuple(t.shape)) for t in items[:4]) + (", ..." if len(items) > 4 else "")
+            raise ValueError(
+                f"losses_or_grads holds {len(items)} tensors of shapes {shapes}, not scalar losses: "
+                f"{_ONE_LOSS_PER_DOMAIN}"
+            )
         if len(items) != len(params) or any(
             not isinstance(g, Tensor) or g.dim() < 1 or g.shape[1:] != p.shape for g, p in zip(items, params)
         ):
+            expected = ", ".join(str(("D", *p.shape)).replace("'", "") for p in params[:4])
+            got = ", ".join(str(tuple(g.shape)) if isinstance(g, Tensor) else type(g).__name__ for g in items[:4])
             raise ValueError(
                 f"stacked gradients must be one tensor per parameter ({len(params)} require "
-                f"grad), each of shape (D, *param.shape); got {len(items)} tensors"
+                f"grad), each of shape (D, *param.shape): {expected}{', ...' if len(params) > 4 else ''}; got "
+                f"{len(items)} items of shapes {got}{', ...' if len(items) > 4 else ''}"
             )
         return items
     return _from_gradient_lists(items, list(params))

@@ -19,6 +19,15 @@ from ._slicing import Run, _element_pieces
 # Elements per domain in one block of the float64 Gram products: the float64 copy of a
 # block stays in cache (measured on CPU: 2^16 beats 2^14 and 2^18 for D = 3 to 8).
 _GRAM_CHUNK = 1 << 16
+# Columns per part of a long block: its Gram product is one batched product of these
+# parts (``baddbmm``), which torch spreads over the threads batch item by batch item; one
+# ``D x L @ L x D`` product of a long block runs on one thread (a 2-thread CPU gained
+# nothing from its second thread). Each part is summed in a fixed order, so the Gram
+# matrix does not depend on the number of threads.
+_GRAM_SPLIT = 1 << 13
+# Columns per batch item of the weighted combination of one long run (same reason: a
+# ``1 x D @ D x n`` product runs on one thread, a batch of them on all).
+_COMBINE_SPLIT = 1 << 16
 
 
 def _gram_run(x: Tensor) -> Tensor:
@@ -29,20 +38,29 @@ def _gram_run(x: Tensor) -> Tensor:
     reused contiguous float64 buffer of at most ``_GRAM_CHUNK`` elements per domain.
     Packed small tensors (:func:`_segment_gram`) use the same precision, so a Gram
     matrix -- and every conflict decision taken on it -- does not depend on the size of
-    a tensor or on how it is blocked, beyond float64 rounding.
+    a tensor or on how it is blocked, beyond float64 rounding. A long block is cut into
+    parts of ``_GRAM_SPLIT`` columns whose products form one batched product (all
+    threads take part); part ``j`` of every block accumulates into its own ``D x D``
+    matrix, and these are summed at the end, in the same order whatever the number of
+    threads.
     """
     num_domains, num_pieces, k = x.shape
     out = torch.zeros(num_pieces, num_domains, num_domains, dtype=torch.float64, device=x.device)
     if k == 0 or num_pieces == 0:
         return out
     if k >= _GRAM_CHUNK or num_pieces == 1:  # piece by piece, each in blocks of columns
-        buf = torch.empty(num_domains, min(k, _GRAM_CHUNK), dtype=torch.float64, device=x.device)
+        width = min(k, _GRAM_CHUNK)
+        buf = torch.empty(num_domains, width, dtype=torch.float64, device=x.device)
+        num_parts = max(1, width // _GRAM_SPLIT)
+        parts = torch.empty(num_parts, num_domains, num_domains, dtype=torch.float64, device=x.device)
         for p in range(num_pieces):  # at most numel / _GRAM_CHUNK pieces here
+            parts.zero_()
             for a in range(0, k, _GRAM_CHUNK):
                 v = x[:, p, a : a + _GRAM_CHUNK]
                 blk = buf[:, : v.shape[1]]
                 blk.copy_(v)
-                out[p] += blk @ blk.T
+                _accumulate_block_gram(blk, parts)
+            torch.sum(parts, 0, out=out[p])
         return out
     per_block = max(1, _GRAM_CHUNK // k)  # whole pieces per block
     buf = torch.empty(min(per_block, num_pieces), num_domains, k, dtype=torch.float64, device=x.device)
@@ -54,19 +72,42 @@ def _gram_run(x: Tensor) -> Tensor:
     return out
 
 
+def _accumulate_block_gram(blk: Tensor, parts: Tensor) -> None:
+    """``parts[j] += B_j B_j^T`` for the parts ``B_j`` of ``_GRAM_SPLIT`` columns of a
+    float64 block ``blk (D, L)``, in one batched product; the last ``L mod _GRAM_SPLIT``
+    columns go to ``parts[0]``. ``parts: (M, D, D)`` with ``M >= L // _GRAM_SPLIT``."""
+    num_domains, length = blk.shape
+    m = length // _GRAM_SPLIT
+    head = m * _GRAM_SPLIT
+    if m > 0:
+        split = blk[:, :head].view(num_domains, m, _GRAM_SPLIT).transpose(0, 1)  # (m, D, S), a view
+        parts[:m].baddbmm_(split, split.transpose(1, 2))
+    if head < length:
+        tail = blk[:, head:]
+        parts[0].addmm_(tail, tail.T)
+
+
 def _combine_run(x: Tensor, coef: Tensor, out: Tensor) -> None:
     """``out[p, :] = sum_d coef[p, d] * x[d, p, :]``; x ``(D, P, K)``, coef ``(P, D)``,
-    out a contiguous ``(P, K)`` view. Half types are combined in float32."""
+    out a contiguous ``(P, K)`` view. Half types are combined in float32. A single long
+    piece is combined in parts of ``_COMBINE_SPLIT`` columns, one batched product."""
     if x.dtype in (torch.float16, torch.bfloat16):
         tmp = torch.empty(out.shape, dtype=torch.float32, device=out.device)
         _combine_run(x.float(), coef, tmp)
         out.copy_(tmp)
         return
     c = coef.to(dtype=x.dtype)
-    if x.shape[1] == 1:
-        torch.mm(c, x[:, 0, :], out=out)
-    else:
+    if x.shape[1] != 1:
         torch.bmm(c.unsqueeze(1), x.transpose(0, 1), out=out.unsqueeze(1))
+        return
+    num_domains, _, k = x.shape
+    m = k // _COMBINE_SPLIT
+    head = m * _COMBINE_SPLIT if m > 1 else 0
+    if head:
+        parts = x[:, 0, :head].view(num_domains, m, _COMBINE_SPLIT).transpose(0, 1)  # (m, D, S), a view
+        torch.bmm(c.expand(m, 1, num_domains), parts, out=out[0, :head].view(m, 1, _COMBINE_SPLIT))
+    if head < k:
+        torch.mm(c, x[:, 0, head:], out=out[:, head:])
 
 
 # Relative tolerances of the Gram-matrix rules. The Gram matrices are float64 (see

@@ -65,7 +65,9 @@ def pcgrad(
         eps: added to ``||g_j||^2``; ``eps=0`` reproduces the official code.
 
     Implementation: one pass builds the ``D x D`` Gram matrix (float64 products and sums),
-    the projections run on coefficient matrices, one pass forms ``(1^T W) g``. When no
+    the projections run on coefficient matrices, one pass forms ``(1^T W) g``; both
+    passes are batched products over parts of each tensor, which torch spreads over all
+    its threads (the conflict decisions do not depend on the number of threads). When no
     pair conflicts the result is exactly ``g.sum(0)``.
 
     Returns:
