@@ -41,7 +41,7 @@ ANALYSES: dict[str, tuple[str, str]] = {
     ),
     "mixed-batches": (
         "mixed",
-        "gradient surgery on single-domain vs randomly mixed batches (Mansilla et al., ICCV 2021, Fig. 4)",
+        "gradient surgery on per-domain vs randomly mixed batches (Mansilla et al., ICCV 2021, Fig. 4)",
     ),
 }
 

@@ -1,4 +1,4 @@
-"""Gradient surgery on single-domain batches against randomly mixed batches.
+"""Gradient surgery on per-domain batches against randomly mixed batches.
 
 The control experiment of Mansilla, Echeveste, Milone, Ferrante, "Domain Generalization
 via Gradient Surgery", ICCV 2021, Sec. 4.3, Fig. 4: does surgery help through the
