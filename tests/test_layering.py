@@ -23,6 +23,7 @@ LAYERS: list[set[str]] = [
         "domaingrad.hparams",
         "domaingrad.layout",
         "domaingrad.plugins",
+        "domaingrad.precision",
     },
     {"domaingrad.data"},
     {"domaingrad.models"},

@@ -1,4 +1,5 @@
-"""The ``domaingrad`` command line: ``train``, ``list``, ``reproduce``, ``sweep`` and ``report``.
+"""The ``domaingrad`` command line: ``train``, ``list``, ``download``, ``reproduce``,
+``sweep``, ``report`` and ``analyze``.
 
 DomainBed's underscore spellings (``--test_envs``, ``--output_dir``, ...) are accepted
 beside the dashed ones.
@@ -23,6 +24,16 @@ MODULE_COMMANDS = {
     "report": "domaingrad.report.command",
     "analyze": "domaingrad.analysis.command",
 }
+
+
+def _auto_or_int(text: str) -> int | None:
+    """``auto`` -> None, else a positive integer (argparse type of --eval-batch-size)."""
+    if text == "auto":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or auto, got {text!r}") from None
 
 
 def _option(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:
@@ -110,9 +121,53 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _option(train, "output_dir", default="train_output", help="where results.jsonl etc. go")
     _option(train, "holdout_fraction", type=float, default=0.2, help="fraction of each env held out (out split)")
+    _option(
+        train,
+        "task",
+        default="domain_generalization",
+        choices=["domain_generalization", "domain_adaptation"],
+        help="DomainBed's task: domain_adaptation passes the uda split of each test environment, unlabelled, "
+        "to the algorithm's update (only algorithms that use it, e.g. CORAL and MMD; needs "
+        "--uda-holdout-fraction)",
+    )
+    _option(
+        train,
+        "uda_holdout_fraction",
+        type=float,
+        default=0.0,
+        help="share of each test environment's in split set aside as its unlabelled uda split, evaluated as "
+        "env{k}_uda_acc (DomainBed; default 0: none)",
+    )
     _option(train, "skip_model_save", action="store_true", help="do not write model.pkl")
     _option(train, "save_model_every_checkpoint", action="store_true", help="write model_step{N}.pkl")
-    _option(train, "eval_batch_size", type=int, default=512, help="batch size of evaluation passes")
+    _option(
+        train,
+        "eval_batch_size",
+        type=_auto_or_int,
+        default=None,
+        help="batch size of evaluation passes; auto (default): 64 on CPU, 512 on CUDA",
+    )
+    _option(
+        train,
+        "amp",
+        default="off",
+        choices=["off", "bf16", "fp16"],
+        help="mixed precision: bf16 autocast (CPU or CUDA), fp16 autocast with loss scaling "
+        "(fp16-ready algorithms, e.g. ERM), off (float32; default)",
+    )
+    _option(
+        train,
+        "channels_last",
+        default="auto",
+        choices=["auto", "on", "off"],
+        help="NHWC memory format for image backbones; auto: on for CUDA, off on CPU",
+    )
+    _option(
+        train,
+        "deterministic",
+        action="store_true",
+        help="deterministic kernels only, cudnn.benchmark off (on for CUDA runs otherwise)",
+    )
     _option(train, "device", default="auto", help="auto, cpu or cuda[:N]")
     _option(
         train,
@@ -236,6 +291,25 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="also write the table to FILE (refuses to overwrite an existing file)",
     )
+    download = sub.add_parser(
+        "download",
+        help="fetch a dataset into --data-dir, laid out as DomainBed's scripts/download.py lays it out",
+        description="Fetch DATASET (MNIST, VLCS, PACS, OfficeHome, DomainNet, TerraIncognita, SVIRO, Spawrious, "
+        "WILDSCamelyon, WILDSFMoW) into --data-dir with DomainBed's URLs and layout. Offline, it fails at once "
+        "naming the URL and where to put the file by hand; a file already there is used (checksum checked when known).",
+    )
+    download.add_argument("dataset", metavar="DATASET", help="the dataset to fetch (case-insensitive)")
+    _option(download, "data_dir", required=True, help="the directory to fetch into (the --data-dir of train)")
+    _option(
+        download, "keep_archives", action="store_true", help="keep the archives once unpacked (DomainBed deletes them)"
+    )
+    _option(
+        download,
+        "timeout",
+        type=float,
+        default=10.0,
+        help="seconds to wait for a server, one try per file (default 10)",
+    )
     for module in MODULE_COMMANDS.values():
         importlib.import_module(module).add_parser(sub)
     _mark_usage(parser)
@@ -339,6 +413,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             cmd_train(ns)
         elif ns.command == "reproduce":
             cmd_reproduce(ns)
+        elif ns.command == "download":
+            from .data.download import run as run_download
+
+            return run_download(ns)
         else:
             code = importlib.import_module(MODULE_COMMANDS[ns.command]).run(ns)
             return int(code or 0)

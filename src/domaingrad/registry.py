@@ -14,6 +14,7 @@ never changes the others and the common draws match DomainBed's for the same see
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from typing import Any
 
@@ -31,9 +32,19 @@ from .rng import seed_hash
 
 
 def _specs(algorithm: str, small_images: bool, dataset: str | None) -> dict[str, HParam]:
+    """The common hyperparameters (with the algorithm's own values of some of them, its
+    ``common_overrides``: e.g. DomainBed's ADRMX ``lr``) then the algorithm's own; an
+    algorithm whose ``hparam_specs`` or ``common_overrides`` takes ``dataset`` gets the
+    dataset's name (DomainBed's per-dataset values, e.g. RDM on DomainNet)."""
+    cls = algorithm_class(algorithm)
+    declared = list(_call_with_dataset(cls.hparam_specs, small_images, dataset))
+    overrides = {s.name: s for s in _call_with_dataset(getattr(cls, "common_overrides", None), small_images, dataset)}
+    common = common_hparams(small_images, dataset)
+    unknown = set(overrides) - {s.name for s in common}
+    if unknown:
+        raise ValueError(f"{algorithm}.common_overrides names no common hyperparameter: {sorted(unknown)}")
     specs: dict[str, HParam] = {}
-    declared = list(algorithm_class(algorithm).hparam_specs(small_images))
-    for spec in common_hparams(small_images, dataset) + declared:
+    for spec in [overrides.get(s.name, s) for s in common] + declared:
         if spec.name in specs:
             raise ValueError(
                 f"hyperparameter {spec.name!r} declared twice for {algorithm} "
@@ -41,6 +52,14 @@ def _specs(algorithm: str, small_images: bool, dataset: str | None) -> dict[str,
             )
         specs[spec.name] = spec
     return specs
+
+
+def _call_with_dataset(method: Any, small_images: bool, dataset: str | None) -> list[HParam]:
+    if method is None:
+        return []
+    if "dataset" in inspect.signature(method).parameters:
+        return list(method(small_images, dataset=dataset))
+    return list(method(small_images))
 
 
 def hparam_specs(algorithm: str, dataset: str) -> dict[str, HParam]:

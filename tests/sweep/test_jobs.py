@@ -256,6 +256,6 @@ def test_a_domain_adaptation_sweep_is_refused_before_any_job_exists():
     from domaingrad.sweep.jobs import check_spec
 
     spec = SweepSpec(datasets=["ColoredMNIST"], algorithms=["ERM"], task="domain_adaptation")
-    with pytest.raises(DomainGradError, match="--task domain_adaptation is not supported yet"):
+    with pytest.raises(DomainGradError, match="sweep's task must be domain_generalization"):
         check_spec(spec)
     check_spec(replace(spec, task="domain_generalization"))

@@ -13,18 +13,28 @@ from typing import Any, TypeVar
 
 from .. import plugins
 from ..errors import DomainGradError
-from .alignment import CORAL, DANN, MMD
+from .adaptive import ARM
+from .adversarial import ADRMX, URM
+from .alignment import CDANN, CORAL, DANN, MMD, CausIRL_CORAL, CausIRL_MMD
 from .base import Algorithm
+from .bottleneck import IB_ERM, IB_IRM
+from .contrastive import CAD, CondCAD, SelfReg
+from .distribution import RDM
 from .dmg import DMG, MultiHeaded
 from .dropout import DropBlock, GSNRDropBlock, MetaGSNR
 from .erm import ERM
+from .erm_plus import ERMPlusPlus
 from .fishr import Fishr
-from .invariance import IRM, SD, VREx
+from .invariance import EQRM, IGA, IRM, SD, VREx
 from .meta import MLDG, Fish
 from .mixing import Mixup
+from .mixstyle import MixStyle
+from .multitask import MTL
 from .robust import GroupDRO
 from .rsc import RSC
+from .style import SagNet
 from .surgery import AgrRand, AgrSum, ANDMask, CorGrad, GradientSurgery, PCGrad, SANDMask
+from .transfer import TRM, Transfer
 
 #: name -> algorithm class; the first docstring line is its description in `domaingrad list`
 ALGORITHMS: dict[str, type[Algorithm]] = {
@@ -52,6 +62,26 @@ ALGORITHMS: dict[str, type[Algorithm]] = {
     "DropBlock": DropBlock,
     "GSNRDropBlock": GSNRDropBlock,
     "MetaGSNR": MetaGSNR,
+    "MixStyle": MixStyle,
+    "CDANN": CDANN,
+    "CausIRL_CORAL": CausIRL_CORAL,
+    "CausIRL_MMD": CausIRL_MMD,
+    "IGA": IGA,
+    "IB_ERM": IB_ERM,
+    "IB_IRM": IB_IRM,
+    "EQRM": EQRM,
+    "SelfReg": SelfReg,
+    "CAD": CAD,
+    "CondCAD": CondCAD,
+    "RDM": RDM,
+    "ADRMX": ADRMX,
+    "URM": URM,
+    "ERMPlusPlus": ERMPlusPlus,
+    "MTL": MTL,
+    "SagNet": SagNet,
+    "ARM": ARM,
+    "TRM": TRM,
+    "Transfer": Transfer,
 }
 #: the names domaingrad itself defines (``register_algorithm`` may not replace them)
 BUILTIN_ALGORITHMS = frozenset(ALGORITHMS)
@@ -159,6 +189,7 @@ def list_algorithms() -> list[str]:
 
 
 __all__ = [
+    "ADRMX",
     "ALGORITHMS",
     "BUILTIN_ALGORITHMS",
     "CORAL",
@@ -187,6 +218,25 @@ __all__ = [
     "PCGrad",
     "SANDMask",
     "VREx",
+    "CAD",
+    "CDANN",
+    "CausIRL_CORAL",
+    "CausIRL_MMD",
+    "CondCAD",
+    "EQRM",
+    "ERMPlusPlus",
+    "IB_ERM",
+    "IB_IRM",
+    "IGA",
+    "MixStyle",
+    "RDM",
+    "SelfReg",
+    "URM",
+    "ARM",
+    "MTL",
+    "SagNet",
+    "TRM",
+    "Transfer",
     "algorithm_class",
     "list_algorithms",
     "register_algorithm",

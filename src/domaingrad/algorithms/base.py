@@ -42,7 +42,16 @@ class Algorithm(nn.Module):
     hyperparameters in :meth:`hparam_specs`, and implement :meth:`update` and
     :meth:`predict`. Optimizers and ``torch.Generator`` objects stored as attributes are
     saved and restored by :meth:`training_state` automatically, for exact resume.
+
+    ``uses_unlabeled`` says whether :meth:`update` uses its ``unlabeled`` argument
+    (DomainBed's unsupervised-domain-adaptation slot: one batch of unlabelled inputs
+    per test environment). Only such algorithms run under ``--task
+    domain_adaptation``; for the others the run is refused before training, since they
+    would silently train as domain generalization.
     """
+
+    #: whether ``update`` uses ``unlabeled`` (``--task domain_adaptation`` needs it)
+    uses_unlabeled: bool = False
 
     def __init__(self, input_shape: tuple[int, ...], num_classes: int, num_domains: int, hparams: dict[str, Any]):
         super().__init__()
@@ -53,6 +62,8 @@ class Algorithm(nn.Module):
         #: the run's number of steps, set by the training run before the first update;
         #: rules with a schedule over training read it (None when unknown)
         self.total_steps: int | None = None
+        #: the fp16 loss scaler (``--amp fp16``), set by the training run; None otherwise
+        self.grad_scaler: torch.amp.GradScaler | None = None
 
     @classmethod
     def hparam_specs(cls, small_images: bool) -> list[HParam]:
@@ -65,7 +76,10 @@ class Algorithm(nn.Module):
         Args:
             minibatches: ``num_domains`` pairs (x, y), x of shape (B_d, *input_shape) and
                 y int64 of shape (B_d,).
-            unlabeled: unused by DG methods (DomainBed's UDA slot).
+            unlabeled: under ``--task domain_adaptation``, one tensor of unlabelled
+                inputs of shape (B, *input_shape) per test environment with a uda split
+                (DomainBed's UDA slot); None otherwise. Used only by algorithms with
+                ``uses_unlabeled`` true.
 
         Returns:
             Values to log, e.g. ``{"loss": 0.41}`` (plain Python floats).
@@ -84,12 +98,45 @@ class Algorithm(nn.Module):
         mask) overrides it."""
         return self.predict(x)
 
+    # -- mixed precision ----------------------------------------------------------------
+    #: True on a class whose ``update`` makes every backward pass and optimizer step
+    #: through :meth:`backward_step` (so ``--amp fp16`` can scale its loss). Read from the
+    #: class that defines ``update`` (:meth:`fp16_ready`): a subclass overriding
+    #: ``update`` must declare it again.
+    supports_fp16: bool = False
+
+    @classmethod
+    def fp16_ready(cls) -> bool:
+        """Whether ``--amp fp16`` may train this class: ``supports_fp16`` as declared by
+        the class in the MRO that defines ``update``."""
+        for klass in cls.__mro__:
+            if "update" in vars(klass):
+                return bool(vars(klass).get("supports_fp16", False))
+        return False
+
+    def backward_step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
+        """``loss.backward()`` then ``optimizer.step()``; under ``--amp fp16`` the loss is
+        scaled first and the step unscales the gradients, skipping a step whose
+        gradients overflowed (:class:`torch.amp.GradScaler`). The caller zeroes the
+        gradients beforehand, as without mixed precision.
+
+        Args:
+            loss: a scalar tensor. optimizer: the optimizer to step.
+        """
+        if self.grad_scaler is None:
+            loss.backward()
+            optimizer.step()
+            return
+        self.grad_scaler.scale(loss).backward()
+        self.grad_scaler.step(optimizer)
+        self.grad_scaler.update()
+
     # -- exact resume -------------------------------------------------------------------
     def _stateful_attributes(self) -> dict[str, Any]:
         return {
             name: value
             for name, value in vars(self).items()
-            if isinstance(value, (torch.optim.Optimizer, torch.Generator))
+            if isinstance(value, (torch.optim.Optimizer, torch.Generator, torch.amp.GradScaler))
         }
 
     def training_state(self) -> dict[str, Any]:
@@ -97,7 +144,7 @@ class Algorithm(nn.Module):
         buffers), every optimizer's state and every generator's state."""
         extra = {}
         for name, value in self._stateful_attributes().items():
-            extra[name] = value.state_dict() if isinstance(value, torch.optim.Optimizer) else value.get_state()
+            extra[name] = value.get_state() if isinstance(value, torch.Generator) else value.state_dict()
         return {"module": self.state_dict(), "attributes": extra}
 
     def load_training_state(self, state: dict[str, Any]) -> None:
@@ -113,3 +160,5 @@ class Algorithm(nn.Module):
                 target.load_state_dict(copy.deepcopy(saved))
             elif isinstance(target, torch.Generator):
                 target.set_state(saved)
+            elif isinstance(target, torch.amp.GradScaler):
+                target.load_state_dict(saved)

@@ -21,7 +21,11 @@ class ERM(Algorithm):
         classifier: features -> (B, num_classes) logits.
         network: ``nn.Sequential(featurizer, classifier)``.
         optimizer: Adam with ``lr`` and ``weight_decay`` from the hparams.
+
+    Trains under ``--amp fp16`` (its step goes through :meth:`backward_step`).
     """
+
+    supports_fp16 = True
 
     def __init__(self, input_shape: tuple[int, ...], num_classes: int, num_domains: int, hparams: dict[str, Any]):
         super().__init__(input_shape, num_classes, num_domains, hparams)
@@ -41,8 +45,7 @@ class ERM(Algorithm):
         all_y = torch.cat([y for _, y in minibatches])
         loss = F.cross_entropy(self.predict(all_x), all_y)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        self.backward_step(loss, self.optimizer)
         return {"loss": loss.item()}
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:

@@ -219,7 +219,7 @@ def measure(run: TrainingRun, step: int | None, hard: bool = False) -> DMGMasks:
     algorithm = run.algorithm
     if not isinstance(algorithm, DMG):
         raise DomainGradError(f"the dmg-masks analysis needs a DMG run, got {type(algorithm).__name__}")
-    accuracy = mask_accuracies(algorithm, splits, hard, run.args.eval_batch_size)
+    accuracy = mask_accuracies(algorithm, splits, hard, run.eval_batch_size)
     rows = [f"m^{columns[d]}" for d in range(algorithm.num_domains)] + list(ENSEMBLES)
     result = DMGMasks(rows, columns, source, accuracy, step, hard)
     result.final_overlaps = mask_overlaps(algorithm.soft_masks())

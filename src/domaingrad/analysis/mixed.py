@@ -96,7 +96,7 @@ def train_with_batches(args: TrainArgs, batches: str, checkpoint_freq: int) -> B
                 since[key].append(value)
         if step % checkpoint_freq == 0 or step == run.steps - 1:
             # only the held-out environments are evaluated (the whole environment: in + out)
-            correct = sum(accuracy(run.algorithm, s, args.eval_batch_size, run.device) * len(s) for s in held_out)
+            correct = sum(accuracy(run.algorithm, s, run.eval_batch_size, run.device) * len(s) for s in held_out)
             steps.append(step)
             heldout.append(correct / sum(len(s) for s in held_out))
             for key in STAT_KEYS:

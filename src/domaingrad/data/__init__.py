@@ -23,10 +23,12 @@ from .base import (
     split_environment,
     split_environment_70_10_20,
 )
-from .debug import Debug28
+from .debug import Debug28, Debug224
 from .folders import FOLDER_DATASETS
 from .images import ImageEnvironment, ImageFolderDataset, ImageMinibatches, folder_dataset_class, user_folder_dataset
 from .mnist import ColoredFashionMNIST, ColoredMNIST, RotatedFashionMNIST, RotatedMNIST
+from .spawrious import SPAWRIOUS_DATASETS, SpawriousDataset
+from .wilds import WILDSCamelyon, WILDSDataset, WILDSFMoW
 
 #: name -> (dataset class, one-line description)
 DATASETS: dict[str, tuple[type[MultipleDomainDataset], str]] = {
@@ -35,8 +37,24 @@ DATASETS: dict[str, tuple[type[MultipleDomainDataset], str]] = {
     "ColoredFashionMNIST": (ColoredFashionMNIST, "ColoredMNIST over Fashion-MNIST (70,000 images, label = class < 5)"),
     "RotatedFashionMNIST": (RotatedFashionMNIST, "RotatedMNIST over Fashion-MNIST (70,000 images, 10 classes)"),
     "Debug28": (Debug28, "3 envs x 16 random 3x28x28 inputs, 2 classes (DomainBed's test dataset)"),
+    "Debug224": (Debug224, "3 envs x 16 random 3x224x224 inputs, 2 classes (DomainBed's test dataset)"),
 }
 DATASETS.update({name: (folder_dataset_class(spec), spec.description) for name, spec in FOLDER_DATASETS.items()})
+DATASETS.update(
+    {
+        "WILDSCamelyon": (
+            WILDSCamelyon,
+            "wilds package (pip install wilds), D/camelyon17_v1.0: hospital_0..4; 2 classes",
+        ),
+        "WILDSFMoW": (WILDSFMoW, "wilds package (pip install wilds), D/fmow_v1.1: region_0..5; 62 classes"),
+    }
+)
+DATASETS.update(
+    {
+        name: (cls, "folder D/spawrious224/<0|1>/<location>/<breed>: envs Test, SC_group_1, SC_group_2; 4 breeds")
+        for name, cls in SPAWRIOUS_DATASETS.items()
+    }
+)
 #: the names domaingrad itself defines (``register_dataset`` may not replace them)
 BUILTIN_DATASETS = frozenset(DATASETS)
 
@@ -190,6 +208,8 @@ __all__ = [
     "Split",
     "TensorEnvironment",
     "SPLIT_PROTOCOLS",
+    "SpawriousDataset",
+    "WILDSDataset",
     "dataset_class",
     "get_dataset",
     "list_datasets",

@@ -232,6 +232,42 @@ def split_environment(
     return Split(env, keys_t[:n_out]), Split(env, keys_t[n_out:])
 
 
+def split_uda(in_split: Split, uda_holdout_fraction: float, trial_seed: int, env_index: int) -> tuple[Split, Split]:
+    """DomainBed's unlabelled (*uda*) split of a test environment, carved out of its in
+    split.
+
+    DomainBed's ``train.py`` (Gulrajani and Lopez-Paz, "In Search of Lost Domain
+    Generalization", ICLR 2021) first splits every environment into out and in
+    (:func:`split_environment`); then, for each test environment, it shuffles the
+    positions *within the in split* by ``np.random.RandomState(seed_hash(trial_seed,
+    env_index))`` (the same seed as the in/out split) and gives the first
+    ``int(len(in_split) * uda_holdout_fraction)`` to the uda split, the rest stay in.
+    The uda samples are handed to the algorithm without labels under
+    ``--task domain_adaptation`` and are evaluated as ``env{k}_uda_acc``; the test
+    environment's in accuracy is then measured on the remaining in samples only.
+
+    Args:
+        in_split: the environment's in split (positions into its environment).
+        uda_holdout_fraction: share of the in split moved to the uda split, in [0, 1).
+        trial_seed: the run's trial seed.
+        env_index: the environment's index in the dataset.
+
+    Returns:
+        (uda_split, in_split): disjoint, together exactly the given in split; the uda
+        split is empty when the fraction rounds down to no sample.
+
+    Raises:
+        DomainGradError: if ``uda_holdout_fraction`` is outside [0, 1).
+    """
+    if not 0.0 <= uda_holdout_fraction < 1.0:
+        raise DomainGradError(f"uda_holdout_fraction must be in [0, 1), got {uda_holdout_fraction}")
+    keys = np.arange(len(in_split))
+    np.random.RandomState(seed_hash(trial_seed, env_index)).shuffle(keys)
+    n_uda = int(len(in_split) * uda_holdout_fraction)
+    positions = in_split.indices[torch.from_numpy(keys)]
+    return Split(in_split.env, positions[:n_uda]), Split(in_split.env, positions[n_uda:])
+
+
 def split_environment_70_10_20(env: Environment, trial_seed: int, env_index: int) -> tuple[Split, Split, Split]:
     """The split of one domain of Mansilla, Echeveste, Milone, Ferrante, "Domain
     Generalization via Gradient Surgery", ICCV 2021, Section 4.1: 70% for

@@ -8,7 +8,7 @@ transforms are in :mod:`domaingrad.data.images`.
 Rules (documented for users in the README):
 
 - Domains are the sub-directories of the dataset directory. For the registered datasets
-  (DomainBed's PACS, VLCS, OfficeHome, TerraIncognita, DomainNet, and Digits-DG) their
+  (DomainBed's PACS, VLCS, OfficeHome, TerraIncognita, DomainNet, SVIRO, and Digits-DG) their
   folder names and DomainBed's order (sorted names) are fixed; a missing domain is
   reported and the environments are the present ones in that order; a directory that
   is not one of the dataset's domains is an error. A user folder
@@ -108,6 +108,13 @@ FOLDER_DATASETS: dict[str, FolderSpec] = {
             ("clipart", "infograph", "painting", "quickdraw", "real", "sketch"),
             1000,
             "folder D/domain_net/...: clipart, infograph, painting, quickdraw, real, sketch; 345 classes",
+        ),
+        FolderSpec(
+            "SVIRO",
+            "sviro",
+            ("aclass", "escape", "hilux", "i3", "lexus", "tesla", "tiguan", "tucson", "x5", "zoe"),
+            300,
+            "folder D/sviro/...: 10 vehicle interiors aclass, escape, ..., zoe; 7 classes",
         ),
         FolderSpec(
             "DigitsDG",

@@ -86,17 +86,26 @@ def default_workers() -> int:
     return max(1, min(DOMAINBED_WORKERS, os.cpu_count() or 1))
 
 
-class _Reader:
-    """Loads and transforms one image; failures raise or return None (``skip``)."""
+def open_rgb(path: str) -> Image.Image:
+    """The image file ``path`` decoded as RGB (PIL)."""
+    with Image.open(path) as opened:
+        return opened.convert("RGB")
 
-    def __init__(self, transform: Callable, policy: str):
+
+class _Reader:
+    """Loads and transforms one image; failures raise or return None (``skip``).
+
+    ``load`` maps an item key (a file path for image folders) to a PIL image; the
+    default opens the file (:func:`open_rgb`)."""
+
+    def __init__(self, transform: Callable, policy: str, load: Callable[[str], Image.Image] | None = None):
         self.transform = transform
         self.policy = policy
+        self.load = load
 
     def __call__(self, path: str, seed: int | None) -> torch.Tensor | None:
         try:
-            with Image.open(path) as opened:
-                image = opened.convert("RGB")
+            image = open_rgb(path) if self.load is None else self.load(path).convert("RGB")
         except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad files
             if self.policy == "skip":
                 return None
@@ -150,7 +159,9 @@ class ImageEnvironment:
             transform = self.dataset.train_transform
         n_batches = -(-len(keys) // batch_size)
         workers = self.dataset.num_workers if n_batches > 1 else 0
-        items = _Items(_Reader(transform, self.dataset.corrupt_images), [(self.paths, self.y)])
+        items = _Items(
+            _Reader(transform, self.dataset.corrupt_images, self.dataset.image_loader), [(self.paths, self.y)]
+        )
         loader = DataLoader(items, sampler=keys, batch_size=batch_size, num_workers=workers, collate_fn=_Collate(1))
         for domains, failed in loader:
             self.dataset.note_failures(failed)
@@ -250,7 +261,9 @@ class ImageMinibatches:
             self.envs.append(split.env)
         dataset = self.envs[0].dataset
         self.dataset = dataset
-        self.reader = _Reader(dataset.train_transform if augment else dataset.eval_transform, dataset.corrupt_images)
+        self.reader = _Reader(
+            dataset.train_transform if augment else dataset.eval_transform, dataset.corrupt_images, dataset.image_loader
+        )
         self.num_workers, self.pin_memory = num_workers, pin_memory
         self.step = 0
         # the DataLoader iterator, yielding (one (x, y) per split, failed paths) per step
@@ -334,6 +347,10 @@ class ImageFolderDataset(MultipleDomainDataset):
     environments: list[ImageEnvironment]
     CHECKPOINT_FREQ = 300
     AUGMENTS = True
+    #: maps an environment's item key (``ImageEnvironment.paths``) to a PIL image; None
+    #: opens the key as a file path. Datasets whose items are not files (WILDS) set it to
+    #: a small picklable callable: it travels to the DataLoader workers.
+    image_loader: Callable[[str], Image.Image] | None = None
 
     def __init__(
         self,

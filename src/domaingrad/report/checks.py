@@ -47,6 +47,8 @@ UNCOMPARED_ARGS = (
     "progress",
     "num_workers",
     "eval_batch_size",
+    "channels_last",
+    "deterministic",
 )
 
 #: how many job names a message shows per value

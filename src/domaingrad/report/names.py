@@ -67,6 +67,11 @@ ENVIRONMENT_NAMES: dict[str, list[str]] = {
     "WILDSFMoW": [f"region_{i}" for i in range(6)],
     "ColoredFashionMNIST": ["+90%", "+80%", "-90%"],
     "RotatedFashionMNIST": ["0", "15", "30", "45", "60", "75"],
+    **{
+        f"Spawrious{kind}_{level}": ["Test", "SC_group_1", "SC_group_2"]
+        for kind in ("O2O", "M2M")
+        for level in ("easy", "medium", "hard")
+    },
 }
 
 _ENV_KEY = re.compile(r"^env(\d+)_out_acc$")

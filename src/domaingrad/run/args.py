@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from .. import models
-from ..algorithms import Algorithm, algorithm_class, resolve_algorithm_name
+from .. import models, precision
+from ..algorithms import ALGORITHMS, Algorithm, algorithm_class, resolve_algorithm_name
 from ..data import ImageFolderDataset, dataset_class, resolve_dataset_name
 from ..data.folders import CORRUPT_POLICIES
 from ..errors import DomainGradError
@@ -23,8 +23,9 @@ from ..hparams import parse_hparams_json
 from ..layout import SPLIT_70_10_20, SPLIT_DOMAINBED, SPLIT_PROTOCOLS
 from ..registry import resolve_hparams
 
-#: DomainBed's ``--task`` values; only domain generalization is implemented
-TASKS = ("domain_generalization",)
+#: DomainBed's ``--task`` values
+TASKS = ("domain_generalization", "domain_adaptation")
+DOMAIN_GENERALIZATION, DOMAIN_ADAPTATION = TASKS
 
 
 @dataclass
@@ -57,10 +58,18 @@ class TrainArgs:
     ``env{i}_in_acc`` / ``env{i}_out_acc`` / ``env{i}_test_acc`` (``holdout_fraction`` is
     then unused).
 
-    ``task`` and ``uda_holdout_fraction`` are DomainBed's: only
-    ``domain_generalization`` is implemented, so ``task`` must keep that value and
-    ``uda_holdout_fraction`` (the share of each test environment given unlabelled to
-    domain-adaptation methods) its default 0; :func:`check_args` refuses others.
+    ``task`` and ``uda_holdout_fraction`` are DomainBed's. ``uda_holdout_fraction`` in
+    [0, 1) is the share of each test environment's in split set aside as its *uda*
+    split (:func:`domaingrad.data.base.split_uda`), whatever the task, as DomainBed
+    does (so domain-generalization and domain-adaptation runs of the same trial seed
+    see the same splits); each non-empty uda split is evaluated as ``env{k}_uda_acc``,
+    ``k`` counting the test environments with a non-empty uda split in index order
+    (DomainBed's key: with ``test_envs [2]`` it is ``env0_uda_acc``). Under
+    ``task="domain_adaptation"`` (which needs ``uda_holdout_fraction > 0``) each step
+    also draws ``batch_size`` unlabelled inputs from every uda split and passes their
+    list to ``update(minibatches, unlabeled)``; only algorithms whose
+    ``uses_unlabeled`` is true accept that task, :func:`check_args` refuses the others.
+    The 70/10/20 split protocol has no uda split (``uda_holdout_fraction`` must be 0).
 
     ``holdout_fraction`` is in (0, 1) under the ``domainbed`` protocol: 0 would leave
     every out split empty, and training-domain validation (DomainBed's model selection)
@@ -76,6 +85,13 @@ class TrainArgs:
     checkpoint ``step`` for split ``s`` (``in``/``out``/``test``) of environment i come
     from ``seed_hash(seed, "evaluation", step, s, i)``, so resumed runs repeat them.
     In-memory datasets (the MNIST family, Debug28) are never augmented, as in DomainBed.
+
+    How a run executes (not DomainBed arguments): ``eval_batch_size`` None (``auto``) is
+    :func:`domaingrad.run.evaluation.auto_eval_batch_size` (64 on CPU, 512 on CUDA, or
+    the algorithm's own); ``amp`` ``off``/``bf16``/``fp16`` and ``channels_last``
+    ``auto``/``on``/``off`` are :mod:`domaingrad.precision`'s; ``deterministic`` turns
+    off ``cudnn.benchmark`` (on for CUDA runs otherwise) and makes torch use
+    deterministic kernels only (:func:`domaingrad.precision.backend_settings`).
     """
 
     dataset: str = "ColoredMNIST"
@@ -94,7 +110,7 @@ class TrainArgs:
     task: str = "domain_generalization"
     skip_model_save: bool = False
     save_model_every_checkpoint: bool = False
-    eval_batch_size: int = 512
+    eval_batch_size: int | None = None
     device: str = "auto"
     progress: bool | None = None
     weights: str | None = None
@@ -104,6 +120,9 @@ class TrainArgs:
     corrupt_images: str = "error"
     split_protocol: str = "domainbed"
     clean_eval: bool = False
+    amp: str = "off"
+    channels_last: str = "auto"
+    deterministic: bool = False
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainArgs:
@@ -170,32 +189,59 @@ class CheckedArgs:
     hparams: dict[str, Any]
 
 
-def check_task(task: str, uda_holdout_fraction: float) -> None:
-    """Refuse DomainBed's ``--task domain_adaptation`` and a non-zero
-    ``--uda_holdout_fraction``: only domain generalization is implemented (a train run
-    and a sweep check the same way).
+def unlabeled_algorithms() -> list[str]:
+    """The registered algorithms that use unlabelled test-environment data (their class
+    has ``uses_unlabeled`` true), i.e. those ``--task domain_adaptation`` accepts."""
+    from ..algorithms import ALGORITHMS
+
+    return sorted(name for name in ALGORITHMS if getattr(algorithm_class(name), "uses_unlabeled", False))
+
+
+def check_task(
+    task: str, uda_holdout_fraction: float, algorithm: type[Algorithm] | None = None, name: str = ""
+) -> None:
+    """Check DomainBed's ``--task`` and ``--uda_holdout_fraction`` (a train run and a
+    sweep check the same way).
+
+    ``task`` is one of :data:`TASKS`; ``uda_holdout_fraction`` is in [0, 1) and must be
+    above 0 under ``domain_adaptation`` (DomainBed stops with "Not enough unlabeled
+    samples for domain adaptation" otherwise). Under ``domain_adaptation`` the
+    algorithm class, when given, must use the unlabelled data (``uses_unlabeled``):
+    a method that would silently ignore them is refused, so that no run is reported as
+    domain adaptation when it was domain generalization.
 
     Raises:
         DomainGradError: naming the argument and what to do.
     """
     if task not in TASKS:
+        raise DomainGradError(f"--task {task} is not a task; expected one of: {', '.join(TASKS)}")
+    if not 0 <= uda_holdout_fraction < 1:
         raise DomainGradError(
-            f"--task {task} is not supported yet; domaingrad implements "
-            f"{', '.join(TASKS)} (DomainBed's default task) only: leave --task at its default"
+            f"--uda-holdout-fraction must be in [0, 1), got {uda_holdout_fraction}: it is the share of each "
+            "test environment's in split given unlabelled to domain-adaptation methods"
         )
-    if uda_holdout_fraction != 0:
+    if task == DOMAIN_ADAPTATION and uda_holdout_fraction == 0:
         raise DomainGradError(
-            f"--uda-holdout-fraction {uda_holdout_fraction} is not supported yet: it gives part of the "
-            "test environments to domain-adaptation methods, which domaingrad does not implement; leave it at 0"
+            "--task domain_adaptation needs unlabelled test-environment data: give --uda-holdout-fraction "
+            "in (0, 1), e.g. 0.2 (the share of each test environment's in split passed unlabelled to update)"
+        )
+    if task == DOMAIN_ADAPTATION and algorithm is not None and not getattr(algorithm, "uses_unlabeled", False):
+        users = unlabeled_algorithms()
+        raise DomainGradError(
+            f"--task domain_adaptation: {name or algorithm.__name__} does not use unlabelled data (its update "
+            "ignores DomainBed's `unlabeled` argument), so the run would be domain generalization; use an "
+            f"algorithm that does ({', '.join(users) if users else 'none is registered'}), or "
+            "--task domain_generalization"
         )
 
 
 def check_args(args: TrainArgs) -> CheckedArgs:
     """Every check that needs no data: names, numbers, choices, hyperparameters.
 
-    Also refused here, before any data is read: a ``task`` other than
-    ``domain_generalization`` or a non-zero ``uda_holdout_fraction`` (domain adaptation
-    is not implemented), a ``holdout_fraction`` outside (0, 1) under the ``domainbed``
+    Also refused here, before any data is read: an unknown ``task``, a
+    ``uda_holdout_fraction`` outside [0, 1) (or non-zero under the 70/10/20 protocol),
+    ``domain_adaptation`` without a uda fraction or with an algorithm that does not use
+    unlabelled data (:func:`check_task`), a ``holdout_fraction`` outside (0, 1) under the ``domainbed``
     protocol, ``test_envs`` naming every environment of a dataset whose environments are
     known from its class (``ENVIRONMENTS``; the others are checked by the data layer when
     the training stream is built), and a ``class_map`` for a dataset without class
@@ -212,7 +258,12 @@ def check_args(args: TrainArgs) -> CheckedArgs:
     args = replace(args, dataset=resolve_dataset_name(args.dataset), algorithm=resolve_algorithm_name(args.algorithm))
     data_cls = dataset_class(args.dataset)
     cls = algorithm_class(args.algorithm)
-    check_task(args.task, args.uda_holdout_fraction)
+    check_task(args.task, args.uda_holdout_fraction, cls, args.algorithm)
+    if args.split_protocol == SPLIT_70_10_20 and args.uda_holdout_fraction != 0:
+        raise DomainGradError(
+            f"--uda-holdout-fraction {args.uda_holdout_fraction} applies to DomainBed's in/out split only: "
+            f"use --split-protocol {SPLIT_DOMAINBED}, or leave it at 0 under {SPLIT_70_10_20}"
+        )
     if args.split_protocol == SPLIT_DOMAINBED and not 0 < args.holdout_fraction < 1:
         raise DomainGradError(
             f"--holdout-fraction must be in (0, 1), got {args.holdout_fraction}: it is the share of every "
@@ -239,8 +290,9 @@ def check_args(args: TrainArgs) -> CheckedArgs:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise DomainGradError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
-    if args.eval_batch_size < 1:
-        raise DomainGradError(f"--eval-batch-size must be a positive integer, got {args.eval_batch_size}")
+    if args.eval_batch_size is not None and args.eval_batch_size < 1:
+        raise DomainGradError(f"--eval-batch-size must be a positive integer or auto, got {args.eval_batch_size}")
+    check_precision(args, cls)
     if args.image_size < 1:
         raise DomainGradError(f"--image-size must be a positive integer, got {args.image_size}")
     if args.num_workers is not None and args.num_workers < 0:
@@ -255,6 +307,28 @@ def check_args(args: TrainArgs) -> CheckedArgs:
         )
     hparams = resolve_hparams(args.algorithm, args.dataset, args.hparams_seed, args.trial_seed, args.overrides())
     return CheckedArgs(args, cls, hparams)
+
+
+def check_precision(args: TrainArgs, cls: type[Algorithm]) -> None:
+    """Refuse an unknown ``amp`` or ``channels_last`` value, and ``amp="fp16"`` for an
+    algorithm that does not route its steps through the loss scaler
+    (:meth:`~domaingrad.algorithms.Algorithm.fp16_ready`).
+
+    Raises:
+        DomainGradError: with the valid values, or the fp16-ready algorithms.
+    """
+    if args.amp not in precision.AMP_MODES:
+        raise DomainGradError(f"--amp must be one of {', '.join(precision.AMP_MODES)}, got {args.amp!r}")
+    if args.channels_last not in precision.MEMORY_FORMATS:
+        raise DomainGradError(
+            f"--channels-last must be one of {', '.join(precision.MEMORY_FORMATS)}, got {args.channels_last!r}"
+        )
+    if args.amp == "fp16" and not cls.fp16_ready():
+        ready = sorted(name for name, c in ALGORITHMS.items() if c.fp16_ready())
+        raise DomainGradError(
+            f"--amp fp16 needs loss scaling, which {args.algorithm}'s update does not do (fp16-ready: "
+            f"{', '.join(ready)}); use --amp bf16 (no loss scaling needed) or --amp off"
+        )
 
 
 def has_test_parts(args: TrainArgs) -> bool:

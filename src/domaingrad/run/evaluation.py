@@ -1,4 +1,5 @@
-"""Accuracy of an algorithm on a split (DomainBed's ``misc.accuracy``)."""
+"""Accuracy of an algorithm on a split (DomainBed's ``misc.accuracy``), and the default
+evaluation batch size."""
 
 from __future__ import annotations
 
@@ -45,3 +46,25 @@ def accuracy(
     finally:
         algorithm.train(was_training)
     return correct / total if total else float("nan")
+
+
+#: ``--eval-batch-size auto`` by device type. On CPU, 64 (DomainBed's evaluation batch):
+#: MNIST_CNN and ResNet forward passes cost less per image at 64 than at 512 there
+#: (``benchmarks/bench_evaluation.py``, docs/benchmarks.md). On CUDA, 512: larger batches
+#: keep the device busy (not measured here: no GPU; pass ``--eval-batch-size`` to choose).
+AUTO_EVAL_BATCH_SIZE = {"cpu": 64, "cuda": 512}
+
+
+def auto_eval_batch_size(algorithm: Algorithm, device: torch.device | str) -> int:
+    """The batch size of ``--eval-batch-size auto`` for ``algorithm`` on ``device``.
+
+    An algorithm whose predictions depend on the batch they come in (ARM's context: the
+    batch is the adaptation set) fixes it with a class attribute ``eval_batch_size``; for
+    every other one it is :data:`AUTO_EVAL_BATCH_SIZE` of the device type (512 for other
+    accelerators). Deterministic: the same run always evaluates in the same batches, so a
+    resumed run gives the records of an uninterrupted one.
+    """
+    fixed = getattr(type(algorithm), "eval_batch_size", None)
+    if isinstance(fixed, int) and fixed > 0:
+        return fixed
+    return AUTO_EVAL_BATCH_SIZE.get(torch.device(device).type, 512)

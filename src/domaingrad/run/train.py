@@ -9,6 +9,12 @@ every environment's in and out split is evaluated and one record is appended to
 ``data_augmentation`` the training environments are evaluated on augmented images, as
 DomainBed does (``TrainArgs.clean_eval`` turns that off).
 
+With ``uda_holdout_fraction`` > 0 each test environment's in split also gives up a
+*uda* split (:func:`~domaingrad.data.base.split_uda`), evaluated as ``env{k}_uda_acc``;
+under ``task="domain_adaptation"`` every step draws ``batch_size`` inputs from each uda
+split (an endless stream, like the training one, seeded apart from it) and passes them,
+without labels, as ``update(minibatches, unlabeled)`` (DomainBed's ``train.py``).
+
 The arguments are in :mod:`.args` (checked once, by :func:`~.args.check_args`), what
 the run prints in :mod:`.console`, its files in :mod:`.output`.
 """
@@ -27,6 +33,7 @@ from typing import IO, Any
 import numpy as np
 import torch
 
+from .. import precision
 from ..algorithms import Algorithm
 from ..data import (
     MultipleDomainDataset,
@@ -36,14 +43,23 @@ from ..data import (
     split_environment,
     split_environment_70_10_20,
 )
-from ..data.base import MinibatchStream
+from ..data.base import MinibatchStream, split_uda
 from ..errors import DomainGradError, NonFiniteLossError
 from ..layout import CHECKPOINT, DONE, MODEL, model_step_file
 from ..registry import load_initial_weights
 from ..rng import seed_hash
-from .args import CheckedArgs, TrainArgs, check_args, comparable, has_test_parts, initial_weights, resolve_device
+from .args import (
+    DOMAIN_ADAPTATION,
+    CheckedArgs,
+    TrainArgs,
+    check_args,
+    comparable,
+    has_test_parts,
+    initial_weights,
+    resolve_device,
+)
 from .console import RunConsole
-from .evaluation import accuracy
+from .evaluation import accuracy, auto_eval_batch_size
 from .output import RunDirectory, RunFinishedError, atomic_torch_save
 from .provenance import run_provenance
 
@@ -53,6 +69,10 @@ class TrainingRun:
 
     Build it with :meth:`prepare`; :func:`train` drives it. ``train_step`` is public so
     the benchmark can time exactly what the loop does per step.
+
+    ``uda_splits`` are the non-empty uda splits of the test environments in index order
+    (``env{k}_uda_acc`` is the k-th, DomainBed's key), ``uda_minibatches`` their endless
+    unlabelled stream under ``task="domain_adaptation"`` (None otherwise).
     """
 
     def __init__(
@@ -66,6 +86,8 @@ class TrainingRun:
         minibatches: MinibatchStream,
         device: torch.device,
         test_splits: Sequence[Split] = (),
+        uda_splits: Sequence[Split] = (),
+        uda_minibatches: MinibatchStream | None = None,
     ):
         self.args = args
         self.hparams = hparams
@@ -74,6 +96,9 @@ class TrainingRun:
         self.out_splits = out_splits
         #: the 20% test parts under the 70/10/20 protocol, else empty
         self.test_splits = list(test_splits)
+        #: the test environments' non-empty uda splits (DomainBed's order and keys)
+        self.uda_splits = list(uda_splits)
+        self.uda_minibatches = uda_minibatches
         self.provenance = run_provenance(device)
         #: seconds spent in this process since the run (or its resumption) started
         self.started = time.perf_counter()
@@ -90,6 +115,9 @@ class TrainingRun:
         self.augment_eval = bool(dataset.AUGMENTS and hparams["data_augmentation"] and not args.clean_eval)
         self.checkpoint_vals: dict[str, list[float]] = collections.defaultdict(list)
         algorithm.total_steps = self.steps
+        #: the batch size of every evaluation pass (``--eval-batch-size``, or auto's choice)
+        self.eval_batch_size = args.eval_batch_size or auto_eval_batch_size(algorithm, device)
+        self.channels_last = precision.use_channels_last(args.channels_last, device, dataset.input_shape)
 
     @classmethod
     def prepare(cls, args: TrainArgs | CheckedArgs) -> TrainingRun:
@@ -123,15 +151,26 @@ class TrainingRun:
                     f"test env {test_env} is out of range: {args.dataset} has {len(dataset)} environments, "
                     f"0..{len(dataset) - 1} ({', '.join(dataset.environment_names)})"
                 )
-        in_splits, out_splits, test_splits = [], [], []
+        in_splits, out_splits, test_splits, uda_splits = [], [], [], []
         for i, env in enumerate(dataset.environments):
             if has_test_parts(args):
                 in_split, out_split, test_split = split_environment_70_10_20(env, args.trial_seed, i)
                 test_splits.append(test_split)
             else:
                 out_split, in_split = split_environment(env, args.holdout_fraction, args.trial_seed, i)
+            if i in args.test_envs and args.uda_holdout_fraction > 0:
+                # DomainBed carves the uda split out of the in split, whatever the task
+                uda_split, in_split = split_uda(in_split, args.uda_holdout_fraction, args.trial_seed, i)
+                if len(uda_split):
+                    uda_splits.append(uda_split)
             in_splits.append(in_split)
             out_splits.append(out_split)
+        if args.task == DOMAIN_ADAPTATION and not uda_splits:
+            raise DomainGradError(
+                f"--task domain_adaptation: --uda-holdout-fraction {args.uda_holdout_fraction} leaves no "
+                f"unlabelled sample in test environment(s) {' '.join(map(str, args.test_envs))} (DomainBed: "
+                "'Not enough unlabeled samples for domain adaptation'); raise --uda-holdout-fraction"
+            )
         device = resolve_device(args.device)
         try:
             algorithm = checked.algorithm_class(
@@ -141,6 +180,9 @@ class TrainingRun:
             raise DomainGradError(f"cannot build {args.algorithm} with these hyperparameters: {exc}") from exc
         load_initial_weights(algorithm, initial_weights(args, dataset.input_shape, hparams))
         algorithm.to(device)
+        if precision.use_channels_last(args.channels_last, device, dataset.input_shape):
+            algorithm.to(memory_format=torch.channels_last)
+        algorithm.grad_scaler = precision.grad_scaler(device, args.amp)
         train_splits = [s for i, s in enumerate(in_splits) if i not in args.test_envs]
         minibatches = dataset.minibatches(
             train_splits,
@@ -150,24 +192,54 @@ class TrainingRun:
             augment=hparams["data_augmentation"],
             pin_memory=device.type == "cuda",
         )
-        return cls(args, hparams, dataset, in_splits, out_splits, algorithm, minibatches, device, test_splits)
+        uda_minibatches = None
+        if args.task == DOMAIN_ADAPTATION:
+            # test environments are never augmented (DomainBed builds them with the
+            # evaluation transform); class_balanced weighs by the uda split's labels, as
+            # DomainBed's make_weights_for_balanced_classes(uda) does
+            uda_minibatches = dataset.minibatches(
+                uda_splits,
+                hparams["batch_size"],
+                seed_hash(args.seed, "uda_minibatches"),
+                hparams["class_balanced"],
+                augment=False,
+                pin_memory=device.type == "cuda",
+            )
+        return cls(
+            args,
+            hparams,
+            dataset,
+            in_splits,
+            out_splits,
+            algorithm,
+            minibatches,
+            device,
+            test_splits,
+            uda_splits,
+            uda_minibatches,
+        )
 
     def train_step(self) -> dict[str, float]:
-        """One step: draw one minibatch per training domain, ``update``, log its values.
+        """One step: draw one minibatch per training domain (and, under domain
+        adaptation, one unlabelled batch per uda split), ``update``, log its values.
 
-        ``step_time`` (seconds, DomainBed's key) covers the draw, the transfer to the
+        ``step_time`` (seconds, DomainBed's key) covers the draws, the transfer to the
         device and the update.
         """
         start = time.perf_counter()
-        batch = [
-            (x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
-            for x, y in next(self.minibatches)
-        ]
-        values = self.algorithm.update(batch)
+        batch = [(self._to_device(x), y.to(self.device, non_blocking=True)) for x, y in next(self.minibatches)]
+        unlabeled = None
+        if self.uda_minibatches is not None:
+            unlabeled = [self._to_device(x) for x, _ in next(self.uda_minibatches)]
+        with precision.autocast(self.device, self.args.amp):
+            values = self.algorithm.update(batch) if unlabeled is None else self.algorithm.update(batch, unlabeled)
         self.checkpoint_vals["step_time"].append(time.perf_counter() - start)
         for key, value in values.items():
             self.checkpoint_vals[key].append(value)
         return values
+
+    def _to_device(self, x: torch.Tensor) -> torch.Tensor:
+        return precision.to_memory_format(x.to(self.device, non_blocking=True), self.channels_last)
 
     def evaluation_split(self, split: Split, prefix: str, env: int, step: int) -> Split:
         """The split as the checkpoint at ``step`` evaluates it: augmented when
@@ -179,8 +251,13 @@ class TrainingRun:
 
     def evaluate(self, step: int = 0) -> dict[str, float]:
         """``env{i}_in_acc`` and ``env{i}_out_acc`` for every environment (and
-        ``env{i}_test_acc`` under the 70/10/20 protocol), at checkpoint ``step`` (which
-        seeds the augmentation of the training environments, see :class:`TrainArgs`)."""
+        ``env{i}_test_acc`` under the 70/10/20 protocol, ``env{k}_uda_acc`` for the k-th
+        uda split), at checkpoint ``step`` (which seeds the augmentation of the training
+        environments, see :class:`TrainArgs`)."""
+        with precision.autocast(self.device, self.args.amp):
+            return self._evaluate(step)
+
+    def _evaluate(self, step: int) -> dict[str, float]:
         accs = {}
         for prefix, splits in (("in", self.in_splits), ("out", self.out_splits), ("test", self.test_splits)):
             for i, split in enumerate(splits):
@@ -192,10 +269,12 @@ class TrainingRun:
                 accs[f"env{i}_{prefix}_acc"] = accuracy(
                     self.algorithm,
                     self.evaluation_split(split, prefix, i, step),
-                    self.args.eval_batch_size,
+                    self.eval_batch_size,
                     self.device,
                     domain=domain,
                 )
+        for k, split in enumerate(self.uda_splits):  # test environments: predict, never augmented
+            accs[f"env{k}_uda_acc"] = accuracy(self.algorithm, split, self.eval_batch_size, self.device)
         return accs
 
     def make_record(self, step: int) -> dict[str, Any]:
@@ -220,6 +299,7 @@ class TrainingRun:
             "hparams": self.hparams,
             "algorithm": self.algorithm.training_state(),
             "minibatches": self.minibatches.state_dict(),
+            "uda_minibatches": None if self.uda_minibatches is None else self.uda_minibatches.state_dict(),
             "rng": {
                 "torch": torch.get_rng_state(),
                 "numpy": np.random.get_state(),
@@ -232,6 +312,8 @@ class TrainingRun:
         """Restore a saved state; returns the first step still to run."""
         self.algorithm.load_training_state(state["algorithm"])
         self.minibatches.load_state_dict(state["minibatches"])
+        if self.uda_minibatches is not None:
+            self.uda_minibatches.load_state_dict(state["uda_minibatches"])
         torch.set_rng_state(state["rng"]["torch"])
         np.random.set_state(state["rng"]["numpy"])
         random.setstate(state["rng"]["python"])
@@ -310,6 +392,13 @@ def _run_locked(
 ) -> RunOutcome:
     """The run of :func:`run_training` in its locked directory, from ``saved`` (a resume
     state) or from scratch."""
+    with precision.backend_settings(resolve_device(checked.args.device), checked.args.deterministic):
+        return _run_prepared(checked, out, saved, stream)
+
+
+def _run_prepared(
+    checked: CheckedArgs, out: RunDirectory, saved: dict[str, Any] | None, stream: IO[str] | None
+) -> RunOutcome:
     args = checked.args
     run = TrainingRun.prepare(checked)
     console = RunConsole(stream, out.log, args.progress)
@@ -343,9 +432,10 @@ def _run_locked(
                 console.checkpoint(run, record)
     finally:
         console.close_bar()
-        close = getattr(run.minibatches, "close", None)
-        if close is not None:
-            close()  # stop DataLoader workers
+        for batches in (run.minibatches, run.uda_minibatches):
+            close = getattr(batches, "close", None)
+            if close is not None:
+                close()  # stop DataLoader workers
 
     if not args.skip_model_save:
         atomic_torch_save(run.model_file(), out.file(MODEL))

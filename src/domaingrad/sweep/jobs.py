@@ -263,7 +263,13 @@ def check_spec(spec) -> None:
     from ..registry import resolve_hparams
     from ..run.args import check_task
 
-    check_task(spec.task, 0.0)
+    if spec.task == "domain_adaptation":
+        raise DomainGradError(
+            "a sweep's task must be domain_generalization, got 'domain_adaptation': sweeps have no "
+            "--uda-holdout-fraction; run domain adaptation with `domaingrad train --task domain_adaptation "
+            "--uda-holdout-fraction F` and an algorithm that uses unlabelled data"
+        )
+    check_task(spec.task, 0.0)  # an unknown task name
     if spec.hparams_seeds is None and not 0 <= spec.n_hparams_from < spec.n_hparams:
         raise DomainGradError(
             f"--n-hparams-from {spec.n_hparams_from} --n-hparams {spec.n_hparams} gives no "
