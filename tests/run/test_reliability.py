@@ -356,3 +356,37 @@ def test_the_kill_campaign_loses_nothing(tmp_path):
     assert "kills made: 2 " in result.stdout
     assert "records lost: 0, files lost: 0, stray files: 0" in result.stdout
     assert "mismatches: 0 " in result.stdout
+
+
+
+def test_a_run_started_with_an_explicit_eval_batch_size_resumes_under_auto(tmp_path, monkeypatch):
+    """A run checkpointed with --eval-batch-size 512 (the default before ``auto``) resumes
+    when the command no longer gives it, and keeps evaluating in batches of 512."""
+    from domaingrad.run import TrainArgs
+    from domaingrad.run.output import read_records
+    from domaingrad.run.train import TrainingRun, run_training
+
+    common = dict(dataset="Debug28", test_envs=[0], steps=5, checkpoint_freq=2, hparams={"batch_size": 8})
+    reference = run_training(TrainArgs(eval_batch_size=512, output_dir=str(tmp_path / "ref"), **common))
+    out = tmp_path / "run"
+    real_step = TrainingRun.train_step
+    calls = {"n": 0}
+
+    def interrupted(self):
+        calls["n"] += 1
+        if calls["n"] == 4:  # after the checkpoint of step 2
+            raise KeyboardInterrupt
+        return real_step(self)
+
+    monkeypatch.setattr(TrainingRun, "train_step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_training(TrainArgs(eval_batch_size=512, output_dir=str(out), **common))
+    monkeypatch.setattr(TrainingRun, "train_step", real_step)
+    resumed = run_training(TrainArgs(output_dir=str(out), **common))  # eval_batch_size auto
+    assert resumed.run.eval_batch_size == 512
+    records = read_records(out / "results.jsonl")[0]
+    assert [r["args"]["eval_batch_size"] for r in records] == [512, 512, 512]
+    expected = read_records(tmp_path / "ref" / "results.jsonl")[0]
+    keys = [k for k in expected[0] if k.endswith("_acc") or k == "loss"]
+    assert [[r[k] for k in keys] for r in records] == [[r[k] for k in keys] for r in expected]
+    assert reference.run.eval_batch_size == 512

@@ -48,6 +48,10 @@ from ..layout import (
 #: arguments that do not change results, so a resume may differ in them (``output_dir``:
 #: a moved or re-spelled directory is still the run's own directory)
 RESUME_IGNORED_ARGS = frozenset({"progress", "num_workers", "output_dir"})
+#: arguments whose value None means "choose for me" (``--eval-batch-size auto``): None now
+#: matches any saved value, and the resumed run keeps the saved one (so a run started by
+#: an older version, or with an explicit value, resumes with the same evaluation batches)
+RESUME_AUTO_ARGS = frozenset({"eval_batch_size"})
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -113,13 +117,18 @@ def differing_args(
 
     An argument missing from ``saved`` (a run written by an older version) matches when
     the current value equals its entry in ``defaults``; ``saved`` goes through
-    ``normalize`` (e.g. older spellings) first; :data:`RESUME_IGNORED_ARGS` never count.
+    ``normalize`` (e.g. older spellings) first; :data:`RESUME_IGNORED_ARGS` never count,
+    nor does an argument of :data:`RESUME_AUTO_ARGS` that is None now.
     """
     saved_args = {**{k: v for k, v in (defaults or {}).items() if k not in saved}, **saved}
     if normalize is not None:
         saved_args = normalize(saved_args)
     differ = sorted(
-        k for k in set(args) | set(saved_args) if k not in RESUME_IGNORED_ARGS and args.get(k) != saved_args.get(k)
+        k
+        for k in set(args) | set(saved_args)
+        if k not in RESUME_IGNORED_ARGS
+        and args.get(k) != saved_args.get(k)
+        and not (k in RESUME_AUTO_ARGS and args.get(k) is None)
     )
     return "; ".join(f"{k}: saved {saved_args.get(k)!r}, now {args.get(k)!r}" for k in differ)
 

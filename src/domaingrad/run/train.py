@@ -27,7 +27,7 @@ import random
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import IO, Any
 
 import numpy as np
@@ -60,7 +60,7 @@ from .args import (
 )
 from .console import RunConsole
 from .evaluation import accuracy, auto_eval_batch_size
-from .output import RunDirectory, RunFinishedError, atomic_torch_save
+from .output import RESUME_AUTO_ARGS, RunDirectory, RunFinishedError, atomic_torch_save
 from .provenance import run_provenance
 
 
@@ -384,6 +384,9 @@ def run_training(args: TrainArgs, stream: IO[str] | None = None) -> RunOutcome:
         with out.writing():
             out.remove_stale_files()
         saved = out.check_startable(args.record(), defaults=defaults, normalize=comparable)
+        if saved is not None:  # "auto" arguments resume with the value the run started with
+            kept = {k: saved["args"][k] for k in RESUME_AUTO_ARGS if getattr(args, k) is None and k in saved["args"]}
+            checked = replace(checked, args=replace(args, **kept))
         return _run_locked(checked, out, saved, stream)
 
 
