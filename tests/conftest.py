@@ -66,6 +66,14 @@ def small_mnist_dir(tmp_path_factory) -> Path:
     return embedded_digits_folder(tmp_path_factory.mktemp("small_mnist"), 1200, seed=0, n_train=1000)
 
 
+@pytest.fixture(scope="session")
+def tiny_mnist_dir(tmp_path_factory) -> Path:
+    """A --data-dir of 300 real digits (100 per Colored MNIST environment): for the
+    few-step CLI runs that only check an algorithm trains end to end, whose cost is the
+    evaluation of every split."""
+    return embedded_digits_folder(tmp_path_factory.mktemp("tiny_mnist"), 300, seed=0, n_train=250)
+
+
 def embedded_digits_folder(root: Path, n_digits: int, seed: int, n_train: int) -> Path:
     """``root`` as a --data-dir holding ``n_digits`` of the embedded digits (a seeded
     subset) as MNIST IDX files, the first ``n_train`` as train; returns ``root``."""

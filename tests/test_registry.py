@@ -110,3 +110,17 @@ def test_a_run_passes_its_initial_weights_explicitly(tmp_path):
     )
     got = run.algorithm.featurizer.state_dict()
     assert all(torch.equal(got[k], v) for k, v in reference.items())
+
+
+def test_every_domainbed_algorithm_and_dataset_is_registered():
+    """domaingrad is a superset of DomainBed (its ALGORITHMS and DATASETS lists at commit
+    b93c22a, as report/names.py spells them): a DomainBed table reruns with domaingrad alone."""
+    from domaingrad.report.names import DOMAINBED_ALGORITHMS
+
+    missing = [name for name in DOMAINBED_ALGORITHMS if name not in dg.list_algorithms()]
+    assert missing == []
+    assert len(DOMAINBED_ALGORITHMS) >= 34
+    domainbed_datasets = ["Debug28", "Debug224", "ColoredMNIST", "RotatedMNIST", "VLCS", "PACS", "OfficeHome"]
+    domainbed_datasets += ["TerraIncognita", "DomainNet", "SVIRO", "WILDSCamelyon", "WILDSFMoW"]
+    domainbed_datasets += [f"Spawrious{k}_{lvl}" for k in ("O2O", "M2M") for lvl in ("easy", "medium", "hard")]
+    assert [name for name in domainbed_datasets if name not in dg.list_datasets()] == []

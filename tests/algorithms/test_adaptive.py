@@ -15,7 +15,7 @@ from torch import nn
 from domaingrad.algorithms.adaptive import ARM, ContextNet, context_groups
 from domaingrad.errors import DomainGradError
 from tests.algorithms.test_baselines import SHAPE, adam_step, assert_same_params, batches, build, tiny  # noqa: F401
-from tests.algorithms.test_multitask import tiny_digits, train_by_spec
+from tests.algorithms.test_multitask import train_by_spec
 
 
 def test_context_groups_follow_domainbed():
@@ -111,11 +111,6 @@ def test_update_on_mnist_cnn_changes_every_parameter():
 def test_non_image_inputs_are_refused():
     with pytest.raises(DomainGradError, match="image inputs"):
         build(ARM, shape=(10,))
-
-
-@pytest.fixture(scope="module")
-def tiny_mnist_dir(tmp_path_factory):
-    return tiny_digits(tmp_path_factory)
 
 
 @pytest.mark.slow

@@ -288,7 +288,7 @@ def test_adrmx_classifiers_are_nonlinear_and_optimizers_hold_domainbeds_paramete
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["URM", "ADRMX"])
-def test_trains_on_colored_mnist_through_the_cli(tmp_path, run_cli, small_mnist_dir, name):
+def test_trains_on_colored_mnist_through_the_cli(tmp_path, run_cli, tiny_mnist_dir, name):
     from domaingrad.run.output import read_records
 
     out = tmp_path / "run"
@@ -307,7 +307,7 @@ def test_trains_on_colored_mnist_through_the_cli(tmp_path, run_cli, small_mnist_
         "--hparams",
         '{"batch_size": 8}',
         "--data-dir",
-        small_mnist_dir,
+        tiny_mnist_dir,
         "--output-dir",
         out,
     )

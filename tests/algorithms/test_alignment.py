@@ -175,7 +175,7 @@ def test_causirl_resume_continues_identically(tiny):
 # -- CLI ------------------------------------------------------------------------------------
 
 
-def train_through_cli(tmp_path, run_cli, small_mnist_dir, spec: str) -> dict:
+def train_through_cli(tmp_path, run_cli, tiny_mnist_dir, spec: str) -> dict:
     """Three steps of ``spec`` on Colored MNIST (test env 2) through ``domaingrad train``;
     returns the last record after checking the run finished with finite losses."""
     out = tmp_path / "run"
@@ -194,7 +194,7 @@ def train_through_cli(tmp_path, run_cli, small_mnist_dir, spec: str) -> dict:
         "--hparams",
         '{"batch_size": 8}',
         "--data-dir",
-        small_mnist_dir,
+        tiny_mnist_dir,
         "--output-dir",
         out,
     )
@@ -209,7 +209,7 @@ def train_through_cli(tmp_path, run_cli, small_mnist_dir, spec: str) -> dict:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["CDANN", "CausIRL_CORAL", "CausIRL_MMD"])
-def test_trains_on_colored_mnist_through_the_cli(tmp_path, run_cli, small_mnist_dir, name):
-    record = train_through_cli(tmp_path, run_cli, small_mnist_dir, f"domaingrad.algorithms.alignment:{name}")
+def test_trains_on_colored_mnist_through_the_cli(tmp_path, run_cli, tiny_mnist_dir, name):
+    record = train_through_cli(tmp_path, run_cli, tiny_mnist_dir, f"domaingrad.algorithms.alignment:{name}")
     if name.startswith("CausIRL"):
         assert math.isfinite(record["penalty"])

@@ -230,5 +230,5 @@ def test_cad_hparams_are_domainbeds():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["SelfReg", "CAD", "CondCAD"])
-def test_trains_on_colored_mnist_through_the_cli(tmp_path, run_cli, small_mnist_dir, name):
-    train_through_cli(tmp_path, run_cli, small_mnist_dir, f"domaingrad.algorithms.contrastive:{name}")
+def test_trains_on_colored_mnist_through_the_cli(tmp_path, run_cli, tiny_mnist_dir, name):
+    train_through_cli(tmp_path, run_cli, tiny_mnist_dir, f"domaingrad.algorithms.contrastive:{name}")

@@ -136,7 +136,7 @@ def test_domainbed_defaults_and_draws_by_dataset(dataset, expected):
 
 
 @pytest.mark.slow
-def test_trains_on_colored_mnist_through_the_cli(tmp_path, run_cli, small_mnist_dir):
+def test_trains_on_colored_mnist_through_the_cli(tmp_path, run_cli, tiny_mnist_dir):
     from domaingrad.run.output import read_records
 
     out = tmp_path / "run"
@@ -155,7 +155,7 @@ def test_trains_on_colored_mnist_through_the_cli(tmp_path, run_cli, small_mnist_
         "--hparams",
         '{"batch_size": 8, "rdm_penalty_anneal_iters": 1}',
         "--data-dir",
-        small_mnist_dir,
+        tiny_mnist_dir,
         "--output-dir",
         out,
     )

@@ -197,7 +197,7 @@ def test_defaults():
 
 
 @pytest.mark.slow
-def test_trains_on_colored_mnist_through_the_cli(tmp_path, run_cli, small_mnist_dir):
+def test_trains_on_colored_mnist_through_the_cli(tmp_path, run_cli, tiny_mnist_dir):
     from domaingrad.run.output import read_records
 
     out = tmp_path / "run"
@@ -216,7 +216,7 @@ def test_trains_on_colored_mnist_through_the_cli(tmp_path, run_cli, small_mnist_
         "--hparams",
         '{"batch_size": 8, "linear_steps": 1}',
         "--data-dir",
-        small_mnist_dir,
+        tiny_mnist_dir,
         "--output-dir",
         out,
     )

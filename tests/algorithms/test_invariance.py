@@ -244,5 +244,5 @@ def test_training_state_round_trip_continues_identically(cls, overrides, tiny):
         "domaingrad.algorithms.invariance:EQRM",
     ],
 )
-def test_trains_on_colored_mnist_through_the_cli(tmp_path, run_cli, small_mnist_dir, spec):
-    train_through_cli(tmp_path, run_cli, small_mnist_dir, spec)
+def test_trains_on_colored_mnist_through_the_cli(tmp_path, run_cli, tiny_mnist_dir, spec):
+    train_through_cli(tmp_path, run_cli, tiny_mnist_dir, spec)

@@ -198,7 +198,7 @@ def test_training_state_round_trip_continues_identically(staged_cnn):
 
 
 @pytest.mark.slow
-def test_trains_on_colored_mnist_through_the_cli(tmp_path, run_cli, small_mnist_dir):
+def test_trains_on_colored_mnist_through_the_cli(tmp_path, run_cli, tiny_mnist_dir):
     """Cross-domain MixStyle at every step (p = 1): the two training environments pair up."""
     from domaingrad.run.output import read_records
 
@@ -218,7 +218,7 @@ def test_trains_on_colored_mnist_through_the_cli(tmp_path, run_cli, small_mnist_
         "--hparams",
         '{"batch_size": 8, "mixstyle_mix": "crossdomain", "mixstyle_p": 1.0}',
         "--data-dir",
-        small_mnist_dir,
+        tiny_mnist_dir,
         "--output-dir",
         out,
     )

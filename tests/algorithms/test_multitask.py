@@ -111,18 +111,6 @@ def test_unknown_embedding_is_refused():
         build(MTL, mtl_embedding="kernel")
 
 
-def tiny_digits(tmp_path_factory):
-    """A --data-dir of 300 real digits: evaluation, the cost of these short runs, stays quick."""
-    from tests.conftest import embedded_digits_folder
-
-    return embedded_digits_folder(tmp_path_factory.mktemp("tiny_mnist"), 300, seed=0, n_train=250)
-
-
-@pytest.fixture(scope="module")
-def tiny_mnist_dir(tmp_path_factory):
-    return tiny_digits(tmp_path_factory)
-
-
 def train_by_spec(run_cli, data_dir, out, spec, hparams='{"batch_size": 8}', steps=3):
     """A ``steps``-step ColoredMNIST run of the algorithm named by ``spec``; returns its
     last record (the CLI tests of these algorithms share it)."""

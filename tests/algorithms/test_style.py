@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from domaingrad.algorithms.style import SagNet, randomize
 from domaingrad.errors import DomainGradError
 from tests.algorithms.test_baselines import LR, assert_same_params, batches, build, tiny  # noqa: F401
-from tests.algorithms.test_multitask import tiny_digits, train_by_spec
+from tests.algorithms.test_multitask import train_by_spec
 
 EPS = 1e-5
 
@@ -145,11 +145,6 @@ def test_a_single_feature_is_refused(monkeypatch):
     monkeypatch.setattr(models, "featurizer_for", lambda shape, hp: One(shape))
     with pytest.raises(DomainGradError, match="at least 2 features"):
         build(SagNet)
-
-
-@pytest.fixture(scope="module")
-def tiny_mnist_dir(tmp_path_factory):
-    return tiny_digits(tmp_path_factory)
 
 
 @pytest.mark.slow

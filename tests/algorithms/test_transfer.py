@@ -22,7 +22,7 @@ from domaingrad.algorithms.transfer import (
 )
 from domaingrad.errors import DomainGradError
 from tests.algorithms.test_baselines import LR, assert_same_params, batches, build, tiny  # noqa: F401
-from tests.algorithms.test_multitask import tiny_digits, train_by_spec
+from tests.algorithms.test_multitask import train_by_spec
 
 
 def double(minibatches):
@@ -282,11 +282,6 @@ def test_update_on_mnist_cnn_changes_every_model_parameter(cls):
     out = algo.update(batches(shape=(2, 28, 28), num_classes=2))
     assert all(type(v) is float and math.isfinite(v) for v in out.values())
     assert all(not torch.equal(a, b) for a, b in zip(before, model))
-
-
-@pytest.fixture(scope="module")
-def tiny_mnist_dir(tmp_path_factory):
-    return tiny_digits(tmp_path_factory)
 
 
 @pytest.mark.slow

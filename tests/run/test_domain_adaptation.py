@@ -223,14 +223,14 @@ def test_coral_and_mmd_align_the_unlabelled_test_batches_too(cls, distance):
 
 
 @pytest.mark.slow
-def test_domain_adaptation_runs_end_to_end_on_colored_mnist_through_the_cli(tmp_path, run_cli, small_mnist_dir):
+def test_domain_adaptation_runs_end_to_end_on_colored_mnist_through_the_cli(tmp_path, run_cli, tiny_mnist_dir):
     out = tmp_path / "run"
     code, _, err = run_cli(
         "train",
         *("--dataset", "ColoredMNIST", "--algorithm", "CORAL", "--test-envs", "2"),
         *("--task", "domain_adaptation", "--uda-holdout-fraction", "0.3"),
         *("--steps", "3", "--checkpoint-freq", "10", "--hparams", '{"batch_size": 8}'),
-        *("--data-dir", small_mnist_dir, "--output-dir", out),
+        *("--data-dir", tiny_mnist_dir, "--output-dir", out),
     )
     assert code == 0, err
     records, _ = read_records(out / "results.jsonl")
@@ -244,6 +244,6 @@ def test_domain_adaptation_runs_end_to_end_on_colored_mnist_through_the_cli(tmp_
         "train",
         *("--dataset", "ColoredMNIST", "--algorithm", "ERM", "--test-envs", "2"),
         *("--task", "domain_adaptation", "--uda-holdout-fraction", "0.3", "--steps", "3"),
-        *("--data-dir", small_mnist_dir, "--output-dir", tmp_path / "erm"),
+        *("--data-dir", tiny_mnist_dir, "--output-dir", tmp_path / "erm"),
     )
     assert code != 0 and "ERM does not use unlabelled data" in err and not (tmp_path / "erm").exists()

@@ -358,7 +358,6 @@ def test_the_kill_campaign_loses_nothing(tmp_path):
     assert "mismatches: 0 " in result.stdout
 
 
-
 def test_a_run_started_with_an_explicit_eval_batch_size_resumes_under_auto(tmp_path, monkeypatch):
     """A run checkpointed with --eval-batch-size 512 (the default before ``auto``) resumes
     when the command no longer gives it, and keeps evaluating in batches of 512."""
