@@ -146,9 +146,7 @@ def agreement(name: str, case: Case, steps: int, device: torch.device) -> float:
         for step in batches:
             algorithm.update([(x.to(dev), y.to(dev)) for x, y in step])
         results.append([p.detach().cpu().clone() for p in algorithm.parameters()])
-    return max(
-        float((a - b).abs().max() / (a.abs().max() + 1e-12)) for a, b in zip(*results, strict=True) if a.numel()
-    )
+    return max(float((a - b).abs().max() / (a.abs().max() + 1e-12)) for a, b in zip(*results, strict=True) if a.numel())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
