@@ -14,8 +14,8 @@ from torch import nn
 
 from domaingrad.algorithms.adaptive import ARM, ContextNet, context_groups
 from domaingrad.errors import DomainGradError
+from tests.algorithms.cli_runs import train_by_spec
 from tests.algorithms.test_baselines import SHAPE, adam_step, assert_same_params, batches, build, tiny  # noqa: F401
-from tests.algorithms.test_multitask import train_by_spec
 
 
 def test_context_groups_follow_domainbed():

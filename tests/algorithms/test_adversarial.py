@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from domaingrad import models
 from domaingrad.algorithms.adversarial import ADRMX, URM, supcon_lambda_loss, urm_discriminator
+from tests.algorithms.cli_runs import train_by_spec
 from tests.algorithms.test_baselines import TinyFeaturizer, batches, build
 
 LR = 1e-3
@@ -289,30 +290,9 @@ def test_adrmx_classifiers_are_nonlinear_and_optimizers_hold_domainbeds_paramete
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["URM", "ADRMX"])
 def test_trains_on_colored_mnist_through_the_cli(tmp_path, run_cli, tiny_mnist_dir, name):
-    from domaingrad.run.output import read_records
-
     out = tmp_path / "run"
-    code, _, err = run_cli(
-        "train",
-        "--dataset",
-        "ColoredMNIST",
-        "--algorithm",
-        f"domaingrad.algorithms.adversarial:{name}",
-        "--test-envs",
-        "2",
-        "--steps",
-        "3",
-        "--checkpoint-freq",
-        "10",
-        "--hparams",
-        '{"batch_size": 8}',
-        "--data-dir",
-        tiny_mnist_dir,
-        "--output-dir",
-        out,
+    record = train_by_spec(
+        run_cli, tiny_mnist_dir, out, f"domaingrad.algorithms.adversarial:{name}", '{"batch_size": 8}'
     )
-    assert code == 0, err
-    first, record = read_records(out / "results.jsonl")[0]
-    assert (first["step"], record["step"]) == (0, 2)
     logged = [k for k in record if k.startswith("loss") and isinstance(record[k], float)]
     assert logged and all(math.isfinite(record[k]) for k in logged)

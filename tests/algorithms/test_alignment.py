@@ -20,7 +20,7 @@ from domaingrad.algorithms.alignment import (
     coral_distance,
 )
 from domaingrad.hparams import common_hparams
-from domaingrad.run.output import read_records
+from tests.algorithms.cli_runs import train_by_spec
 from tests.algorithms.test_baselines import (
     TinyFeaturizer,
     _coral_by_hand,
@@ -176,35 +176,8 @@ def test_causirl_resume_continues_identically(tiny):
 
 
 def train_through_cli(tmp_path, run_cli, tiny_mnist_dir, spec: str) -> dict:
-    """Three steps of ``spec`` on Colored MNIST (test env 2) through ``domaingrad train``;
-    returns the last record after checking the run finished with finite losses."""
-    out = tmp_path / "run"
-    code, _, err = run_cli(
-        "train",
-        "--dataset",
-        "ColoredMNIST",
-        "--algorithm",
-        spec,
-        "--test-envs",
-        "2",
-        "--steps",
-        "3",
-        "--checkpoint-freq",
-        "10",
-        "--hparams",
-        '{"batch_size": 8}',
-        "--data-dir",
-        tiny_mnist_dir,
-        "--output-dir",
-        out,
-    )
-    assert code == 0, err
-    first, record = read_records(out / "results.jsonl")[0]
-    assert (first["step"], record["step"]) == (0, 2)
-    assert record["args"]["algorithm"] == spec and (out / "done").exists()
-    logged = [k for k in record if k.endswith("loss") and isinstance(record[k], float)]
-    assert logged and all(math.isfinite(record[k]) for k in logged)
-    return record
+    """Three steps of ``spec`` on Colored MNIST through ``domaingrad train`` (the shared run)."""
+    return train_by_spec(run_cli, tiny_mnist_dir, tmp_path / "run", spec)
 
 
 @pytest.mark.slow

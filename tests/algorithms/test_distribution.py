@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from domaingrad import models
 from domaingrad.algorithms.distribution import RDM, RDM_GAMMAS, rdm_mmd, rdm_penalties
 from domaingrad.errors import DomainGradError
+from tests.algorithms.cli_runs import train_by_spec
 from tests.algorithms.test_baselines import TinyFeaturizer, batches, build
 
 
@@ -137,29 +138,12 @@ def test_domainbed_defaults_and_draws_by_dataset(dataset, expected):
 
 @pytest.mark.slow
 def test_trains_on_colored_mnist_through_the_cli(tmp_path, run_cli, tiny_mnist_dir):
-    from domaingrad.run.output import read_records
-
     out = tmp_path / "run"
-    code, _, err = run_cli(
-        "train",
-        "--dataset",
-        "ColoredMNIST",
-        "--algorithm",
-        "domaingrad.algorithms.distribution:RDM",
-        "--test-envs",
-        "2",
-        "--steps",
-        "3",
-        "--checkpoint-freq",
-        "10",
-        "--hparams",
-        '{"batch_size": 8, "rdm_penalty_anneal_iters": 1}',
-        "--data-dir",
+    record = train_by_spec(
+        run_cli,
         tiny_mnist_dir,
-        "--output-dir",
         out,
+        "domaingrad.algorithms.distribution:RDM",
+        '{"batch_size": 8, "rdm_penalty_anneal_iters": 1}',
     )
-    assert code == 0, err
-    first, record = read_records(out / "results.jsonl")[0]
-    assert (first["step"], record["step"]) == (0, 2)
     assert math.isfinite(record["total_loss"]) and record["matching_penalty"] > 0

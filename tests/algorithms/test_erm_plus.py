@@ -17,6 +17,7 @@ from torch import nn
 from domaingrad import models
 from domaingrad.algorithms.erm_plus import LARS, ERMPlusPlus
 from domaingrad.registry import create_algorithm
+from tests.algorithms.cli_runs import train_by_spec
 from tests.algorithms.test_baselines import SHAPE, TinyFeaturizer, batches, build
 
 SPEC = "domaingrad.algorithms.erm_plus:ERMPlusPlus"
@@ -198,29 +199,7 @@ def test_defaults():
 
 @pytest.mark.slow
 def test_trains_on_colored_mnist_through_the_cli(tmp_path, run_cli, tiny_mnist_dir):
-    from domaingrad.run.output import read_records
-
     out = tmp_path / "run"
-    code, _, err = run_cli(
-        "train",
-        "--dataset",
-        "ColoredMNIST",
-        "--algorithm",
-        SPEC,
-        "--test-envs",
-        "2",
-        "--steps",
-        "3",
-        "--checkpoint-freq",
-        "10",
-        "--hparams",
-        '{"batch_size": 8, "linear_steps": 1}',
-        "--data-dir",
-        tiny_mnist_dir,
-        "--output-dir",
-        out,
-    )
-    assert code == 0, err
-    first, record = read_records(out / "results.jsonl")[0]
-    assert (first["step"], record["step"]) == (0, 2)
+    hparams = '{"batch_size": 8, "linear_steps": 1}'
+    record = train_by_spec(run_cli, tiny_mnist_dir, out, SPEC, hparams)
     assert math.isfinite(record["loss"]) and (out / "done").exists()

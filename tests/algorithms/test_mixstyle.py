@@ -17,6 +17,7 @@ from domaingrad import models
 from domaingrad.algorithms.erm import ERM
 from domaingrad.algorithms.mixstyle import MIXSTYLE_EPS, MixStyle, crossdomain_permutation, mixstyle
 from domaingrad.errors import DomainGradError
+from tests.algorithms.cli_runs import train_by_spec
 from tests.algorithms.staged import SHAPE as STAGED_SHAPE
 from tests.algorithms.test_baselines import adam_step, batches, build
 
@@ -200,29 +201,12 @@ def test_training_state_round_trip_continues_identically(staged_cnn):
 @pytest.mark.slow
 def test_trains_on_colored_mnist_through_the_cli(tmp_path, run_cli, tiny_mnist_dir):
     """Cross-domain MixStyle at every step (p = 1): the two training environments pair up."""
-    from domaingrad.run.output import read_records
-
     out = tmp_path / "run"
-    code, _, err = run_cli(
-        "train",
-        "--dataset",
-        "ColoredMNIST",
-        "--algorithm",
-        "domaingrad.algorithms.mixstyle:MixStyle",
-        "--test-envs",
-        "2",
-        "--steps",
-        "3",
-        "--checkpoint-freq",
-        "10",
-        "--hparams",
-        '{"batch_size": 8, "mixstyle_mix": "crossdomain", "mixstyle_p": 1.0}',
-        "--data-dir",
+    record = train_by_spec(
+        run_cli,
         tiny_mnist_dir,
-        "--output-dir",
         out,
+        "domaingrad.algorithms.mixstyle:MixStyle",
+        '{"batch_size": 8, "mixstyle_mix": "crossdomain", "mixstyle_p": 1.0}',
     )
-    assert code == 0, err
-    first, record = read_records(out / "results.jsonl")[0]
-    assert (first["step"], record["step"]) == (0, 2)
     assert math.isfinite(record["loss"]) and (out / "done").exists()

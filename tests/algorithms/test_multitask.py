@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from domaingrad.algorithms.multitask import MTL
 from domaingrad.errors import DomainGradError
+from tests.algorithms.cli_runs import train_by_spec
 from tests.algorithms.test_baselines import adam_step, assert_same_params, batches, build, params_of, tiny  # noqa: F401
 
 
@@ -109,22 +110,6 @@ def test_update_on_mnist_cnn_changes_every_parameter():
 def test_unknown_embedding_is_refused():
     with pytest.raises(DomainGradError, match="mtl_embedding"):
         build(MTL, mtl_embedding="kernel")
-
-
-def train_by_spec(run_cli, data_dir, out, spec, hparams='{"batch_size": 8}', steps=3):
-    """A ``steps``-step ColoredMNIST run of the algorithm named by ``spec``; returns its
-    last record (the CLI tests of these algorithms share it)."""
-    from domaingrad.run.output import read_records
-
-    code, _, err = run_cli(
-        "train", "--dataset", "ColoredMNIST", "--algorithm", spec, "--test-envs", "2",
-        "--steps", str(steps), "--checkpoint-freq", "10", "--hparams", hparams,
-        "--data-dir", data_dir, "--output-dir", out,
-    )  # fmt: skip
-    assert code == 0, err
-    first, record = read_records(out / "results.jsonl")[0]
-    assert (first["step"], record["step"]) == (0, steps - 1) and (out / "done").exists()
-    return record
 
 
 @pytest.mark.slow

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 
 from domaingrad.algorithms.style import SagNet, randomize
 from domaingrad.errors import DomainGradError
+from tests.algorithms.cli_runs import train_by_spec
 from tests.algorithms.test_baselines import LR, assert_same_params, batches, build, tiny  # noqa: F401
-from tests.algorithms.test_multitask import train_by_spec
 
 EPS = 1e-5
 

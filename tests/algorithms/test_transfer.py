@@ -21,8 +21,8 @@ from domaingrad.algorithms.transfer import (
     project_to_ball,
 )
 from domaingrad.errors import DomainGradError
+from tests.algorithms.cli_runs import train_by_spec
 from tests.algorithms.test_baselines import LR, assert_same_params, batches, build, tiny  # noqa: F401
-from tests.algorithms.test_multitask import train_by_spec
 
 
 def double(minibatches):
