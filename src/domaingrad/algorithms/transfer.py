@@ -407,8 +407,11 @@ class Transfer(Algorithm):
     def loss_gap(self, minibatches: Minibatches) -> torch.Tensor:
         """() max_d CE_d - min_d CE_d of the adversarial classifier (the first extreme
         wins ties), each domain's batch forwarded on its own."""
-        losses = torch.stack([F.cross_entropy(self.adv_classifier(self.featurizer(x)), y) for x, y in minibatches])
-        return losses[losses.argmax()] - losses[losses.argmin()]
+        losses = [F.cross_entropy(self.adv_classifier(self.featurizer(x)), y) for x, y in minibatches]
+        values = torch.stack([loss.detach() for loss in losses])
+        # the two extremes from the list, not from a stack: backward then runs through their
+        # two domains' graphs only, not through all D with zero gradients
+        return losses[int(values.argmax())] - losses[int(values.argmin())]
 
     def update(self, minibatches: Minibatches, unlabeled=None) -> dict[str, float]:
         all_x = torch.cat([x for x, _ in minibatches])
