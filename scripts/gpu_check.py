@@ -175,7 +175,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return NO_CUDA_EXIT
     device = torch.device(args.device)
-    torch.backends.cudnn.benchmark = True
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU dry run, not a measurement"
     print(f"# gpu_check: torch {torch.__version__}, CUDA {torch.version.cuda}, {where}")
     print(f"# {args.steps} timed steps after {args.warmup}, median ms; ratio to ERM under the same precision")

@@ -173,10 +173,16 @@ def test_channels_last_on_converts_the_convolution_weights_and_the_batches(tmp_p
 
 def test_deterministic_settings_hold_inside_and_are_restored_after():
     before = torch.are_deterministic_algorithms_enabled()
+    benchmark_before = torch.backends.cudnn.benchmark
     with precision.backend_settings("cpu", deterministic=True):
         assert torch.are_deterministic_algorithms_enabled()
         assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
     assert torch.are_deterministic_algorithms_enabled() == before
-    with precision.backend_settings("cuda", deterministic=False):
-        assert torch.backends.cudnn.benchmark
-    assert not torch.backends.cudnn.benchmark
+    assert torch.backends.cudnn.benchmark == benchmark_before
+    torch.backends.cudnn.benchmark = False
+    try:
+        with precision.backend_settings("cuda", deterministic=False):
+            assert torch.backends.cudnn.benchmark
+        assert not torch.backends.cudnn.benchmark
+    finally:
+        torch.backends.cudnn.benchmark = benchmark_before
