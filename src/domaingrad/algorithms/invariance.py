@@ -256,7 +256,7 @@ class IGA(ERM):
 
     @staticmethod
     def gradient_penalty(grads: list[tuple[torch.Tensor, ...]], mean_grad: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        """sum_d sum_k ||grads[d][k] - mean_grad[k]||**2: ``grads`` has one tuple of
+        """``sum_d sum_k ||grads[d][k] - mean_grad[k]||**2``: ``grads`` has one tuple of
         per-parameter gradients per domain, ``mean_grad`` the gradient of the mean loss
         (same shapes). Differentiable through ``grads``."""
         terms = [(g - m).pow(2).sum() for grad in grads for g, m in zip(grad, mean_grad)]

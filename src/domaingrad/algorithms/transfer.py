@@ -94,9 +94,9 @@ class TRM(Algorithm):
 
     1. the domain-weight matrix ``alpha`` (D, D; zero diagonal) is normalised by rows;
     2. each per-domain head ``clist[d]`` (Linear) takes 30 SGD steps (lr 0.1) on
-       sum_d CE(clist[d](f_d.detach()), y_d), all heads at once;
-    3. for each domain Q: g_Q = d CE(clist[Q](f_Q)) / d W_Q (kept differentiable),
-       g_P = d sum_{i != Q} alpha[Q, i] CE(clist[Q](f_i)) / d W_Q (detached), then
+       ``sum_d CE(clist[d](f_d.detach()), y_d)``, all heads at once;
+    3. for each domain Q: ``g_Q = d CE(clist[Q](f_Q)) / d W_Q`` (kept differentiable),
+       ``g_P = d sum_{i != Q} alpha[Q, i] CE(clist[Q](f_i)) / d W_Q`` (detached), then
        u = H_Q^{-1} g_P by :func:`neumann_inverse_hvp` (H_Q the Hessian of Q's loss in
        W_Q), and the transfer term sum_{i != Q} alpha[Q, i] CE_i - ``cos_lambda`` * u . g_Q;
        then alpha[Q, i] *= exp(``groupdro_eta`` * alpha[Q, i] CE_i) (the weighted loss,
