@@ -16,7 +16,6 @@ from domaingrad import models
 from domaingrad.algorithms.bottleneck import IB_ERM, IB_IRM, ib_penalty
 from domaingrad.algorithms.invariance import EQRM, IGA, kde_quantile
 from domaingrad.errors import DomainGradError
-from domaingrad.hparams import common_hparams
 from tests.algorithms.test_alignment import train_through_cli
 from tests.algorithms.test_baselines import (
     TinyFeaturizer,
@@ -32,18 +31,6 @@ from tests.algorithms.test_baselines import (
 def tiny(monkeypatch):
     """The algorithms built here get test_baselines' TinyFeaturizer."""
     monkeypatch.setattr(models, "featurizer_for", lambda input_shape, hparams: TinyFeaturizer(input_shape))
-
-
-@pytest.mark.parametrize("cls", [IGA, IB_ERM, IB_IRM, EQRM], ids=lambda c: c.__name__)
-def test_hparam_specs_are_new_names_with_defaults_of_their_draws_type(cls):
-    common = {s.name for s in common_hparams(True)}
-    for small in (True, False):
-        specs = cls.hparam_specs(small)
-        names = [s.name for s in specs]
-        assert len(set(names)) == len(names) and not set(names) & common
-        for spec in specs:
-            draws = [spec.draw(np.random.RandomState(seed)) for seed in range(20)]
-            assert all(type(d) is type(spec.default) for d in draws), spec.name
 
 
 # -- IGA ------------------------------------------------------------------------------------
