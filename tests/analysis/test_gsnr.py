@@ -10,7 +10,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from matplotlib.image import imread
 from torch import nn
 
 from domaingrad import models
@@ -29,6 +28,7 @@ from domaingrad.cli import main
 from domaingrad.errors import DomainGradError
 from domaingrad.run import TrainArgs, train
 from tests.algorithms.staged import SHAPE, StagedCNN, build
+from tests.analysis.plots import check_png
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -143,8 +143,7 @@ def test_command_on_a_finished_run_and_on_a_run_it_trains(tmp_path, capsys):
     assert all(v > 0 for v in run["loss_gap"]["values"])
     layer = run["gsnr"]["4"]["featurizer.conv1"]
     assert sum(layer["counts"]) == layer["n_params"] == 64 * 3 * 9 + 64
-    image = imread(out / "gsnr.png")
-    assert image.shape[0] > 200 and image.shape[1] > 400 and image.std() > 0
+    check_png(out / "gsnr.png", wider_than=400)
     assert "median GSNR" in capsys.readouterr().out
     assert main(["analyze", "gsnr", "--run", str(run_dir), *common]) != 0
     assert "--force" in capsys.readouterr().err

@@ -12,6 +12,7 @@ from domaingrad.analysis import modification as M
 from domaingrad.cli import main
 from domaingrad.errors import DomainGradError
 from domaingrad.run.output import read_records
+from tests.analysis.plots import check_png
 
 
 def test_group_means_weigh_each_record_by_its_steps_in_the_group():
@@ -96,7 +97,6 @@ def test_find_runs_in_a_sweep_and_refuse_empty_paths(sweep, tmp_path):
 
 
 def test_cli_end_to_end(sweep, tmp_path, capsys):
-    from PIL import Image
 
     out = tmp_path / "mod"
     assert main(["analyze", "modification", str(sweep), "--groups", "3", "--output-dir", str(out)]) == 0
@@ -108,7 +108,6 @@ def test_cli_end_to_end(sweep, tmp_path, capsys):
     rows = (out / "modification.csv").read_text().splitlines()
     assert rows[0].startswith("dataset,method,key,row,granularity,runs,group,value")
     assert len(rows) == 1 + 3 * (5 + 5)  # 3 groups x (5 statistics of each surgery run)
-    image = np.asarray(Image.open(out / "modification.png").convert("L"), dtype=float)
-    assert image.shape[0] > 400 and image.shape[1] > 300 and image.var() > 0
+    check_png(out / "modification.png", wider_than=300, taller_than=400)
     assert main(["analyze", "modification", str(sweep / "jobs" / "ERM"), "--output-dir", str(tmp_path / "e")]) != 0
     assert "none of the runs has surgery statistics" in capsys.readouterr().err

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 
-import matplotlib.image
 import pytest
 import torch
 from torch import nn
@@ -23,6 +22,7 @@ from domaingrad.cli import main
 from domaingrad.errors import DomainGradError
 from domaingrad.hparams import common_hparams
 from domaingrad.run import TrainArgs
+from tests.analysis.plots import check_png
 
 
 def weighted_sum(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -164,12 +164,6 @@ def test_over_training_measures_one_class_at_a_time_and_leaves_training_unchange
         similarity_over_training(run, every=1, batch_size=1)
 
 
-def check_png(path, min_width=300):
-    image = matplotlib.image.imread(str(path))
-    assert image.shape[1] >= min_width and image.shape[0] >= 200
-    assert float(image[..., :3].var()) > 0
-
-
 def test_command_writes_json_csv_and_png(tmp_path, capsys):
     out = tmp_path / "out"
     argv = ["analyze", "similarity", "--dataset", "Debug28", "--steps", "2", "--every", "1", "--batch-size", "3"]
@@ -187,7 +181,7 @@ def test_command_writes_json_csv_and_png(tmp_path, capsys):
     lines = (out / "similarity.csv").read_text().splitlines()
     assert lines[0].startswith("test_envs,sources,step,class,layer,intra,inter")
     assert sum(",network," in line for line in lines) == 3
-    check_png(out / "similarity.png")
+    check_png(out / "similarity.png", wider_than=299, taller_than=199)
     assert main(argv) == 2  # never overwrites without --force
     assert "--force" in capsys.readouterr().err
 
@@ -199,7 +193,7 @@ def test_command_all_combinations_one_panel_each(tmp_path, capsys):
     summary = json.loads((out / "similarity.json").read_text())
     assert [c["test_envs"] for c in summary["combinations"]] == [[0], [1], [2]]
     assert [c["train_envs"] for c in summary["combinations"]] == [[1, 2], [0, 2], [0, 1]]
-    check_png(out / "similarity.png", min_width=900)  # three panels side by side
+    check_png(out / "similarity.png", wider_than=899, taller_than=199)  # three panels side by side
     capsys.readouterr()
     assert main(argv + ["--all-combinations", "--test-envs", "1", "--output-dir", str(tmp_path / "x")]) == 2
     assert "not both" in capsys.readouterr().err

@@ -6,13 +6,10 @@ from __future__ import annotations
 
 import json
 
-import matplotlib.image
-import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from domaingrad import models
 from domaingrad.algorithms import ERM, MultiHeaded
 from domaingrad.algorithms.fishr import Fishr
 from domaingrad.analysis._common import prepare_run
@@ -27,6 +24,10 @@ from domaingrad.cli import main
 from domaingrad.errors import DomainGradError
 from domaingrad.hparams import common_hparams
 from domaingrad.run import TrainArgs
+from tests.algorithms import test_fishr
+from tests.analysis.plots import check_png
+
+tiny = test_fishr.tiny  # the fixture: TinyFeaturizer, float64
 
 
 def t(rows):
@@ -71,27 +72,6 @@ def test_bad_input_is_refused():
         variance_distance([t([[1.0, 2.0]]), t([[1.0, 2.0, 3.0]])])
     with pytest.raises(ValueError, match="normalization"):
         variance_distance([t([[1.0]])], "sum")
-
-
-class TinyFeaturizer(nn.Module):
-    n_outputs = 6
-
-    def __init__(self, input_shape):
-        super().__init__()
-        self.fc = nn.Linear(int(np.prod(input_shape)), self.n_outputs)
-
-    def forward(self, x):
-        return torch.tanh(self.fc(x.flatten(1)))
-
-
-@pytest.fixture
-def tiny(monkeypatch):
-    """Algorithms build TinyFeaturizer, in float64."""
-    monkeypatch.setattr(models, "featurizer_for", lambda shape, hp: TinyFeaturizer(shape))
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
 
 
 def make(cls, **overrides):
@@ -157,12 +137,6 @@ def test_over_training_measures_every_k_steps_and_leaves_training_unchanged():
         variance_over_training(run, every=1, batch_size=1)
 
 
-def check_png(path):
-    image = matplotlib.image.imread(str(path))
-    assert image.shape[1] >= 600 and image.shape[0] >= 200
-    assert float(image[..., :3].var()) > 0
-
-
 def test_command_compares_algorithms(tmp_path, capsys):
     out = tmp_path / "out"
     argv = ["analyze", "gradient-variance", "--dataset", "Debug28", "--steps", "2", "--every", "1"]
@@ -180,7 +154,7 @@ def test_command_compares_algorithms(tmp_path, capsys):
     lines = (out / "gradient-variance.csv").read_text().splitlines()
     assert lines[0].startswith("algorithm,step,distance,mean_variance,loss,domain0_distance,domain1_distance")
     assert len(lines) == 1 + 6
-    check_png(out / "gradient-variance.png")
+    check_png(out / "gradient-variance.png", wider_than=599, taller_than=199)
 
     assert main(argv + ["--force", "--algorithms", "Fishr", "--steps", "1"]) == 0  # default anneal 1500 > 1 step
     assert "penalty weight is 0 for the whole run" in capsys.readouterr().err
