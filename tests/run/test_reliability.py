@@ -328,6 +328,58 @@ def test_a_refused_write_is_a_clear_error(tmp_path, run_cli, monkeypatch, failin
     assert not (out / "done").exists()
 
 
+@pytest.mark.parametrize("failing", ["checkpoint", "record"])
+def test_a_full_disk_is_a_clear_error_and_the_rerun_resumes(reference, tmp_path, run_cli, monkeypatch, failing):
+    """The disk fills at the checkpoint of step 4: torch reports it as a RuntimeError (as
+    it did on a full CI machine), an append as OSError(ENOSPC). Either way the command
+    exits 2 with a message, leaves no temporary, and the same command resumes to the
+    uninterrupted run's records and models once there is space."""
+    from domaingrad.run import output
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(output.shutil, "disk_usage", lambda path: shutil_usage(free=10 * 2**20))
+    if failing == "checkpoint":
+        real_save = torch.save
+
+        def disk_full(obj, path, *rest, **options):
+            if str(path).endswith("checkpoint.pt.tmp") and obj["record"]["step"] == 4:
+                Path(path).write_bytes(b"the first bytes of a checkpoint")
+                raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 26752 vs 26640")
+            return real_save(obj, path, *rest, **options)
+
+        monkeypatch.setattr(torch, "save", disk_full)
+    else:
+        real_append = RunDirectory.append_record
+
+        def disk_full(self, record):
+            if record["step"] == 4:
+                with output._raising_disk_full(self.file("results.jsonl")):
+                    raise OSError(28, "No space left on device")
+            real_append(self, record)
+
+        monkeypatch.setattr(RunDirectory, "append_record", disk_full)
+    code, _, err = run_cli(*debug_cli_args(out))
+    written = "checkpoint.pt" if failing == "checkpoint" else "results.jsonl"
+    assert code == 2 and "Traceback" not in err, err
+    assert f"no space left on the device to write {out / written} (10 MiB free)" in err, err
+    assert "rerun the same command: it resumes from the last checkpoint" in err
+    assert list(out.glob("*.tmp")) == [] and not (out / "done").exists()
+    monkeypatch.undo()
+    assert run_cli(*debug_cli_args(out))[0] == 0
+    assert_same_run(reference, out)
+
+
+def shutil_usage(free: int):
+    import shutil
+
+    return shutil._ntuple_diskusage(total=2**40, used=2**40 - free, free=free)
+
+
+def debug_cli_args(out: Path) -> list:
+    """:func:`debug_args` as a command line."""
+    return [*DEBUG, "--steps", "7", "--checkpoint-freq", "2", "--save-model-every-checkpoint", "--output-dir", out]
+
+
 # -- item 6: the kill campaign -----------------------------------------------------------------
 
 

@@ -21,8 +21,10 @@ refused with the PID of the first.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -54,20 +56,81 @@ RESUME_IGNORED_ARGS = frozenset({"progress", "num_workers", "output_dir"})
 RESUME_AUTO_ARGS = frozenset({"eval_batch_size"})
 
 
+#: below this much free space (bytes) on the run's file system, a failed ``torch.save`` is
+#: taken for a full disk: torch reports one as ``RuntimeError`` ("unexpected pos ...",
+#: "file write failed"), not as ``OSError(ENOSPC)``
+LOW_DISK_BYTES = 256 * 2**20
+
+
+class DiskFullError(DomainGradError):
+    """A run's file could not be written because its file system is full.
+
+    The partial temporary is removed and every file written before is intact, so the
+    same command resumes from the last checkpoint once space is freed.
+
+    Attributes:
+        path: the file that could not be written.
+        free_bytes: free space on its file system when the write failed (bytes).
+    """
+
+    def __init__(self, path: Path, free_bytes: int):
+        self.path = path
+        self.free_bytes = free_bytes
+        super().__init__(
+            f"no space left on the device to write {path} ({free_bytes / 2**20:.0f} MiB free); "
+            "the files written before are intact. Free some space and rerun the same command: "
+            "it resumes from the last checkpoint."
+        )
+
+
+def _free_bytes(path: Path) -> int:
+    try:
+        return shutil.disk_usage(path.parent).free
+    except OSError:
+        return 0
+
+
+@contextlib.contextmanager
+def _raising_disk_full(path: Path, tmp: Path | None = None) -> Iterator[None]:
+    """Turn a write failure of ``path`` on a full file system into :class:`DiskFullError`,
+    removing the partial temporary ``tmp``; any other failure propagates unchanged."""
+    try:
+        yield
+    except (OSError, RuntimeError) as exc:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+        free = _free_bytes(path)
+        full = isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+        if full or (isinstance(exc, RuntimeError) and free < LOW_DISK_BYTES):
+            raise DiskFullError(path, free) from exc
+        raise
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and ``os.replace``."""
+    """Write ``data`` to ``path`` through a temporary file and ``os.replace``.
+
+    Raises:
+        DiskFullError: the file system is full; ``path`` is unchanged.
+    """
     tmp = path.with_name(path.name + TMP_SUFFIX)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    with _raising_disk_full(path, tmp):
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    """``torch.save`` through a temporary file and ``os.replace``."""
+    """``torch.save`` through a temporary file and ``os.replace``.
+
+    Raises:
+        DiskFullError: the file system is full; ``path`` is unchanged.
+    """
     tmp = path.with_name(path.name + TMP_SUFFIX)
-    torch.save(obj, tmp)
+    with _raising_disk_full(path, tmp):
+        torch.save(obj, tmp)
     os.replace(tmp, path)
 
 
@@ -372,9 +435,11 @@ class RunDirectory:
         atomic_torch_save(state, self.file(CHECKPOINT))
 
     def append_record(self, record: dict[str, Any]) -> None:
-        with open(self.file(RESULTS), "a") as f:
+        """Append ``record`` to results.jsonl; a line cut by a full disk is dropped on
+        resume (:meth:`reconcile_results`), as the checkpoint holds the record."""
+        with _raising_disk_full(self.file(RESULTS)), open(self.file(RESULTS), "a") as f:
             f.write(json.dumps(record, sort_keys=True) + "\n")
 
     def log(self, line: str) -> None:
-        with open(self.file(LOG), "a") as f:
+        with _raising_disk_full(self.file(LOG)), open(self.file(LOG), "a") as f:
             f.write(line + "\n")
