@@ -79,7 +79,7 @@ INHERENT_COST = {
     "URM": "+ discriminator MLP on features, its own Adam step (cheap)",
     "ERMPlusPlus": "probing (first 501 steps): no featurizer bwd; then ERM + weight average copy",
     "MTL": "per-domain fwd; classifier on [features, EMA domain embedding] (2F inputs)",
-    "SagNet": "3 fwd + 3 bwd (content, style, adversarial) through the featurizer",
+    "SagNet": "3 fwd (content, style, adversarial) + 2 bwd through the featurizer (style step: no featurizer grad)",
     "ARM": "+ ContextNet fwd/bwd (5x5 convs, 64 ch at full resolution: about MNIST_CNN's size)",
     "TRM": "after iters (200): per-domain heads, 2nd-order grads and HVPs on the linear head only",
     "Transfer": "2 + d_steps_per_g (10) per-domain featurizer fwd/bwd: adversarial steps re-run it",

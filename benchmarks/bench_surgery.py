@@ -131,20 +131,25 @@ def load_baseline(path: str) -> ModuleType:
 def _rules(
     surgery: ModuleType = surgery, suffix: str = "", floor: bool = True
 ) -> list[tuple[str, Callable[[list[torch.Tensor]], object]]]:
-    """The floor first, then every rule of ``surgery`` (``agr_rand (sequential)`` where it
-    exists), their names followed by ``suffix``."""
+    """The floor first, then every rule of ``surgery`` (Agr-Rand's other noise streams,
+    ``agr_rand (parallel)`` and ``agr_rand (sequential)``, where they exist), their names
+    followed by ``suffix``."""
     rules: list[tuple[str, Callable[[list[torch.Tensor]], object]]] = [
         ("floor: sum over domains", lambda g: [t.sum(0) for t in g]),
         ("agr_sum", lambda g: surgery.agr_sum(g)),
         ("agr_rand", lambda g: surgery.agr_rand(g, generator=torch.Generator().manual_seed(0))),
     ]
     if "noise" in inspect.signature(surgery.agr_rand).parameters:
-        rules.append(
-            (
-                "agr_rand (sequential)",
-                lambda g: surgery.agr_rand(g, generator=torch.Generator().manual_seed(0), noise="sequential"),
-            )
-        )
+        default = inspect.signature(surgery.agr_rand).parameters["noise"].default
+        streams = getattr(sys.modules[surgery.agr_rand.__module__], "_NOISE_STREAMS", ("sequential",))
+        for stream in ("parallel", "sequential"):
+            if stream in streams and stream != default:
+                rules.append(
+                    (
+                        f"agr_rand ({stream})",
+                        lambda g, s=stream: surgery.agr_rand(g, generator=torch.Generator().manual_seed(0), noise=s),
+                    )
+                )
     rules += [
         ("and_mask", lambda g: surgery.and_mask(g)),
         ("sand_mask", lambda g: surgery.sand_mask(g)),

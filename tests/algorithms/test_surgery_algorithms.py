@@ -313,21 +313,25 @@ def test_surgery_batches_hparam_defaults_to_the_domain_batches():
         resolve_hparams("PCGrad", "RotatedMNIST", 0, 0, {"surgery_batches": "single"})
 
 
-def test_agr_rand_resumes_an_older_checkpoint_on_its_sequential_noise_stream():
-    """A training state saved before the parallel noise stream existed (no
-    ``agr_rand_noise`` entry) resumes on the sequential stream it was made with; a new
-    one on the parallel stream; the two streams draw different noise."""
+def test_agr_rand_resumes_an_older_checkpoint_on_its_noise_stream():
+    """A training state saved before the streams were recorded (no ``agr_rand_noise``
+    entry) resumes on the sequential stream it was made with, one saved on the parallel
+    stream on that one; a new run draws from the counter stream; the streams differ."""
     new = build("AgrRand")
-    assert new.noise_stream == "parallel" and new.training_state()["agr_rand_noise"] == "parallel"
+    assert new.noise_stream == "counter" and new.training_state()["agr_rand_noise"] == "counter"
     old_state = new.training_state()
     del old_state["agr_rand_noise"]
     resumed = build("AgrRand", seed=5)
     resumed.load_training_state(old_state)
     assert resumed.noise_stream == "sequential"
+    parallel = build("AgrRand", seed=5)
+    parallel.load_training_state({**new.training_state(), "agr_rand_noise": "parallel"})
+    assert parallel.noise_stream == "parallel"
     again = build("AgrRand", seed=5)
     again.load_training_state(new.training_state())
-    assert again.noise_stream == "parallel"
-    resumed.update(minibatches(1))
-    again.update(minibatches(1))
-    differ = [not torch.equal(p, q) for p, q in zip(resumed.network.parameters(), again.network.parameters())]
-    assert any(differ)
+    assert again.noise_stream == "counter"
+    for algorithm in (resumed, parallel, again):
+        algorithm.update(minibatches(1))
+    params = [list(a.network.parameters()) for a in (resumed, parallel, again)]
+    differ = [any(not torch.equal(p, q) for p, q in zip(params[i], params[j])) for i, j in ((0, 1), (0, 2), (1, 2))]
+    assert all(differ), differ

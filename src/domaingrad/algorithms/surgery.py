@@ -206,14 +206,14 @@ class AgrRand(AgrSum):
     """Agr-Rand (Mansilla et al. ICCV 2021, eq. 4): Agr-Sum with Gaussian noise of scale
     mean |agreeing component| on the disagreeing components (guarded against NaN).
 
-    The noise comes from :func:`~domaingrad.gradients.surgery.agr_rand`'s ``"parallel"``
-    stream; a run checkpointed before that stream existed resumes on the
-    ``"sequential"`` one it started with, so it ends as it would have."""
+    The noise comes from :func:`~domaingrad.gradients.surgery.agr_rand`'s ``"counter"``
+    stream; a run checkpointed on an earlier stream (``"parallel"``, or ``"sequential"``
+    for checkpoints that name none) resumes on it, so it ends as it would have."""
 
     def __init__(self, input_shape, num_classes, num_domains, hparams):
         super().__init__(input_shape, num_classes, num_domains, hparams)
-        #: agr_rand's noise stream (a resumed older run keeps "sequential")
-        self.noise_stream = "parallel"
+        #: agr_rand's noise stream (a resumed older run keeps the one it started with)
+        self.noise_stream = "counter"
 
     def combine(self, grads):
         return agr_rand(

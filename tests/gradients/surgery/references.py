@@ -271,3 +271,56 @@ def official_corgrad_loop(grads: list[torch.Tensor], n_parts: int = 10, alpha: f
             bufs[d] = alpha * bufs[d] + (1 - alpha) * inliers
         out.append(torch.stack(bufs).sum(0))
     return out
+
+
+# ------------------------------------------------------- the counter noise stream, by hand
+
+_U64 = (1 << 64) - 1
+_GOLDEN = 0x9E3779B97F4A7C15
+
+
+def _mix64(z: int) -> int:
+    """SplitMix64's output function on a Python int (Steele, Lea, Flood, OOPSLA 2014)."""
+    z &= _U64
+    z ^= z >> 30
+    z = (z * 0xBF58476D1CE4E5B9) & _U64
+    z ^= z >> 27
+    z = (z * 0x94D049BB133111EB) & _U64
+    return z ^ (z >> 31)
+
+
+def counter_normal_reference(
+    key0: int, key1: int, i: int, x: tuple[float, ...], f: tuple[float, ...]
+) -> tuple[float, str]:
+    """Value ``i`` of the counter stream, one Python float at a time, as the docstring of
+    ``domaingrad.gradients.surgery._noise`` defines it (ziggurat edges ``x``, heights
+    ``f``), and how it
+    ended: ``"first"`` (the first try's rectangle), ``"rect"`` (a later try's), ``"wedge"``
+    or ``"tail"``."""
+    h = _mix64(key0 + i * _GOLDEN)
+    seq = _mix64(key1 + i * _GOLDEN)
+    t = 0
+
+    def word() -> int:
+        nonlocal t
+        t += 1
+        return _mix64(seq + t * _GOLDEN)
+
+    how = "first"
+    while True:
+        k = h & 511
+        u = ((h >> 12) + 0.5) * 2.0**-51 - 1.0
+        if abs(u) < x[k + 1] / x[k]:
+            return u * x[k], how
+        if k == 0:
+            r = x[1]
+            while True:
+                tx = -math.log(1.0 - (word() >> 11) * 2.0**-53) / r
+                ty = -math.log(1.0 - (word() >> 11) * 2.0**-53)
+                if ty + ty > tx * tx:
+                    return (-(r + tx) if u < 0 else r + tx), "tail"
+        xv = u * x[k]
+        if f[k] + (word() >> 11) * 2.0**-53 * (f[k + 1] - f[k]) < math.exp(-0.5 * xv * xv):
+            return xv, "wedge"
+        h = word()
+        how = "rect"

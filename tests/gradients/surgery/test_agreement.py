@@ -14,9 +14,12 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from domaingrad.gradients.surgery import AgrRand, AgrSum, _agr_rand, agr_rand, agr_sum, agreement_mask
+from domaingrad.gradients.surgery import AgrRand, AgrSum, _agr_rand, _native, agr_rand, agr_sum, agreement_mask
+from domaingrad.gradients.surgery._noise import ZIGGURAT_F, ZIGGURAT_X, counter_normals, draw_keys
 
-from .references import F64, FAST, SHAPES, close, naive_agree, sparse_signs, t64
+from .references import F64, FAST, SHAPES, close, counter_normal_reference, naive_agree, sparse_signs, t64
+
+STREAMS = ["counter", "parallel", "sequential"]
 
 # ------------------------------------------------------------------ agreement, Agr-Sum
 
@@ -26,6 +29,21 @@ def test_agreement_hand_two_domains():
     g = t64([[1.0, -1.0, 0.0, 2.0, 0.0], [3.0, 2.0, 0.0, -1.0, 5.0]])
     assert agreement_mask([g])[0].tolist() == [True, False, True, False, False]
     assert agreement_mask([g], rule="official")[0].tolist() == [True, False, False, False, False]
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_nan_never_agrees(monkeypatch, native):
+    # torch's sign(NaN) is 0, so a NaN minimum and maximum would look like an all-zero
+    # component (which agrees under the paper rule): it must not
+    if not native:
+        monkeypatch.setattr(_native, "usable", lambda t: False)
+    nan = float("nan")
+    g = t64([[nan, 1.0, 0.0, nan], [1.0, 1.0, 0.0, nan]])
+    for rule in ("paper", "official"):
+        assert agreement_mask([g], rule=rule)[0].tolist() == [False, True, rule == "paper", False]
+        res = agr_sum([g], rule=rule)
+        assert res.stats["agree_frac"] == (0.5 if rule == "paper" else 0.25)
+        assert math.isnan(res.grads[0][0].item()) and res.grads[0][1].item() == 2.0
 
 
 def test_agr_sum_hand_two_domains_and_stats():
@@ -116,19 +134,36 @@ def parallel_noise(seed: int, sizes: list[int], dtype=F64, chunk: int = 1 << 18)
     return noise
 
 
+def counter_noise(seed: int, sizes: list[int], dtype=F64) -> list[torch.Tensor]:
+    """The standard-normal values of agr_rand's counter stream, as its docstring states:
+    keys from ``torch.randint(0, 2**62, (2,))`` of the call's generator, component ``i``
+    of the network (all tensors in input order) gets value ``i``."""
+    key0, key1 = torch.randint(0, 2**62, (2,), generator=torch.Generator().manual_seed(seed)).tolist()
+    noise, start = [], 0
+    for n in sizes:
+        noise.append(counter_normals(key0, key1, start, n, dtype=dtype))
+        start += n
+    return noise
+
+
 def test_agr_rand_hand_case_uses_the_documented_noise():
     # comp0: (1, 3) agree, sum 4; comps 1, 2 disagree. sigma = mean |g*| over A = 4.
     g = t64([[1.0, 2.0, -1.0], [3.0, -1.0, 1.0]])
     res = agr_rand([g], generator=torch.Generator().manual_seed(7))
-    (z,) = parallel_noise(7, [3])
+    key0, key1 = draw_keys(torch.Generator().manual_seed(7))
+    z = [counter_normal_reference(key0, key1, i, ZIGGURAT_X, ZIGGURAT_F)[0] for i in range(3)]
     assert res.stats["sigma"] == pytest.approx(4.0)
     assert res.stats["agree_frac"] == pytest.approx(1 / 3)
     assert res.grads[0][0].item() == 4.0
-    assert close(res.grads[0][1:], 4.0 * z[1:])
+    assert close(res.grads[0][1:], 4.0 * t64(z[1:]))
     # mean reduction: everything (noise included) divided by D = 2, sigma reported 2
     mean = agr_rand([g], generator=torch.Generator().manual_seed(7), reduction="mean")
     assert mean.stats["sigma"] == pytest.approx(2.0)
     assert close(mean.grads[0], res.grads[0] / 2)
+    # the previous default, the parallel stream
+    par = agr_rand([g], generator=torch.Generator().manual_seed(7), noise="parallel")
+    (zp,) = parallel_noise(7, [3])
+    assert par.grads[0][0].item() == 4.0 and close(par.grads[0][1:], 4.0 * zp[1:])
 
 
 def test_agr_rand_sequential_stream_is_the_earlier_one():
@@ -154,7 +189,7 @@ def test_agr_rand_sigma_is_network_wide():
     res = agr_rand([a, b], generator=torch.Generator().manual_seed(3))
     assert res.stats["sigma"] == pytest.approx(4.0)
     assert res.grads[0].tolist() == [2.0, 6.0]
-    _, z = parallel_noise(3, [2, 2])
+    _, z = counter_noise(3, [2, 2])  # B's component 1 is the network's component 3
     assert res.grads[1][0].item() == -4.0
     assert res.grads[1][1].item() == pytest.approx(4.0 * z[1].item())
 
@@ -186,7 +221,7 @@ def test_agr_rand_parallel_stream_across_chunks_lanes_and_threads(monkeypatch, r
     results = []
     for threads in (1, 2):
         torch.set_num_threads(threads)
-        results.append(agr_rand(grads, generator=torch.Generator().manual_seed(11)))
+        results.append(agr_rand(grads, generator=torch.Generator().manual_seed(11), noise="parallel"))
     one, two = results
     sigma = one.stats["sigma"]
     assert sigma > 0 and one.stats == two.stats
@@ -197,8 +232,36 @@ def test_agr_rand_parallel_stream_across_chunks_lanes_and_threads(monkeypatch, r
         assert torch.allclose(out.flatten()[~agree.flatten()], sigma * z[~agree.flatten()], rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_agr_rand_counter_stream_across_ranges_threads_and_implementations(monkeypatch, restore_threads, dtype):
+    # ranges of 5 components for the native kernel: 20 ranges, cut inside tensors; one
+    # and two threads, and the torch implementation, give the documented values
+    monkeypatch.setattr(_native, "RANGE", 5)
+    grads = [sparse_signs(torch.Generator().manual_seed(t), (3, *s)).to(dtype) for t, s in enumerate(CHUNKED_SHAPES)]
+    consensus = agr_sum(grads)
+    noise = counter_noise(11, [g[0].numel() for g in grads], dtype=dtype)
+    results = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        results.append(agr_rand(grads, generator=torch.Generator().manual_seed(11)))
+    monkeypatch.setattr(_native, "usable", lambda t: False)
+    results.append(agr_rand(grads, generator=torch.Generator().manual_seed(11)))
+    one, two, torch_path = results
+    sigma = one.stats["sigma"]
+    assert sigma > 0 and one.stats == two.stats
+    assert torch_path.stats["agree_frac"] == one.stats["agree_frac"]
+    assert torch_path.stats["sigma"] == pytest.approx(sigma, rel=1e-6 if dtype == torch.float32 else 1e-12)
+    for g, out, out2, out3, cons, z in zip(grads, one.grads, two.grads, torch_path.grads, consensus.grads, noise):
+        assert torch.equal(out, out2)  # the same bits with one thread or two
+        agree = naive_agree(g, "paper")
+        assert torch.equal(out[agree], cons[agree]) and torch.equal(out3[agree], cons[agree])
+        tol = 1e-6 if dtype == torch.float32 else 1e-12
+        assert torch.allclose(out.flatten()[~agree.flatten()], sigma * z[~agree.flatten()], rtol=tol, atol=0)
+        assert torch.allclose(out3, out, rtol=tol, atol=0)
+
+
 @pytest.mark.usefixtures("single_thread")  # the values do not depend on it (tested above)
-@pytest.mark.parametrize("noise", ["parallel", "sequential"])
+@pytest.mark.parametrize("noise", STREAMS)
 def test_agr_rand_noise_is_normal_with_sd_sigma(monkeypatch, noise):
     # 400,000 components, the first 1,000 agree with sum 2 -> sigma = 2 exactly; the other
     # 399,000 are sigma * N(0, 1). Chunks of 2^14: 25 chunks, every lane draws 3 or 4.
@@ -218,7 +281,7 @@ def test_agr_rand_noise_is_normal_with_sd_sigma(monkeypatch, noise):
     assert abs(z.mean()) < 5 / n**0.5 and abs(z.std() - 1) < 0.01
 
 
-@pytest.mark.parametrize("noise", ["parallel", "sequential"])
+@pytest.mark.parametrize("noise", STREAMS)
 @pytest.mark.parametrize("rule", ["paper", "official"])
 def test_agr_rand_noise_only_where_the_domains_disagree(noise, rule):
     # many zeros and ties; a NaN-free input: agreeing components are exactly Agr-Sum's, every
@@ -242,10 +305,7 @@ def test_agr_rand_streams_agree_on_nan_input(reduction):
     # a NaN sum disagrees and makes sigma NaN: no noise in either stream, the other
     # disagreeing components are 0, the NaN stays NaN, the agreeing sums are kept
     g = t64([[1.0, float("nan"), -1.0, 2.0], [3.0, 1.0, 1.0, 2.0]])
-    results = [
-        agr_rand([g], generator=torch.Generator().manual_seed(0), noise=n, reduction=reduction)
-        for n in ("parallel", "sequential")
-    ]
+    results = [agr_rand([g], generator=torch.Generator().manual_seed(0), noise=n, reduction=reduction) for n in STREAMS]
     scale = 0.5 if reduction == "mean" else 1.0
     for res in results:
         assert math.isnan(res.stats["sigma"])
@@ -283,7 +343,7 @@ def test_agr_sum_object_is_the_function_with_the_same_options():
     assert AgrSum(rule="official")([g]).stats["agree_frac"] == pytest.approx(1 / 5)
 
 
-@pytest.mark.parametrize("noise", ["parallel", "sequential"])
+@pytest.mark.parametrize("noise", STREAMS)
 def test_agr_rand_object_is_the_function_with_the_same_options(noise):
     grads = [sparse_signs(torch.Generator().manual_seed(2), (3, *s)) for s in [(7,), (2, 3)]]
     for kwargs in ({}, {"rule": "official"}, {"reduction": "mean"}):
@@ -306,9 +366,9 @@ def test_agr_rand_object_advances_its_generator_call_by_call():
 def test_agreement_objects_repr_and_errors():
     assert repr(AgrSum()) == "AgrSum(rule='paper', reduction='sum')"
     assert repr(AgrRand(generator=torch.Generator(), rule="official")) == (
-        "AgrRand(generator=torch.Generator(device='cpu'), rule='official', reduction='sum', noise='parallel')"
+        "AgrRand(generator=torch.Generator(device='cpu'), rule='official', reduction='sum', noise='counter')"
     )
-    with pytest.raises(ValueError, match=r"noise must be one of \['parallel', 'sequential'\]"):
+    with pytest.raises(ValueError, match=r"noise must be one of \['counter', 'parallel', 'sequential'\]"):
         AgrRand(generator=torch.Generator(), noise="exact")
     with pytest.raises(ValueError, match="noise must be one of"):
         agr_rand([torch.ones(2, 3)], generator=torch.Generator(), noise="fast")

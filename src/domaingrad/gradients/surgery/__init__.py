@@ -71,8 +71,17 @@ Implementation notes
   and tensors smaller than ``_SMALL`` elements are concatenated and processed together.
   Consequently the output tensors of small parameters are non-overlapping views of one
   shared buffer (each is contiguous and has the parameter's shape).
-* Python loops run over parameter tensors, blocks and domain pairs only, never over
-  elements or slices.
+* On CPU float32/float64 tensors the sign-agreement pass of Agr-Sum and Agr-Rand (with
+  Agr-Rand's noise) and the Gram matrices of PCGrad and CorGrad (pieces of at least
+  4,096 elements, at most 32 domains) run on native kernels, compiled on first use from
+  ``_native.c`` with the system C compiler and cached; ranges of a fixed size run on
+  ``torch.get_num_threads()`` threads and their partial results are summed in range
+  order, so results do not depend on the thread count or the machine's vector width.
+  Without a compiler (or with ``DOMAINGRAD_NATIVE=0``), and on other devices and dtypes,
+  torch operations compute the same rules: Agr-Sum's output bit for bit, Agr-Rand's
+  noise values (see :func:`agr_rand`), float64 Gram matrices equal to float64 rounding.
+* Python loops run over parameter tensors, blocks, ranges and domain pairs only, never
+  over elements or slices.
 * NaN in the input propagates to the output of the summing rules (a NaN component
   never counts as agreeing, but ``NaN * 0`` is NaN).
 

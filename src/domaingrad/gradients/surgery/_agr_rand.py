@@ -1,6 +1,6 @@
 """Agr-Rand (Mansilla, Echeveste, Milone, Ferrante, "Domain Generalization via Gradient
 Surgery", ICCV 2021, eq. (4)): Agr-Sum with N(0, sigma^2) noise at the disagreeing
-components, and its two seeded noise streams."""
+components, and its three seeded noise streams."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from ._agreement import _masked_domain_sum
+from . import _native
+from ._agreement import _agreement_pass, _masked_domain_sum
+from ._noise import draw_keys
 from ._plumbing import (
     AgreementRule,
     Reduction,
@@ -28,9 +30,10 @@ from ._plumbing import (
     _validate,
 )
 
-#: Agr-Rand's noise streams: "parallel" (default) and "sequential" (domaingrad 0.1.0's).
-NoiseStream = Literal["parallel", "sequential"]
-_NOISE_STREAMS = ("parallel", "sequential")
+#: Agr-Rand's noise streams: "counter" (default), "parallel" and "sequential" (earlier
+#: defaults, kept for bit-identical reruns of earlier runs).
+NoiseStream = Literal["counter", "parallel", "sequential"]
+_NOISE_STREAMS = ("counter", "parallel", "sequential")
 #: Lanes of the parallel stream: independent generators, each drawing every
 #: ``_NOISE_LANES``-th chunk. Fixed, so the noise does not depend on the thread count;
 #: at most this many threads draw at once.
@@ -45,7 +48,7 @@ def agr_rand(
     generator: torch.Generator,
     rule: AgreementRule = "paper",
     reduction: Reduction = "sum",
-    noise: NoiseStream = "parallel",
+    noise: NoiseStream = "counter",
 ) -> SurgeryResult:
     """Agr-Rand consensus of Mansilla et al. (ICCV 2021), eq. (4).
 
@@ -61,13 +64,22 @@ def agr_rand(
     zero, NaN sums staying NaN.
 
     Noise: the disagreeing components get independent ``N(0, sigma^2)`` values, from one
-    of two streams of standard-normal draws. Both are reproducible: the same generator
+    of three streams of standard-normal draws. All are reproducible: the same generator
     state and gradients give the same result, whatever the number of threads and
     however the tensors are packed or blocked. ``generator`` must be on the tensors'
     device.
 
-    * ``noise="parallel"`` (default): the network's components, all tensors in input
-      order, are cut into chunks of ``2**18``; chunk ``c`` is drawn by lane ``c mod 8``
+    * ``noise="counter"`` (default): domaingrad's counter stream (see
+      ``domaingrad.gradients.surgery._noise``): two keys are drawn from ``generator``
+      (``torch.randint(0, 2**62, (2,))``) at every call, and the network's component
+      ``i`` (all tensors in input order) gets the ``i``-th value of the stream, a
+      ziggurat draw from SplitMix64 words addressed by ``i``. Its values are the same on
+      every device and thread count. On CPU float32/float64 tensors a native kernel
+      (compiled on first use, see ``_native``) fuses the draw with the agreement pass;
+      elsewhere, or without a C compiler, torch operations compute the same values
+      (``sigma`` may differ in the last bit, its sum being taken in another order).
+    * ``noise="parallel"`` (the previous default): the network's components, all
+      tensors in input order, are cut into chunks of ``2**18``; chunk ``c`` is drawn by lane ``c mod 8``
       (``out.normal_(generator=lane)`` on each tensor's part of the chunk, in order), the
       8 lanes being fresh generators seeded by ``torch.randint(0, 2**63 - 1, (8,),
       generator=generator)`` at every call. Up to 8 threads draw at once (as many as
@@ -102,12 +114,57 @@ def agr_rand(
     _check_generator(generator, optional=False)
     with torch.no_grad():
         groups = _make_groups(tensors, num_domains)
-        if noise == "parallel":
+        if noise == "counter":
+            agree, total, sigma = _agr_rand_counter(groups, generator, rule, scale)
+        elif noise == "parallel":
             agree, total, sigma = _agr_rand_parallel(groups, len(tensors), generator, rule, scale)
         else:
             agree, total, sigma = _agr_rand_sequential(groups, generator, rule, scale)
         out = _unpack(groups, tensors)
     return SurgeryResult(out, {"agree_frac": agree / total if total else 1.0, "sigma": sigma})
+
+
+def _agr_rand_counter(
+    groups: list[_Group], generator: torch.Generator, rule: str, scale: float
+) -> tuple[float, int, float]:
+    """The counter stream: one agreement pass that leaves the sums at the agreeing
+    components and the stream's standard-normal values at the others; then those are
+    multiplied by sigma. Returns (agreeing, total, sigma)."""
+    keys = draw_keys(generator)
+    scratch = _Scratch(groups)
+    agree, l1, keeps = _agreement_pass(groups, scratch, rule, keys=keys)
+    total = sum(grp.out.numel() for grp in groups)
+    sigma = scale * l1 / agree if agree > 0 else 0.0
+    if agree < total:
+        # sigma 0, or NaN from NaN input: the disagreeing components are 0 (NaN stays NaN)
+        factor = sigma if sigma > 0.0 else 0.0
+        native: list[tuple[Tensor, Tensor]] = []
+        for grp, keep in zip(groups, keeps):
+            assert keep is not None
+            if _native.usable(grp.out):
+                native.append((grp.out, keep))
+            else:
+                _scale_noise([grp], [keep], factor, scale, scratch)
+        _native_scale(native, scale, factor)
+    elif scale != 1.0:
+        for grp in groups:
+            grp.out.mul_(scale)
+    return agree, total, sigma
+
+
+def _native_scale(pairs: list[tuple[Tensor, Tensor]], kept_factor: float, other_factor: float) -> None:
+    """``out *= where(keep, kept_factor, other_factor)`` for every ``(out, keep)`` pair, on
+    the native kernel (all pairs' ranges in one parallel run)."""
+    if not pairs:
+        return
+    lib = _native.library()
+    assert lib is not None
+    tasks = []
+    for out, keep in pairs:
+        fn = getattr(lib, "dg_scale_" + _native.suffix(out.dtype))
+        item, ptr, keep_ptr, n = out.element_size(), out.data_ptr(), keep.data_ptr(), out.numel()
+        tasks += [(fn, ptr + a * item, keep_ptr + a, min(_native.RANGE, n - a)) for a in range(0, n, _native.RANGE)]
+    _native.run_ranges(tasks, lambda t: t[0](t[1], t[2], t[3], kept_factor, other_factor))
 
 
 def _agr_rand_parallel(
@@ -302,8 +359,8 @@ class AgrRand(_Rule):
             device.
         rule: ``"paper"`` (default) or ``"official"`` agreement, see :func:`agreement_mask`.
         reduction: ``"sum"`` (default, the paper) or ``"mean"`` (divide by D).
-        noise: ``"parallel"`` (default) or ``"sequential"`` (domaingrad 0.1.0's stream,
-            bit-identical with earlier runs), see :func:`agr_rand`.
+        noise: ``"counter"`` (default), ``"parallel"`` or ``"sequential"`` (earlier
+            defaults, bit-identical with earlier runs), see :func:`agr_rand`.
 
     Raises:
         ValueError: for an option outside its documented values (when constructed).
@@ -318,7 +375,7 @@ class AgrRand(_Rule):
     >>> result.grads[0][0].item(), result.stats["sigma"]
     (4.0, 4.0)
     >>> rule
-    AgrRand(generator=torch.Generator(device='cpu'), rule='paper', reduction='sum', noise='parallel')
+    AgrRand(generator=torch.Generator(device='cpu'), rule='paper', reduction='sum', noise='counter')
     """
 
     _options = ("generator", "rule", "reduction", "noise")
@@ -329,7 +386,7 @@ class AgrRand(_Rule):
         generator: torch.Generator,
         rule: AgreementRule = "paper",
         reduction: Reduction = "sum",
-        noise: NoiseStream = "parallel",
+        noise: NoiseStream = "counter",
     ) -> None:
         _check_generator(generator, optional=False)
         _check_option(rule, ("paper", "official"), "rule")

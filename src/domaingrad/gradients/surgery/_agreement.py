@@ -4,17 +4,21 @@ masked-sum kernel that Agr-Rand (:mod:`._agr_rand`) and ANDMask share."""
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
+from . import _native
+from ._noise import counter_normals
 from ._plumbing import (
     AgreementRule,
     Reduction,
     SurgeryResult,
     _check_option,
     _count,
+    _Group,
     _make_groups,
     _Rule,
     _scale,
@@ -86,7 +90,9 @@ def _masked_domain_sum(
                     torch.minimum(lo, x[d], out=lo)
                     torch.maximum(hi, x[d], out=hi)
             if mask_rule == "paper":
-                lo.sign_()
+                # NaN propagates to lo and hi, and torch's sign(NaN) is 0: a NaN lo is made
+                # positive so that its sign differs from hi's (0) and it never agrees
+                lo.nan_to_num_(nan=1.0).sign_()
                 hi.sign_()
                 torch.eq(lo, hi, out=hi)
             else:
@@ -108,11 +114,109 @@ def _masked_domain_sum(
     return float(kept.item())
 
 
+def _tensor_starts(groups: list[_Group]) -> dict[int, int]:
+    """Index of each tensor's first component when all tensors' components are counted
+    in input order (the counter noise stream addresses components by this index)."""
+    sizes = {t: n for grp in groups for t, n in zip(grp.members, grp.sizes)}
+    starts: dict[int, int] = {}
+    start = 0
+    for t in sorted(sizes):
+        starts[t] = start
+        start += sizes[t]
+    return starts
+
+
+def _agreement_pass(
+    groups: list[_Group],
+    scratch: _Scratch,
+    mask_rule: str,
+    *,
+    keys: tuple[int, int] | None = None,
+    want_keep: bool = False,
+) -> tuple[float, float, list[Tensor | None]]:
+    """Agr-Sum's masked sum over every group, with the counter stream's standard-normal
+    noise at the disagreeing components when ``keys`` is given (Agr-Rand).
+
+    Each group's ``out`` becomes ``mask * sum`` (+ ``(1 - mask) * z``, ``z`` the noise of
+    the component's index, see :mod:`._noise`); NaN sums propagate. Groups the native
+    kernels take (CPU float32/float64, see :mod:`._native`) run there, range by range on
+    several threads; the others on the blocked torch kernel :func:`_masked_domain_sum`.
+    Both give the same masks and sums (same order of additions) and the same noise.
+
+    Returns:
+        ``(kept, l1, keeps)``: the number of agreeing components, the sum of
+        ``|mask * sum|`` (float64), and per group its bool mask (``None`` unless
+        ``want_keep`` or ``keys``).
+    """
+    starts = _tensor_starts(groups)
+    kept = 0.0
+    l1 = 0.0
+    keeps: list[Tensor | None] = []
+    native: list[tuple[_Group, Tensor | None]] = []
+    for grp in groups:
+        n = grp.out.numel()
+        keep = torch.empty(n, dtype=torch.bool, device=grp.out.device) if want_keep or keys is not None else None
+        keeps.append(keep)
+        if mask_rule != "tau" and _native.usable(grp.out) and grp.flat.stride(1) == 1:
+            native.append((grp, keep))
+            continue
+        if keys is not None:
+            for t, o, size in zip(grp.members, grp.offsets, grp.sizes):
+                grp.out[o : o + size] = counter_normals(
+                    keys[0], keys[1], starts[t], size, dtype=grp.out.dtype, device=grp.out.device
+                )
+        acc = [0.0]
+        kept += _masked_domain_sum(
+            grp.flat, grp.out, scratch, mask_rule, keep=keep, l1=acc, noise_in_out=keys is not None
+        )
+        l1 += acc[0]
+    if native:
+        k, s = _native_pass(native, starts, mask_rule, keys)
+        kept += k
+        l1 += s
+    return kept, l1, keeps
+
+
+def _native_pass(
+    groups: list[tuple[_Group, Tensor | None]], starts: dict[int, int], mask_rule: str, keys: tuple[int, int] | None
+) -> tuple[float, float]:
+    """:func:`_agreement_pass` of the ``(group, keep)`` pairs on the native kernel, all
+    groups' ranges in one parallel run; returns (kept, l1), summed in range order."""
+    lib = _native.library()
+    assert lib is not None
+    key0, key1 = keys if keys is not None else (0, 0)
+    official = int(mask_rule == "official")
+    noisy = int(keys is not None)
+    tasks = []
+    for grp, keep in groups:
+        fn = getattr(lib, "dg_agree_" + _native.suffix(grp.out.dtype))
+        item = grp.out.element_size()
+        flat, out = grp.flat.data_ptr(), grp.out.data_ptr()
+        keep_ptr = keep.data_ptr() if keep is not None else 0
+        num_domains, stride = grp.flat.shape[0], grp.flat.stride(0)
+        for t, o, size in zip(grp.members, grp.offsets, grp.sizes):
+            for a in range(0, size, _native.RANGE):
+                off = o + a
+                tasks.append(
+                    (fn, flat + off * item, num_domains, stride, min(_native.RANGE, size - a), out + off * item,
+                     keep_ptr + off if keep_ptr else None, starts[t] + a)
+                )  # fmt: skip
+
+    def run(task: tuple) -> tuple[int, float]:
+        fn, flat, num_domains, stride, m, out, keep, base = task
+        acc = ctypes.c_double(0.0)
+        kept = fn(flat, num_domains, stride, m, out, keep, official, noisy, key0, key1, base, ctypes.byref(acc))
+        return kept, acc.value
+
+    results = _native.run_ranges(tasks, run)
+    return float(sum(k for k, _ in results)), float(sum(s for _, s in results))
+
+
 def _agree(g: Tensor, rule: str) -> Tensor:
     """Agreement mask Phi of one tensor, ``(D, *s) -> bool (*s)`` (see _masked_domain_sum)."""
     mn, mx = g.amin(0), g.amax(0)
-    if rule == "paper":
-        return torch.sign(mn) == torch.sign(mx)
+    if rule == "paper":  # torch's sign(NaN) is 0: a NaN min is made positive, so it never agrees
+        return torch.sign(mn.nan_to_num(nan=1.0)) == torch.sign(mx)
     return torch.maximum(mn, -mx) > 0
 
 
@@ -163,9 +267,8 @@ def agr_sum(
     total = 0
     with torch.no_grad():
         groups = _make_groups(tensors, num_domains)
-        scratch = _Scratch(groups)
+        agree, _, _ = _agreement_pass(groups, _Scratch(groups), rule)
         for grp in groups:
-            agree += _masked_domain_sum(grp.flat, grp.out, scratch, rule)
             if scale != 1.0:
                 grp.out.mul_(scale)
             total += grp.out.numel()

@@ -8,11 +8,13 @@ matrices, the tolerances of their decisions, and the final weighted combination.
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
+from . import _native
 from ._plumbing import _Group
 from ._slicing import Run, _element_pieces
 
@@ -25,6 +27,9 @@ _GRAM_CHUNK = 1 << 16
 # nothing from its second thread). Each part is summed in a fixed order, so the Gram
 # matrix does not depend on the number of threads.
 _GRAM_SPLIT = 1 << 13
+# Pieces at least this long get their Gram matrix from the native kernel (on CPU float32
+# and float64); shorter ones, many per tensor, from the batched torch products.
+_NATIVE_MIN_PIECE = 1 << 12
 # Columns per batch item of the weighted combination of one long run (same reason: a
 # ``1 x D @ D x n`` product runs on one thread, a batch of them on all).
 _COMBINE_SPLIT = 1 << 16
@@ -70,6 +75,45 @@ def _gram_run(x: Tensor) -> Tensor:
         blk.copy_(xs.transpose(0, 1))  # (P', D, K), contiguous: the fast batched product
         torch.bmm(blk, blk.transpose(1, 2), out=out[p0 : p0 + xs.shape[1]])
     return out
+
+
+def _native_gram_usable(flat: Tensor) -> bool:
+    """Whether the native Gram kernel takes the ``(D, N)`` rows ``flat``."""
+    return _native.usable(flat) and flat.stride(1) == 1 and flat.shape[0] <= _native.GRAM_MAX_DOMAINS
+
+
+def _native_grams(runs: Sequence[tuple[Tensor, int, int, int]], gram: Tensor) -> None:
+    """``gram[p] += X X^T`` for every run ``(flat, start, length, p)``, ``X`` the columns
+    ``start .. start + length - 1`` of the ``(D, N)`` rows ``flat`` (CPU, float32 or
+    float64, see :func:`_native_gram_usable`), on the native kernel.
+
+    Every product and sum is float64 (as in :func:`_gram_run`; the order differs, so the
+    two agree to float64 rounding). The runs are cut into ranges of ``_native.RANGE``
+    columns, run on all threads; each range's matrix is added to ``gram[p]`` in range
+    order, so the result does not depend on the number of threads.
+    """
+    if not runs:
+        return
+    lib = _native.library()
+    assert lib is not None
+    num_domains = gram.shape[-1]
+    tasks = []
+    for flat, start, length, p in runs:
+        fn = getattr(lib, "dg_gram_" + _native.suffix(flat.dtype))
+        item, ptr, stride = flat.element_size(), flat.data_ptr(), flat.stride(0)
+        for a in range(0, length, _native.RANGE):
+            tasks.append((fn, ptr + (start + a) * item, stride, min(_native.RANGE, length - a), p))
+
+    def run(task: tuple) -> tuple[int, ctypes.Array]:
+        fn, ptr, stride, m, p = task
+        out = (ctypes.c_double * (num_domains * num_domains))()
+        fn(ptr, num_domains, stride, m, out)
+        return p, out
+
+    results = _native.run_ranges(tasks, run)
+    parts = torch.tensor([list(out) for _, out in results], dtype=torch.float64).view(-1, num_domains, num_domains)
+    for (p, _), part in zip(results, parts):
+        gram[p] += part.to(gram.device)
 
 
 def _accumulate_block_gram(blk: Tensor, parts: Tensor) -> None:
@@ -229,6 +273,7 @@ def _piece_grams(
     the piece index of every element of the packed groups (small tensors)."""
     gram = torch.zeros(num_pieces, num_domains, num_domains, dtype=torch.float64, device=device)
     elem_piece: dict[int, Tensor] = {}
+    native: list[tuple[Tensor, int, int, int]] = []
     for gi, grp in enumerate(groups):
         if grp.packed:
             elem_piece[gi] = _element_pieces([segments[t] for t in grp.members], device)
@@ -236,7 +281,11 @@ def _piece_grams(
         else:
             flat = grp.flat
             for s, c, k, p in segments[grp.members[0]]:
-                gram[p : p + c] += _gram_run(flat[:, s : s + c * k].view(num_domains, c, k))
+                if k >= _NATIVE_MIN_PIECE and _native_gram_usable(flat):
+                    native += [(flat, s + q * k, k, p + q) for q in range(c)]
+                else:
+                    gram[p : p + c] += _gram_run(flat[:, s : s + c * k].view(num_domains, c, k))
+    _native_grams(native, gram)
     return gram, elem_piece
 
 

@@ -10,7 +10,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from ._gram import _combine_run, _gram_run, _project_sequential
+from ._gram import _combine_run, _gram_run, _native_gram_usable, _native_grams, _project_sequential
 from ._plumbing import (
     Reduction,
     Reference,
@@ -85,8 +85,11 @@ def pcgrad(
         device = tensors[0].device
         groups = _make_groups(tensors, num_domains)
         gram = torch.zeros(1, num_domains, num_domains, dtype=torch.float64, device=device)
+        native = [(grp.flat, 0, grp.out.numel(), 0) for grp in groups if _native_gram_usable(grp.flat)]
+        _native_grams(native, gram)
         for grp in groups:
-            gram += _gram_run(grp.flat.unsqueeze(1))
+            if not _native_gram_usable(grp.flat):
+                gram += _gram_run(grp.flat.unsqueeze(1))
         others = [[j for j in resolved if j != i] for i in range(num_domains)]
         weights, count, ratio_sum = _project_sequential(gram, resolved, others, reference, eps)
         coef = weights.sum(1)  # (1, D): 1^T W
