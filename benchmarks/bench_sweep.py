@@ -67,10 +67,10 @@ def launch(sweep: Path, flags: list[str]) -> float:
 
 
 def records(sweep: Path) -> dict[str, list[dict]]:
-    from domaingrad.sweep.manifest import read_manifest
+    from domaingrad.sweep.manifest import manifest_jobs
 
     result = {}
-    for job in read_manifest(sweep):
+    for job in manifest_jobs(sweep):
         rows = [json.loads(line) for line in (sweep / job.id / "results.jsonl").read_text().splitlines()]
         for row in rows:
             for key in [k for k in row if "time" in k]:
@@ -96,9 +96,10 @@ def trivial_jobs(root: Path, n: int):
 def overhead(root: Path, n: int) -> dict[str, float]:
     """Seconds per trivial job through the local launcher (1 and 2 workers) and Ray (2 CPUs)."""
     import ray
-    from domaingrad.sweep.ray_launcher import launch_ray
 
-    from domaingrad.sweep.launchers import LaunchOptions, launch_local
+    from domaingrad.sweep.launchers.base import LaunchOptions
+    from domaingrad.sweep.launchers.local import launch_local
+    from domaingrad.sweep.launchers.ray import launch_ray
     from domaingrad.sweep.progress import SweepProgress
 
     jobs = trivial_jobs(root, n)
