@@ -207,6 +207,16 @@ def make_image_folder(
 
 
 @pytest.fixture
+def restore_threads():
+    """Restore torch's thread count after a test that changes it."""
+    import torch
+
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def single_thread():
     """Run the test with one torch thread (restored afterwards). On a machine shared by
     several processes, two intra-op threads per process made ResNet steps 10-20x

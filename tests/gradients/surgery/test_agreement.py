@@ -199,13 +199,6 @@ def set_noise_chunk(monkeypatch, chunk: int) -> None:
     monkeypatch.setattr(_agr_rand, "_NOISE_CHUNK", chunk)
 
 
-@pytest.fixture
-def restore_threads():
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
-
-
 # sizes 23 + 24 + 1 + 0 + 12 + 40 = 100 components: in chunks of 5, 20 chunks over all 8
 # lanes, several chunks spanning two or three tensors
 CHUNKED_SHAPES = [(23,), (4, 6), (1,), (0,), (2, 2, 3), (40,)]

@@ -122,13 +122,6 @@ def test_native_gram_is_the_float64_gram(dtype, num_domains):
     assert torch.equal(gram, gram.transpose(1, 2))
 
 
-@pytest.fixture
-def restore_threads():
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
-
-
 @needs_compiler
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_pcgrad_and_corgrad_native_gram_against_torch_and_threads(monkeypatch, restore_threads, dtype):

@@ -18,11 +18,10 @@ KEY0, KEY1 = 0x0123456789ABCDEF, 0x2545F4914F6CDD1D
 
 
 def native_normals(start: int, n: int, dtype: torch.dtype) -> torch.Tensor:
-    lib = _native.library()
-    if lib is None:
+    if _native.library() is None:
         pytest.skip(f"the native kernels are not available here: {_native._state.get('reason')}")
     out = torch.empty(n, dtype=dtype)
-    getattr(lib, "dg_normals_" + _native.suffix(dtype))(out.data_ptr(), n, KEY0, KEY1, start)
+    _native.kernel("dg_normals", dtype)(out.data_ptr(), n, KEY0, KEY1, start)
     return out
 
 

@@ -155,15 +155,11 @@ def _agr_rand_counter(
 def _native_scale(pairs: list[tuple[Tensor, Tensor]], kept_factor: float, other_factor: float) -> None:
     """``out *= where(keep, kept_factor, other_factor)`` for every ``(out, keep)`` pair, on
     the native kernel (all pairs' ranges in one parallel run)."""
-    if not pairs:
-        return
-    lib = _native.library()
-    assert lib is not None
     tasks = []
     for out, keep in pairs:
-        fn = getattr(lib, "dg_scale_" + _native.suffix(out.dtype))
-        item, ptr, keep_ptr, n = out.element_size(), out.data_ptr(), keep.data_ptr(), out.numel()
-        tasks += [(fn, ptr + a * item, keep_ptr + a, min(_native.RANGE, n - a)) for a in range(0, n, _native.RANGE)]
+        fn = _native.kernel("dg_scale", out.dtype)
+        item, ptr, keep_ptr = out.element_size(), out.data_ptr(), keep.data_ptr()
+        tasks += [(fn, ptr + a * item, keep_ptr + a, m) for a, m in _native.ranges(out.numel())]
     _native.run_ranges(tasks, lambda t: t[0](t[1], t[2], t[3], kept_factor, other_factor))
 
 

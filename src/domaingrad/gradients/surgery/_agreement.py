@@ -132,7 +132,6 @@ def _agreement_pass(
     mask_rule: str,
     *,
     keys: tuple[int, int] | None = None,
-    want_keep: bool = False,
 ) -> tuple[float, float, list[Tensor | None]]:
     """Agr-Sum's masked sum over every group, with the counter stream's standard-normal
     noise at the disagreeing components when ``keys`` is given (Agr-Rand).
@@ -145,8 +144,8 @@ def _agreement_pass(
 
     Returns:
         ``(kept, l1, keeps)``: the number of agreeing components, the sum of
-        ``|mask * sum|`` (float64), and per group its bool mask (``None`` unless
-        ``want_keep`` or ``keys``).
+        ``|mask * sum|`` (float64), and per group its bool mask (``None`` without
+        ``keys``: Agr-Sum needs no mask).
     """
     starts = _tensor_starts(groups)
     kept = 0.0
@@ -155,7 +154,7 @@ def _agreement_pass(
     native: list[tuple[_Group, Tensor | None]] = []
     for grp in groups:
         n = grp.out.numel()
-        keep = torch.empty(n, dtype=torch.bool, device=grp.out.device) if want_keep or keys is not None else None
+        keep = torch.empty(n, dtype=torch.bool, device=grp.out.device) if keys is not None else None
         keeps.append(keep)
         if mask_rule != "tau" and _native.usable(grp.out) and grp.flat.stride(1) == 1:
             native.append((grp, keep))
@@ -182,23 +181,21 @@ def _native_pass(
 ) -> tuple[float, float]:
     """:func:`_agreement_pass` of the ``(group, keep)`` pairs on the native kernel, all
     groups' ranges in one parallel run; returns (kept, l1), summed in range order."""
-    lib = _native.library()
-    assert lib is not None
     key0, key1 = keys if keys is not None else (0, 0)
     official = int(mask_rule == "official")
     noisy = int(keys is not None)
     tasks = []
     for grp, keep in groups:
-        fn = getattr(lib, "dg_agree_" + _native.suffix(grp.out.dtype))
+        fn = _native.kernel("dg_agree", grp.out.dtype)
         item = grp.out.element_size()
         flat, out = grp.flat.data_ptr(), grp.out.data_ptr()
         keep_ptr = keep.data_ptr() if keep is not None else 0
         num_domains, stride = grp.flat.shape[0], grp.flat.stride(0)
         for t, o, size in zip(grp.members, grp.offsets, grp.sizes):
-            for a in range(0, size, _native.RANGE):
+            for a, m in _native.ranges(size):
                 off = o + a
                 tasks.append(
-                    (fn, flat + off * item, num_domains, stride, min(_native.RANGE, size - a), out + off * item,
+                    (fn, flat + off * item, num_domains, stride, m, out + off * item,
                      keep_ptr + off if keep_ptr else None, starts[t] + a)
                 )  # fmt: skip
 

@@ -94,15 +94,12 @@ def _native_grams(runs: Sequence[tuple[Tensor, int, int, int]], gram: Tensor) ->
     """
     if not runs:
         return
-    lib = _native.library()
-    assert lib is not None
     num_domains = gram.shape[-1]
     tasks = []
     for flat, start, length, p in runs:
-        fn = getattr(lib, "dg_gram_" + _native.suffix(flat.dtype))
+        fn = _native.kernel("dg_gram", flat.dtype)
         item, ptr, stride = flat.element_size(), flat.data_ptr(), flat.stride(0)
-        for a in range(0, length, _native.RANGE):
-            tasks.append((fn, ptr + (start + a) * item, stride, min(_native.RANGE, length - a), p))
+        tasks += [(fn, ptr + (start + a) * item, stride, m, p) for a, m in _native.ranges(length)]
 
     def run(task: tuple) -> tuple[int, ctypes.Array]:
         fn, ptr, stride, m, p = task

@@ -93,25 +93,41 @@ static double dg_slow_normal(uint64_t h, uint64_t key1, uint64_t i) {
     }
 }
 
-/* Standard normals of the counter stream, values base .. base + n - 1, into out. */
-#define DG_DEFINE_NORMALS(NAME, T)                                                              \
+/* The first tries of values base + a0 .. base + a0 + m - 1 of the counter stream (one
+ * block): DST[a] = u * x[k] (the value if the try is kept), slow[a] = 1 where it is not. */
+#define DG_FIRST_TRIES(T, DST)                                                                   \
+    for (int64_t a = 0; a < m; a++) {                                                            \
+        uint64_t h = dg_mix(key0 + (base + (uint64_t)(a0 + a)) * DG_GOLDEN);                     \
+        uint64_t k = h & (DG_LAYERS - 1);                                                        \
+        double u = dg_signed_uniform(h);                                                         \
+        (DST)[a] = (T)(u * dg_x[k]);                                                             \
+        slow[a] = !(fabs(u) < dg_ratio[k]);                                                      \
+    }
+
+/* The further tries of the block's values with slow[a] set: OUT[a] = the value PLUS (PLUS
+ * may be empty). slow has 8 bytes after the block, read a word at a time. */
+#define DG_FURTHER_TRIES(T, OUT, PLUS)                                                           \
+    for (int64_t w = 0; w < m; w += 8) {                                                         \
+        uint64_t any;                                                                            \
+        memcpy(&any, slow + w, 8);                                                               \
+        if (!any) continue;                                                                      \
+        for (int64_t a = w; a < w + 8 && a < m; a++) {                                           \
+            if (slow[a]) {                                                                       \
+                uint64_t i = base + (uint64_t)(a0 + a);                                          \
+                (OUT)[a] = (T)dg_slow_normal(dg_mix(key0 + i * DG_GOLDEN), key1, i) PLUS;        \
+            }                                                                                    \
+        }                                                                                        \
+    }
+
+/* Standard normals of the counter stream, values base .. base + n - 1, into out: the
+ * draws of the agreement pass below, on their own. */
+#define DG_DEFINE_NORMALS(NAME, T)                                                               \
     void NAME(T *restrict out, int64_t n, uint64_t key0, uint64_t key1, uint64_t base) {         \
-        uint8_t slow[DG_BLOCK];                                                                  \
+        uint8_t slow[DG_BLOCK + 8] = {0};                                                        \
         for (int64_t a0 = 0; a0 < n; a0 += DG_BLOCK) {                                           \
             int64_t m = n - a0 < DG_BLOCK ? n - a0 : DG_BLOCK;                                   \
-            for (int64_t a = 0; a < m; a++) {                                                    \
-                uint64_t h = dg_mix(key0 + (base + (uint64_t)(a0 + a)) * DG_GOLDEN);              \
-                uint64_t k = h & (DG_LAYERS - 1);                                                \
-                double u = dg_signed_uniform(h);                                                 \
-                out[a0 + a] = (T)(u * dg_x[k]);                                                  \
-                slow[a] = !(fabs(u) < dg_ratio[k]);                                              \
-            }                                                                                    \
-            for (int64_t a = 0; a < m; a++) {                                                    \
-                if (slow[a]) {                                                                   \
-                    uint64_t i = base + (uint64_t)(a0 + a);                                      \
-                    out[a0 + a] = (T)dg_slow_normal(dg_mix(key0 + i * DG_GOLDEN), key1, i);       \
-                }                                                                                \
-            }                                                                                    \
+            DG_FIRST_TRIES(T, out + a0)                                                          \
+            DG_FURTHER_TRIES(T, out + a0, )                                                      \
         }                                                                                        \
     }
 
@@ -185,13 +201,7 @@ DG_DEFINE_NORMALS(dg_normals_f64, double)
                 default: DG_REDUCE(T, 0) break;                                                  \
             }                                                                                    \
             if (noisy) {                                                                         \
-                for (int64_t a = 0; a < m; a++) {                                                \
-                    uint64_t h = dg_mix(key0 + (base + (uint64_t)(a0 + a)) * DG_GOLDEN);          \
-                    uint64_t k = h & (DG_LAYERS - 1);                                            \
-                    double u = dg_signed_uniform(h);                                             \
-                    z[a] = (T)(u * dg_x[k]);                                                     \
-                    slow[a] = !(fabs(u) < dg_ratio[k]);                                          \
-                }                                                                                \
+                DG_FIRST_TRIES(T, z)                                                             \
             } else {                                                                             \
                 for (int64_t a = 0; a < m; a++) {                                                \
                     z[a] = (T)0;                                                                 \
@@ -224,17 +234,7 @@ DG_DEFINE_NORMALS(dg_normals_f64, double)
             if (keep)                                                                            \
                 for (int64_t a = 0; a < m; a++) keep[a0 + a] = (uint8_t)(mask[a] != (T)0);       \
             for (int64_t a = 0; a < m; a++) slow[a] &= (uint8_t)(mask[a] == (T)0);               \
-            for (int64_t w = 0; w < m; w += 8) {                                                 \
-                uint64_t any;                                                                    \
-                memcpy(&any, slow + w, 8);                                                       \
-                if (!any) continue;                                                              \
-                for (int64_t a = w; a < w + 8 && a < m; a++) {                                   \
-                    if (slow[a]) {                                                               \
-                        uint64_t i = base + (uint64_t)(a0 + a);                                  \
-                        out[a0 + a] = (T)dg_slow_normal(dg_mix(key0 + i * DG_GOLDEN), key1, i) + s[a] * (T)0; \
-                    }                                                                            \
-                }                                                                                \
-            }                                                                                    \
+            DG_FURTHER_TRIES(T, out + a0, + s[a] * (T)0)                                         \
             for (int j = 0; j < W; j++) {                                                        \
                 kept += (int64_t)lane_kept[j];                                                   \
                 abs_sum += (double)lane_abs[j];                                                  \

@@ -152,8 +152,9 @@ def library() -> ctypes.CDLL | None:
                 except Exception as err:  # noqa: BLE001 - any failure means: use torch
                     _state["reason"] = str(err)
                     warnings.warn(
-                        f"domaingrad's native surgery kernels are not available ({err}); Agr-Sum and Agr-Rand "
-                        "use torch operations instead: same results, slower. Set DOMAINGRAD_NATIVE=0 to silence.",
+                        f"domaingrad's native surgery kernels are not available ({err}); Agr-Sum, Agr-Rand, "
+                        "PCGrad and CorGrad use torch operations instead: same results, slower. Set "
+                        "DOMAINGRAD_NATIVE=0 to silence.",
                         RuntimeWarning,
                         stacklevel=3,
                     )
@@ -165,8 +166,18 @@ def usable(t: Tensor) -> bool:
     return t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64) and library() is not None
 
 
-def suffix(dtype: torch.dtype) -> str:
-    return "f32" if dtype == torch.float32 else "f64"
+def kernel(name: str, dtype: torch.dtype) -> Any:
+    """The loaded library's kernel ``name`` for ``dtype`` (``dg_agree`` and float32 give
+    ``dg_agree_f32``); only called where :func:`usable` holds."""
+    lib = library()
+    assert lib is not None
+    return getattr(lib, f"{name}_{'f32' if dtype == torch.float32 else 'f64'}")
+
+
+def ranges(length: int) -> list[tuple[int, int]]:
+    """``(start, count)`` of the consecutive ranges of at most :data:`RANGE` that cover
+    ``0 .. length - 1``: the units of work of :func:`run_ranges`."""
+    return [(a, min(RANGE, length - a)) for a in range(0, length, RANGE)]
 
 
 def run_ranges(tasks: Sequence[_T], fn: Callable[[_T], Any]) -> list[Any]:

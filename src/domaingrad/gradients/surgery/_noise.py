@@ -43,6 +43,8 @@ last bit of float64 between the C library and torch.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -366,6 +368,16 @@ def draw_keys(generator: torch.Generator) -> tuple[int, int]:
     return int(keys[0]), int(keys[1])
 
 
+@functools.cache
+def _tables(device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """The ziggurat tables as float64 tensors on ``device``, made once per device (the
+    torch path draws tensor by tensor: no copy to the device per call)."""
+    x, ratio, f = (
+        torch.tensor(t, dtype=torch.float64, device=device) for t in (ZIGGURAT_X, ZIGGURAT_RATIO, ZIGGURAT_F)
+    )
+    return x, ratio, f
+
+
 def counter_normals(
     key0: int, key1: int, start: int, n: int, *, dtype: torch.dtype, device: torch.device | str = "cpu"
 ) -> Tensor:
@@ -394,9 +406,7 @@ def counter_normals(
     if start < 0 or n < 0:
         raise ValueError(f"start and n must be >= 0, got start={start}, n={n}")
     out = torch.empty(n, dtype=dtype, device=device)
-    x = torch.tensor(ZIGGURAT_X, dtype=torch.float64, device=device)
-    ratio = torch.tensor(ZIGGURAT_RATIO, dtype=torch.float64, device=device)
-    f = torch.tensor(ZIGGURAT_F, dtype=torch.float64, device=device)
+    x, ratio, f = _tables(torch.device(device))
     for a in range(0, n, _BLOCK):
         m = min(_BLOCK, n - a)
         index = torch.arange(start + a, start + a + m, dtype=torch.int64, device=device)

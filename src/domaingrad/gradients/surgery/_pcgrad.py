@@ -85,10 +85,10 @@ def pcgrad(
         device = tensors[0].device
         groups = _make_groups(tensors, num_domains)
         gram = torch.zeros(1, num_domains, num_domains, dtype=torch.float64, device=device)
-        native = [(grp.flat, 0, grp.out.numel(), 0) for grp in groups if _native_gram_usable(grp.flat)]
-        _native_grams(native, gram)
-        for grp in groups:
-            if not _native_gram_usable(grp.flat):
+        usable = [_native_gram_usable(grp.flat) for grp in groups]
+        _native_grams([(grp.flat, 0, grp.out.numel(), 0) for grp, ok in zip(groups, usable) if ok], gram)
+        for grp, ok in zip(groups, usable):
+            if not ok:
                 gram += _gram_run(grp.flat.unsqueeze(1))
         others = [[j for j in resolved if j != i] for i in range(num_domains)]
         weights, count, ratio_sum = _project_sequential(gram, resolved, others, reference, eps)
