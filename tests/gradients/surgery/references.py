@@ -8,6 +8,7 @@ code with :mod:`domaingrad.gradients.surgery`.
 from __future__ import annotations
 
 import math
+import struct
 
 import torch
 from hypothesis import settings
@@ -289,15 +290,20 @@ def _mix64(z: int) -> int:
     return z ^ (z >> 31)
 
 
+def _float32(value: float) -> float:
+    return struct.unpack("f", struct.pack("f", value))[0]
+
+
 def counter_normal_reference(
     key0: int, key1: int, i: int, x: tuple[float, ...], f: tuple[float, ...]
 ) -> tuple[float, str]:
     """Value ``i`` of the counter stream, one Python float at a time, as the docstring of
     ``domaingrad.gradients.surgery._noise`` defines it (ziggurat edges ``x``, heights
-    ``f``), and how it
+    ``f``; the float32 widths and the thresholds are derived here from them), and how it
     ended: ``"first"`` (the first try's rectangle), ``"rect"`` (a later try's), ``"wedge"``
     or ``"tail"``."""
-    h = _mix64(key0 + i * _GOLDEN)
+    h = _mix64(key0 + (i // 2) * _GOLDEN)
+    r = h >> 32 if i % 2 else h & 0xFFFFFFFF
     seq = _mix64(key1 + i * _GOLDEN)
     t = 0
 
@@ -308,19 +314,20 @@ def counter_normal_reference(
 
     how = "first"
     while True:
-        k = h & 511
-        u = ((h >> 12) + 0.5) * 2.0**-51 - 1.0
-        if abs(u) < x[k + 1] / x[k]:
-            return u * x[k], how
+        k, negative, a = r & 511, bool(r & 512), r >> 10
+        v = _float32(a * _float32(x[k] * 2.0**-22))  # a float32 product: exact product, one rounding
+        v = -v if negative else v
+        if a < math.ceil(2.0**22 * (x[k + 1] / x[k])):
+            return v, how
         if k == 0:
-            r = x[1]
+            rr = x[1]
             while True:
-                tx = -math.log(1.0 - (word() >> 11) * 2.0**-53) / r
+                tx = -math.log(1.0 - (word() >> 11) * 2.0**-53) / rr
                 ty = -math.log(1.0 - (word() >> 11) * 2.0**-53)
                 if ty + ty > tx * tx:
-                    return (-(r + tx) if u < 0 else r + tx), "tail"
-        xv = u * x[k]
-        if f[k] + (word() >> 11) * 2.0**-53 * (f[k + 1] - f[k]) < math.exp(-0.5 * xv * xv):
-            return xv, "wedge"
-        h = word()
+                    far = _float32(rr + tx)
+                    return (-far if negative else far), "tail"
+        if f[k] + (word() >> 11) * 2.0**-53 * (f[k + 1] - f[k]) < math.exp(-0.5 * v * v):
+            return v, "wedge"
+        r = word() & 0xFFFFFFFF
         how = "rect"

@@ -73,8 +73,9 @@ def agr_rand(
       ``domaingrad.gradients.surgery._noise``): two keys are drawn from ``generator``
       (``torch.randint(0, 2**62, (2,))``) at every call, and the network's component
       ``i`` (all tensors in input order) gets the ``i``-th value of the stream, a
-      ziggurat draw from SplitMix64 words addressed by ``i``. Its values are the same on
-      every device and thread count. On CPU float32/float64 tensors a native kernel
+      float32 ziggurat draw from SplitMix64 words addressed by ``i`` (the noise of a
+      float64 gradient is float32-exact too). Its values are the same on every device
+      and thread count. On CPU float32/float64 tensors a native kernel
       (compiled on first use, see ``_native``) fuses the draw with the agreement pass;
       elsewhere, or without a C compiler, torch operations compute the same values
       (``sigma`` may differ in the last bit, its sum being taken in another order).

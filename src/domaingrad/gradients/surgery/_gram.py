@@ -128,14 +128,37 @@ def _accumulate_block_gram(blk: Tensor, parts: Tensor) -> None:
         parts[0].addmm_(tail, tail.T)
 
 
+def _native_combine(x: Tensor, coef: Tensor, out: Tensor) -> None:
+    """:func:`_combine_run` on the native kernel: every product and sum in float64, in
+    domain order, rounded once to the output dtype (so more accurate than the batched
+    float32 product); the pieces are cut into ranges of ``_native.RANGE`` columns, run
+    on all threads, each component computed on its own (thread-count independent)."""
+    num_domains, pieces, k = x.shape
+    fn = _native.kernel("dg_combine", x.dtype)
+    c = coef.to(device="cpu", dtype=torch.float64).contiguous()
+    item, stride = x.element_size(), x.stride(0)
+    tasks = [
+        (x.data_ptr() + (p * x.stride(1) + a) * item, c.data_ptr() + 8 * p * num_domains,
+         out.data_ptr() + (p * k + a) * item, m)
+        for p in range(pieces)
+        for a, m in _native.ranges(k)
+    ]  # fmt: skip
+    _native.run_ranges(tasks, lambda t: fn(t[0], num_domains, stride, t[3], t[1], t[2]))
+
+
 def _combine_run(x: Tensor, coef: Tensor, out: Tensor) -> None:
     """``out[p, :] = sum_d coef[p, d] * x[d, p, :]``; x ``(D, P, K)``, coef ``(P, D)``,
-    out a contiguous ``(P, K)`` view. Half types are combined in float32. A single long
-    piece is combined in parts of ``_COMBINE_SPLIT`` columns, one batched product."""
+    out a contiguous ``(P, K)`` view. Pieces of at least ``_NATIVE_MIN_PIECE`` columns
+    the native kernel takes are combined there (in float64, see :func:`_native_combine`);
+    otherwise half types are combined in float32, and a single long piece in parts of
+    ``_COMBINE_SPLIT`` columns, one batched product."""
     if x.dtype in (torch.float16, torch.bfloat16):
         tmp = torch.empty(out.shape, dtype=torch.float32, device=out.device)
         _combine_run(x.float(), coef, tmp)
         out.copy_(tmp)
+        return
+    if x.shape[2] >= _NATIVE_MIN_PIECE and _native.usable(x) and x.stride(2) == 1 and out.is_contiguous():
+        _native_combine(x, coef, out)
         return
     c = coef.to(dtype=x.dtype)
     if x.shape[1] != 1:

@@ -15,17 +15,21 @@
  *
  * The noise is domaingrad's counter stream (see _noise.py for its definition and the
  * torch implementation that gives the same values): value i of a call with keys
- * (key0, key1) is a standard normal drawn by the ziggurat method (512 layers; Marsaglia
- * and Tsang, "The Ziggurat Method for Generating Random Variables", J. Stat. Software
- * 2000, with the independent layer index and uniform of Doornik, "An Improved Ziggurat
- * Method to Generate Normal Random Samples", 2005) from SplitMix64 words (Steele, Lea,
- * Flood, "Fast Splittable Pseudorandom Number Generators", OOPSLA 2014): the first try
- * uses word mix(key0 + i * GOLDEN); the rare further draws (for about 0.8% of the values)
- * come from the SplitMix64 sequence seeded with mix(key1 + i * GOLDEN).
+ * (key0, key1) is a standard normal, a float32 number, drawn by the ziggurat method (512
+ * layers; Marsaglia and Tsang, "The Ziggurat Method for Generating Random Variables",
+ * J. Stat. Software 2000, with the independent layer index and uniform of Doornik, "An
+ * Improved Ziggurat Method to Generate Normal Random Samples", 2005) from SplitMix64 words
+ * (Steele, Lea, Flood, "Fast Splittable Pseudorandom Number Generators", OOPSLA 2014): its
+ * first try is half i mod 2 of word mix(key0 + (i / 2) * GOLDEN) (so one word gives two
+ * values); the rare further draws (for about 0.8% of the values) come from the SplitMix64
+ * sequence seeded with mix(key1 + i * GOLDEN).
  */
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+#if defined(__AVX512F__)
+#include <immintrin.h> /* the table gathers of the first tries */
+#endif
 
 #define DG_LAYERS 512
 #ifndef DG_BLOCK
@@ -33,23 +37,41 @@
 #endif
 
 /* GCC/clang vector types: 64-byte vectors of 16 floats or 8 doubles (one AVX-512
- * register, two AVX2 ones, four NEON ones), their integer masks, 8 floats */
+ * register, two AVX2 ones, four NEON ones), their integer masks, the noise's words
+ * (8 of 64 bits, 16 of 32 bits), 8 floats and their masks, lane bytes */
 typedef float dg_v16f __attribute__((vector_size(64)));
 typedef int32_t dg_v16i __attribute__((vector_size(64)));
 typedef double dg_v8d __attribute__((vector_size(64)));
 typedef int64_t dg_v8l __attribute__((vector_size(64)));
+typedef uint64_t dg_v8u __attribute__((vector_size(64)));
 typedef float dg_v8f __attribute__((vector_size(32)));
+typedef int32_t dg_v8i __attribute__((vector_size(32)));
+typedef uint32_t dg_v16w __attribute__((vector_size(64)));
+typedef int8_t dg_v16c __attribute__((vector_size(16)));
+typedef int8_t dg_v8c __attribute__((vector_size(8)));
 
 static const uint64_t DG_GOLDEN = 0x9e3779b97f4a7c15ULL;
 static double dg_x[DG_LAYERS + 1]; /* layer widths: x[0] (base, virtual) > x[1] = r > ... > x[512] = 0 */
-static double dg_ratio[DG_LAYERS]; /* x[k + 1] / x[k] */
 static double dg_f[DG_LAYERS + 1]; /* heights exp(-x[k]^2 / 2) */
+/* per layer, for a try's 22-bit magnitude a: the value a * w[k] (w[k] = float32(x[k] 2^-22))
+ * is kept when a < t[k] (t[k] = ceil(2^22 x[k + 1] / x[k])); both in one 8-byte entry */
+static uint64_t dg_wt[DG_LAYERS] __attribute__((aligned(64)));
+static float dg_w[DG_LAYERS];
+static uint32_t dg_t[DG_LAYERS];
 
 /* Set the ziggurat tables (given by Python, so that both implementations share them). */
-void dg_set_tables(const double *x, const double *ratio, const double *f) {
-    for (int k = 0; k <= DG_LAYERS; k++) dg_x[k] = x[k];
-    for (int k = 0; k < DG_LAYERS; k++) dg_ratio[k] = ratio[k];
-    for (int k = 0; k <= DG_LAYERS; k++) dg_f[k] = f[k];
+void dg_set_tables(const double *x, const double *f, const float *w, const uint32_t *t) {
+    for (int k = 0; k <= DG_LAYERS; k++) {
+        dg_x[k] = x[k];
+        dg_f[k] = f[k];
+    }
+    for (int k = 0; k < DG_LAYERS; k++) {
+        uint32_t bits;
+        memcpy(&bits, w + k, 4);
+        dg_w[k] = w[k];
+        dg_t[k] = t[k];
+        dg_wt[k] = (uint64_t)bits | ((uint64_t)t[k] << 32);
+    }
 }
 
 static inline uint64_t dg_mix(uint64_t z) {
@@ -60,113 +82,234 @@ static inline uint64_t dg_mix(uint64_t z) {
     return z ^ (z >> 31);
 }
 
-/* the symmetric uniform of a word: ((h >> 12) + 1/2) * 2^-51 - 1, in (-1, 1), exact */
-static inline double dg_signed_uniform(uint64_t h) { return ((double)(h >> 12) + 0.5) * 0x1.0p-51 - 1.0; }
-
 /* a uniform in [0, 1) with 53 bits */
 static inline double dg_uniform(uint64_t h) { return (double)(h >> 11) * 0x1.0p-53; }
 
-/* The value whose first try (word h) fell outside its layer's inner rectangle. */
-static double dg_slow_normal(uint64_t h, uint64_t key1, uint64_t i) {
+/* A try with the 32-bit word r: layer k = r mod 512, sign bit 9, magnitude a = r >> 10;
+ * returns +-a * w[k] (one float32 rounding) and sets *kept to a < t[k]. */
+static inline float dg_try(uint32_t r, int *kept) {
+    uint32_t k = r & (DG_LAYERS - 1), a = r >> 10;
+    float v = (float)a * dg_w[k];
+    *kept = a < dg_t[k];
+    return r & 512 ? -v : v;
+}
+
+/* The word of value i's first try: half i mod 2 of mix(key0 + (i / 2) * GOLDEN). */
+static inline uint32_t dg_first_word(uint64_t key0, uint64_t i) {
+    uint64_t h = dg_mix(key0 + (i >> 1) * DG_GOLDEN);
+    return (uint32_t)(i & 1 ? h >> 32 : h);
+}
+
+/* Value i where its first try (word r) was not kept: the further tries on the sequence
+ * mix(s + t * GOLDEN), t = 1, 2, ..., s = mix(key1 + i * GOLDEN). */
+static float dg_further_tries(uint32_t r, uint64_t key1, uint64_t i) {
     uint64_t state = dg_mix(key1 + i * DG_GOLDEN);
     for (;;) {
-        uint64_t k = h & (DG_LAYERS - 1);
-        double u = dg_signed_uniform(h);
-        if (fabs(u) < dg_ratio[k]) return u * dg_x[k];
-        if (k == 0) { /* the tail beyond r (Marsaglia's method), same sign as u */
-            double r = dg_x[1], x, y;
+        int kept;
+        float v = dg_try(r, &kept);
+        if (kept) return v;
+        uint32_t k = r & (DG_LAYERS - 1);
+        if (k == 0) { /* the tail beyond x[1] = r (Marsaglia's method), with the try's sign */
+            double rr = dg_x[1], x, y;
             do {
                 state += DG_GOLDEN;
-                x = -log(1.0 - dg_uniform(dg_mix(state))) / r;
+                x = -log(1.0 - dg_uniform(dg_mix(state))) / rr;
                 state += DG_GOLDEN;
                 y = -log(1.0 - dg_uniform(dg_mix(state)));
             } while (y + y <= x * x);
-            return u < 0.0 ? -(r + x) : r + x;
+            float tail = (float)(rr + x);
+            return r & 512 ? -tail : tail;
         }
         /* the wedge between x[k + 1] and x[k]: a uniform height in [f(x[k]), f(x[k + 1])]
-           kept if it is under the curve exp(-x^2 / 2) */
-        double x = u * dg_x[k];
+           kept if it is under the curve exp(-v^2 / 2), in float64 */
+        double vd = (double)v;
         state += DG_GOLDEN;
-        if (dg_f[k] + dg_uniform(dg_mix(state)) * (dg_f[k + 1] - dg_f[k]) < exp(-0.5 * (x * x))) return x;
+        if (dg_f[k] + dg_uniform(dg_mix(state)) * (dg_f[k + 1] - dg_f[k]) < exp(-0.5 * (vd * vd))) return v;
         state += DG_GOLDEN;
-        h = dg_mix(state);
+        r = (uint32_t)dg_mix(state);
     }
 }
 
-/* The first tries of values base + a0 .. base + a0 + m - 1 of the counter stream (one
- * block): DST[a] = u * x[k] (the value if the try is kept), slow[a] = 1 where it is not. */
-#define DG_FIRST_TRIES(T, DST)                                                                   \
-    for (int64_t a = 0; a < m; a++) {                                                            \
-        uint64_t h = dg_mix(key0 + (base + (uint64_t)(a0 + a)) * DG_GOLDEN);                     \
-        uint64_t k = h & (DG_LAYERS - 1);                                                        \
-        double u = dg_signed_uniform(h);                                                         \
-        (DST)[a] = (T)(u * dg_x[k]);                                                             \
-        slow[a] = !(fabs(u) < dg_ratio[k]);                                                      \
-    }
+/* Value i of the counter stream. */
+static inline float dg_normal(uint64_t key0, uint64_t key1, uint64_t i) {
+    int kept;
+    uint32_t r = dg_first_word(key0, i);
+    float v = dg_try(r, &kept);
+    return kept ? v : dg_further_tries(r, key1, i);
+}
 
-/* The further tries of the block's values with slow[a] set: OUT[a] = the value PLUS (PLUS
- * may be empty). slow has 8 bytes after the block, read a word at a time. */
-#define DG_FURTHER_TRIES(T, OUT, PLUS)                                                           \
-    for (int64_t w = 0; w < m; w += 8) {                                                         \
-        uint64_t any;                                                                            \
-        memcpy(&any, slow + w, 8);                                                               \
-        if (!any) continue;                                                                      \
-        for (int64_t a = w; a < w + 8 && a < m; a++) {                                           \
-            if (slow[a]) {                                                                       \
-                uint64_t i = base + (uint64_t)(a0 + a);                                          \
-                (OUT)[a] = (T)dg_slow_normal(dg_mix(key0 + i * DG_GOLDEN), key1, i) PLUS;        \
-            }                                                                                    \
-        }                                                                                        \
+/* The words of the first tries of values i .. i + 15: the little-endian halves of 8
+ * SplitMix64 words (9 for odd i). */
+static inline dg_v16w dg_first_words16(uint64_t key0, uint64_t i) {
+    const dg_v8u lanes = (dg_v8u){0, 1, 2, 3, 4, 5, 6, 7} * DG_GOLDEN;
+    dg_v8u z = (key0 + (i >> 1) * DG_GOLDEN) + lanes;
+    z ^= z >> 30;
+    z *= 0xbf58476d1ce4e5b9ULL;
+    z ^= z >> 27;
+    z *= 0x94d049bb133111ebULL;
+    z ^= z >> 31;
+    dg_v16w r;
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+    if (!(i & 1)) {
+        memcpy(&r, &z, sizeof r);
+        return r;
     }
+#endif
+    uint32_t halves[18];
+    for (int j = 0; j < 8; j++) {
+        halves[2 * j] = (uint32_t)z[j];
+        halves[2 * j + 1] = (uint32_t)(z[j] >> 32);
+    }
+    uint64_t last = dg_mix(key0 + ((i >> 1) + 8) * DG_GOLDEN);
+    halves[16] = (uint32_t)last;
+    halves[17] = (uint32_t)(last >> 32);
+    memcpy(&r, halves + (i & 1), sizeof r);
+    return r;
+}
+
+/* The first tries of values i .. i + 15, 16 lanes of dg_try (same operations, same
+ * bits); *redo is -1 in the lanes whose try is not kept, else 0. */
+static inline dg_v16f dg_first_tries16(uint64_t key0, uint64_t i, dg_v16i *redo) {
+    dg_v16w r = dg_first_words16(key0, i);
+    dg_v16w k = r & (DG_LAYERS - 1), a = r >> 10, sign = (r << 22) & 0x80000000u;
+    dg_v16f w;
+    dg_v16w t;
+#if defined(__AVX512F__) /* 8-byte gathers give both table entries, split in registers */
+    __m512i e0 = _mm512_i32gather_epi64(_mm512_castsi512_si256((__m512i)k), (const void *)dg_wt, 8);
+    __m512i e1 = _mm512_i32gather_epi64(_mm512_extracti64x4_epi64((__m512i)k, 1), (const void *)dg_wt, 8);
+    w = (dg_v16f)_mm512_permutex2var_epi32(e0, _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0), e1);
+    t = (dg_v16w)_mm512_permutex2var_epi32(e0, _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1), e1);
+#else
+    for (int j = 0; j < 16; j++) {
+        w[j] = dg_w[k[j]];
+        t[j] = dg_t[k[j]];
+    }
+#endif
+    dg_v16f v = __builtin_convertvector((dg_v16i)a, dg_v16f) * w;
+    *redo = (dg_v16i)(a >= t);
+    return (dg_v16f)((dg_v16w)v ^ sign);
+}
+
+/* The first tries of the W lanes of one vector of the agreement pass, values i .. i + W - 1,
+ * as T (float64: the first 8 of 16); *redo as in dg_first_tries16. */
+static inline dg_v16f dg_tries_f32(uint64_t key0, uint64_t i, dg_v16i *redo) { return dg_first_tries16(key0, i, redo); }
+
+static inline dg_v8d dg_tries_f64(uint64_t key0, uint64_t i, dg_v8l *redo) {
+    dg_v16i r;
+    dg_v16f v = dg_first_tries16(key0, i, &r);
+    dg_v8f lo;
+    dg_v8i rlo;
+    memcpy(&lo, &v, sizeof lo);
+    memcpy(&rlo, &r, sizeof rlo);
+    *redo = __builtin_convertvector(rlo, dg_v8l);
+    return __builtin_convertvector(lo, dg_v8d);
+}
+
+/* Bit j set where lane j of v is not 0 (the lanes to visit, lowest first). */
+static inline uint32_t dg_lanes_f32(dg_v16i v) {
+#if defined(__AVX512F__)
+    return (uint32_t)_mm512_test_epi32_mask((__m512i)v, (__m512i)v);
+#else
+    uint32_t bits = 0;
+    for (int j = 0; j < 16; j++) bits |= (uint32_t)(v[j] != 0) << j;
+    return bits;
+#endif
+}
+
+static inline uint32_t dg_lanes_f64(dg_v8l v) {
+#if defined(__AVX512F__)
+    return (uint32_t)_mm512_test_epi64_mask((__m512i)v, (__m512i)v);
+#else
+    uint32_t bits = 0;
+    for (int j = 0; j < 8; j++) bits |= (uint32_t)(v[j] != 0) << j;
+    return bits;
+#endif
+}
 
 /* Standard normals of the counter stream, values base .. base + n - 1, into out: the
- * draws of the agreement pass below, on their own. */
+ * noise of the agreement pass below, on its own. */
 #define DG_DEFINE_NORMALS(NAME, T)                                                               \
     void NAME(T *restrict out, int64_t n, uint64_t key0, uint64_t key1, uint64_t base) {         \
-        uint8_t slow[DG_BLOCK + 8] = {0};                                                        \
-        for (int64_t a0 = 0; a0 < n; a0 += DG_BLOCK) {                                           \
-            int64_t m = n - a0 < DG_BLOCK ? n - a0 : DG_BLOCK;                                   \
-            DG_FIRST_TRIES(T, out + a0)                                                          \
-            DG_FURTHER_TRIES(T, out + a0, )                                                      \
+        int64_t body = n - n % 16;                                                               \
+        for (int64_t a = 0; a < body; a += 16) {                                                 \
+            dg_v16i redo;                                                                        \
+            dg_v16f v = dg_first_tries16(key0, base + (uint64_t)a, &redo);                       \
+            for (int j = 0; j < 16; j++) out[a + j] = (T)v[j];                                   \
+            for (uint32_t b = dg_lanes_f32(redo); b; b &= b - 1) {                               \
+                uint64_t i = base + (uint64_t)a + (uint64_t)__builtin_ctz(b);                    \
+                out[i - base] = (T)dg_further_tries(dg_first_word(key0, i), key1, i);            \
+            }                                                                                    \
         }                                                                                        \
+        for (int64_t a = body; a < n; a++) out[a] = (T)dg_normal(key0, key1, base + (uint64_t)a); \
     }
 
 DG_DEFINE_NORMALS(dg_normals_f32, float)
 DG_DEFINE_NORMALS(dg_normals_f64, double)
 
-/* One block of the agreement pass for a compile-time number of domains ND (0: D at run
- * time). g: D rows of `stride` elements; the block is components a0 .. a0 + m - 1.
- * Leaves sum in s, and the smallest / largest value in lo / hi. */
-#define DG_REDUCE(T, ND)                                                                         \
+/* The vector part (components a0 .. a0 + mm - 1, mm a multiple of W) of one block of the
+ * agreement pass, for a compile-time number of domains ND (0: D at run time). Per W
+ * components, all in registers: the D rows' min, max and sum (added in domain order), the
+ * agreement, the first tries of the noise where some lane disagrees, the output, the mask
+ * and the lanes' sums. The disagreeing lanes whose first try is not kept are listed in
+ * redo_at, for their further tries after the loop. */
+#define DG_AGREE_VECTOR(T, VT, VI, VC, W, SFX, ND)                                               \
     {                                                                                            \
         const int64_t nd = (ND) > 0 ? (ND) : D;                                                  \
-        const T *p = g + a0;                                                                     \
-        for (int64_t a = 0; a < m; a++) {                                                        \
-            T v = p[a];                                                                          \
-            T l = v, h = v, t = v;                                                               \
+        for (int64_t a = 0; a < mm; a += W) {                                                    \
+            const T *p = g + a0 + a;                                                             \
+            VT l, h, t;                                                                          \
+            memcpy(&t, p, sizeof t);                                                             \
+            l = t;                                                                               \
+            h = t;                                                                               \
             for (int64_t d = 1; d < nd; d++) {                                                   \
-                T x = p[d * stride + a];                                                         \
-                l = l < x ? l : x;                                                               \
-                h = h > x ? h : x;                                                               \
+                VT x;                                                                            \
+                memcpy(&x, p + d * stride, sizeof x);                                            \
+                VI lt = (VI)(x < l), gt = (VI)(x > h);                                           \
+                l = (VT)(((VI)x & lt) | ((VI)l & ~lt));                                          \
+                h = (VT)(((VI)x & gt) | ((VI)h & ~gt));                                          \
                 t += x;                                                                          \
             }                                                                                    \
-            lo[a] = l;                                                                           \
-            hi[a] = h;                                                                           \
-            s[a] = t;                                                                            \
+            VI agree = (VI)((l > zero) | (h < zero));                                            \
+            if (!official) agree |= (VI)((l == zero) & (h == zero));                             \
+            agree &= (VI)(t == t);                                                               \
+            VT zz = zero;                                                                        \
+            if (noisy && dg_lanes_##SFX(~agree)) {                                               \
+                VI redo;                                                                         \
+                zz = dg_tries_##SFX(key0, base + (uint64_t)(a0 + a), &redo);                     \
+                for (uint32_t b = dg_lanes_##SFX(redo & ~agree); b; b &= b - 1)                  \
+                    redo_at[redos++] = a0 + a + __builtin_ctz(b);                                \
+            }                                                                                    \
+            VT mk = (VT)((VI)one & agree);                                                       \
+            VT other = zz + t * zero;                                                            \
+            VT o = (VT)(((VI)t & agree) | ((VI)other & ~agree));                                 \
+            memcpy(out + a0 + a, &o, sizeof o);                                                  \
+            if (keep) {                                                                          \
+                VC kb = __builtin_convertvector(agree & one_i, VC);                              \
+                memcpy(keep + a0 + a, &kb, sizeof kb);                                           \
+            }                                                                                    \
+            lane_kept += mk;                                                                     \
+            lane_abs += (VT)((VI)(t * mk) & abs_bits);                                           \
         }                                                                                        \
     }
 
-/* Component a of the block, after the last multiple of the vector width: the agreement
- * (as 0/1 in mask), the output and the tail sums (the vector loop does the same). */
-#define DG_COMBINE(T, a)                                                                         \
+/* Component c after the block's last multiple of W, in scalar code: the operations of one
+ * lane of DG_AGREE_VECTOR (same bits), into the block's tail sums. */
+#define DG_AGREE_ONE(T, c)                                                                       \
     {                                                                                            \
-        T l = lo[a], h = hi[a], t = s[a];                                                        \
+        T v = g[c], l = v, h = v, t = v;                                                         \
+        for (int64_t d = 1; d < D; d++) {                                                        \
+            T x = g[d * stride + (c)];                                                           \
+            l = x < l ? x : l;                                                                   \
+            h = x > h ? x : h;                                                                   \
+            t += x;                                                                              \
+        }                                                                                        \
         int agree = official ? ((l > 0) | (h < 0)) : ((l > 0) | (h < 0) | ((l == 0) & (h == 0))); \
         agree &= (t == t);                                                                       \
+        T zz = noisy && !agree ? (T)dg_normal(key0, key1, base + (uint64_t)(c)) : (T)0;         \
+        out[c] = agree ? t : zz + t * (T)0;                                                      \
+        if (keep) keep[c] = (uint8_t)agree;                                                      \
         T mk = agree ? (T)1 : (T)0;                                                              \
         T kept_t = t * mk;                                                                       \
-        out[a0 + (a)] = agree ? t : z[a] + t * (T)0;                                             \
-        mask[a] = mk;                                                                            \
         tail_kept += mk;                                                                         \
         tail_abs += kept_t < 0 ? -kept_t : kept_t;                                               \
     }
@@ -176,65 +319,46 @@ DG_DEFINE_NORMALS(dg_normals_f64, double)
  *             paper: also all exactly 0) and their sum is not NaN, else 0;
  *   out[a]  = the sum where keep, else (noisy) the standard normal of value base + a of
  *             the counter stream plus 0 * sum (so that a NaN or infinite sum gives NaN,
- *             as in the torch path), or (not noisy) 0 * sum;
- *   *l1    += sum of |sum| over the kept components (NaN if one is NaN).
- * Returns the number of kept components. */
-#define DG_DEFINE_AGREE(NAME, T, VT, VI, W, ABS_BITS)                                            \
+ *             as in the torch path), or (not noisy) 0 + 0 * sum;
+ *   *l1    += sum of |sum| over the kept components (NaN if one is NaN): per block of
+ *             DG_BLOCK components, W lanes (component a in lane a mod W) summed in lane
+ *             order, then the components after the last multiple of W, in order.
+ * Returns the number of kept components. One pass over the rows: the noise is drawn in
+ * the same loop (only for vectors with a disagreeing lane), the rare further tries after
+ * each block. */
+#define DG_DEFINE_AGREE(NAME, T, VT, VI, VC, W, SFX, ABS_BITS)                                   \
     int64_t NAME(const T *restrict g, int64_t D, int64_t stride, int64_t n, T *restrict out,     \
                  uint8_t *restrict keep, int official, int noisy, uint64_t key0, uint64_t key1,   \
                  uint64_t base, double *l1) {                                                    \
-        T lo[DG_BLOCK], hi[DG_BLOCK], s[DG_BLOCK], z[DG_BLOCK], mask[DG_BLOCK];                  \
-        uint8_t slow[DG_BLOCK + 8] = {0};                                                        \
         int64_t kept = 0;                                                                        \
         double abs_sum = 0.0;                                                                    \
+        int64_t redo_at[DG_BLOCK];                                                               \
+        const VT zero = {0}, one = zero + 1;                                                     \
+        const VI abs_bits = (VI){0} + ABS_BITS, one_i = (VI){0} + 1;                             \
         for (int64_t a0 = 0; a0 < n; a0 += DG_BLOCK) {                                           \
             int64_t m = n - a0 < DG_BLOCK ? n - a0 : DG_BLOCK;                                   \
-            switch (D) {                                                                         \
-                case 1: DG_REDUCE(T, 1) break;                                                   \
-                case 2: DG_REDUCE(T, 2) break;                                                   \
-                case 3: DG_REDUCE(T, 3) break;                                                   \
-                case 4: DG_REDUCE(T, 4) break;                                                   \
-                case 5: DG_REDUCE(T, 5) break;                                                   \
-                case 6: DG_REDUCE(T, 6) break;                                                   \
-                case 7: DG_REDUCE(T, 7) break;                                                   \
-                case 8: DG_REDUCE(T, 8) break;                                                   \
-                default: DG_REDUCE(T, 0) break;                                                  \
-            }                                                                                    \
-            if (noisy) {                                                                         \
-                DG_FIRST_TRIES(T, z)                                                             \
-            } else {                                                                             \
-                for (int64_t a = 0; a < m; a++) {                                                \
-                    z[a] = (T)0;                                                                 \
-                    slow[a] = 0;                                                                 \
-                }                                                                                \
-            }                                                                                    \
+            int64_t mm = m - m % W, redos = 0;                                                   \
             VT lane_abs = {0}, lane_kept = {0};                                                  \
             T tail_abs = 0, tail_kept = 0;                                                       \
-            int64_t mm = m - m % W;                                                              \
-            const VT zero = {0}, one = zero + 1;                                                 \
-            const VI abs_bits = (VI){0} + ABS_BITS;                                              \
-            for (int64_t a = 0; a < mm; a += W) {                                                \
-                VT l, h, t, zz;                                                                  \
-                memcpy(&l, lo + a, sizeof l);                                                    \
-                memcpy(&h, hi + a, sizeof h);                                                    \
-                memcpy(&t, s + a, sizeof t);                                                     \
-                memcpy(&zz, z + a, sizeof zz);                                                   \
-                VI agree = (VI)((l > zero) | (h < zero));                                        \
-                if (!official) agree |= (VI)((l == zero) & (h == zero));                         \
-                agree &= (VI)(t == t);                                                           \
-                VT mk = (VT)((VI)one & agree);                                                   \
-                VT other = zz + t * zero;                                                        \
-                VT o = (VT)(((VI)t & agree) | ((VI)other & ~agree));                             \
-                memcpy(out + a0 + a, &o, sizeof o);                                              \
-                memcpy(mask + a, &mk, sizeof mk);                                                \
-                lane_kept += mk;                                                                 \
-                lane_abs += (VT)((VI)(t * mk) & abs_bits);                                       \
+            switch (D) {                                                                         \
+                case 1: DG_AGREE_VECTOR(T, VT, VI, VC, W, SFX, 1) break;                         \
+                case 2: DG_AGREE_VECTOR(T, VT, VI, VC, W, SFX, 2) break;                         \
+                case 3: DG_AGREE_VECTOR(T, VT, VI, VC, W, SFX, 3) break;                         \
+                case 4: DG_AGREE_VECTOR(T, VT, VI, VC, W, SFX, 4) break;                         \
+                case 5: DG_AGREE_VECTOR(T, VT, VI, VC, W, SFX, 5) break;                         \
+                case 6: DG_AGREE_VECTOR(T, VT, VI, VC, W, SFX, 6) break;                         \
+                case 7: DG_AGREE_VECTOR(T, VT, VI, VC, W, SFX, 7) break;                         \
+                case 8: DG_AGREE_VECTOR(T, VT, VI, VC, W, SFX, 8) break;                         \
+                default: DG_AGREE_VECTOR(T, VT, VI, VC, W, SFX, 0) break;                        \
             }                                                                                    \
-            for (int64_t a = mm; a < m; a++) DG_COMBINE(T, a)                                    \
-            if (keep)                                                                            \
-                for (int64_t a = 0; a < m; a++) keep[a0 + a] = (uint8_t)(mask[a] != (T)0);       \
-            for (int64_t a = 0; a < m; a++) slow[a] &= (uint8_t)(mask[a] == (T)0);               \
-            DG_FURTHER_TRIES(T, out + a0, + s[a] * (T)0)                                         \
+            for (int64_t r = 0; r < redos; r++) { /* the sum again: 0 * sum keeps NaN */         \
+                int64_t c = redo_at[r];                                                          \
+                T t = g[c];                                                                      \
+                for (int64_t d = 1; d < D; d++) t += g[d * stride + c];                          \
+                uint64_t i = base + (uint64_t)c;                                                 \
+                out[c] = (T)dg_further_tries(dg_first_word(key0, i), key1, i) + t * (T)0;        \
+            }                                                                                    \
+            for (int64_t c = a0 + mm; c < a0 + m; c++) DG_AGREE_ONE(T, c)                        \
             for (int j = 0; j < W; j++) {                                                        \
                 kept += (int64_t)lane_kept[j];                                                   \
                 abs_sum += (double)lane_abs[j];                                                  \
@@ -246,8 +370,8 @@ DG_DEFINE_NORMALS(dg_normals_f64, double)
         return kept;                                                                             \
     }
 
-DG_DEFINE_AGREE(dg_agree_f32, float, dg_v16f, dg_v16i, 16, 0x7fffffff)
-DG_DEFINE_AGREE(dg_agree_f64, double, dg_v8d, dg_v8l, 8, 0x7fffffffffffffffLL)
+DG_DEFINE_AGREE(dg_agree_f32, float, dg_v16f, dg_v16i, dg_v16c, 16, f32, 0x7fffffff)
+DG_DEFINE_AGREE(dg_agree_f64, double, dg_v8d, dg_v8l, dg_v8c, 8, f64, 0x7fffffffffffffffLL)
 
 /* out[a] *= keep[a] ? kept_factor : other_factor (Agr-Rand's noise scale, the mean). */
 #define DG_DEFINE_SCALE(NAME, T)                                                                 \
@@ -384,3 +508,26 @@ static inline dg_v8d dg_load8_f64(const double *p) {
 
 DG_DEFINE_GRAM_FAMILY(float, f32, DG_EXACT_PRODUCTS)
 DG_DEFINE_GRAM_FAMILY(double, f64, )
+
+/* out[a] = sum_d coef[d] g[d][a] for components 0 .. n - 1 of D rows (row d at g + d *
+ * stride): PCGrad's and CorGrad's weighted sum of the domain gradients, each product and
+ * sum in float64 in domain order, rounded once to T. Per component, so the result does not
+ * depend on how the components are cut into ranges. */
+#define DG_DEFINE_COMBINE(NAME, T, SFX)                                                          \
+    void NAME(const T *restrict g, int64_t D, int64_t stride, int64_t n, const double *restrict coef, \
+              T *restrict out) {                                                                 \
+        int64_t body = n - n % 8;                                                                \
+        for (int64_t a = 0; a < body; a += 8) {                                                  \
+            dg_v8d acc = dg_load8_##SFX(g + a) * coef[0];                                        \
+            for (int64_t d = 1; d < D; d++) acc += dg_load8_##SFX(g + d * stride + a) * coef[d]; \
+            for (int j = 0; j < 8; j++) out[a + j] = (T)acc[j];                                  \
+        }                                                                                        \
+        for (int64_t a = body; a < n; a++) {                                                     \
+            double acc = (double)g[a] * coef[0];                                                 \
+            for (int64_t d = 1; d < D; d++) acc += (double)g[d * stride + a] * coef[d];          \
+            out[a] = (T)acc;                                                                     \
+        }                                                                                        \
+    }
+
+DG_DEFINE_COMBINE(dg_combine_f32, float, f32)
+DG_DEFINE_COMBINE(dg_combine_f64, double, f64)

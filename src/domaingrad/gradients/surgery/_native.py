@@ -35,7 +35,7 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor
 
-from ._noise import ZIGGURAT_F, ZIGGURAT_RATIO, ZIGGURAT_X
+from ._noise import ZIGGURAT_F, ZIGGURAT_T, ZIGGURAT_W, ZIGGURAT_X
 
 #: components per range of work (a thread's unit; fixed, so results are thread-independent)
 RANGE = 1 << 18
@@ -128,13 +128,22 @@ def _declare(lib: ctypes.CDLL) -> None:
         fn = getattr(lib, name)
         fn.argtypes = [ptr, i64, i64, i64, ptr]
         fn.restype = None
+    for name in ("dg_combine_f32", "dg_combine_f64"):
+        fn = getattr(lib, name)
+        fn.argtypes = [ptr, i64, i64, i64, ptr, ptr]
+        fn.restype = None
     for name in ("dg_scale_f32", "dg_scale_f64"):
         fn = getattr(lib, name)
         fn.argtypes = [ptr, ptr, i64, dbl, dbl]
         fn.restype = None
-    lib.dg_set_tables.argtypes = [ptr, ptr, ptr]
+    lib.dg_set_tables.argtypes = [ptr, ptr, ptr, ptr]
     lib.dg_set_tables.restype = None
-    tables = [(ctypes.c_double * len(t))(*t) for t in (ZIGGURAT_X, ZIGGURAT_RATIO, ZIGGURAT_F)]
+    tables: list[ctypes.Array[Any]] = [
+        (ctypes.c_double * len(ZIGGURAT_X))(*ZIGGURAT_X),
+        (ctypes.c_double * len(ZIGGURAT_F))(*ZIGGURAT_F),
+        (ctypes.c_float * len(ZIGGURAT_W))(*ZIGGURAT_W),
+        (ctypes.c_uint32 * len(ZIGGURAT_T))(*ZIGGURAT_T),
+    ]
     lib.dg_set_tables(*(ctypes.addressof(t) for t in tables))
 
 

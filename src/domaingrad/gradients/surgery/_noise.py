@@ -14,36 +14,47 @@ unsigned 64-bit integers, wrapping):
   Pseudorandom Number Generators", OOPSLA 2014): ``z ^= z >> 30; z *= 0xbf58476d1ce4e5b9;
   z ^= z >> 27; z *= 0x94d049bb133111eb; z ^= z >> 31``. ``mix(key + i * GOLDEN)`` is the
   ``i``-th output of SplitMix64 seeded with ``key``.
-* Value ``i`` is drawn by the ziggurat method with 512 layers (Marsaglia and Tsang, "The
-  Ziggurat Method for Generating Random Variables", J. Stat. Software 5(8), 2000), with
-  the layer index and the uniform taken from separate bits of one word (Doornik, "An
-  Improved Ziggurat Method to Generate Normal Random Samples", 2005), so they are
-  independent. A try with word ``h``: layer ``k = h & 511``, ``u = ((h >> 12) + 1/2) *
-  2**-51 - 1`` (uniform in (-1, 1)); if ``|u| < x[k+1] / x[k]`` the value is ``u * x[k]``.
-  The first try uses ``h = mix(key0 + i * GOLDEN)``; about 99.2% of the values end there.
+* Value ``i`` is a float32 number drawn by the ziggurat method with 512 layers (Marsaglia
+  and Tsang, "The Ziggurat Method for Generating Random Variables", J. Stat. Software
+  5(8), 2000) from 32-bit words, with the layer index, the sign and the magnitude taken
+  from separate bits of one word (Doornik, "An Improved Ziggurat Method to Generate Normal
+  Random Samples", 2005), so they are independent. A try with word ``r``: layer ``k = r &
+  511``, sign bit ``r & 512``, magnitude ``a = r >> 10`` (uniform on ``0 .. 2**22 - 1``);
+  if ``a < T[k]`` the value is ``+-(a * W[k])`` (a float32 product, minus for the sign
+  bit), with ``W[k] = float32(x[k] * 2**-22)`` and ``T[k] = ceil(2**22 * x[k+1] / x[k])``,
+  i.e. ``|u| < x[k+1] / x[k]`` for ``|u| = a * 2**-22``.
+  The first try's word is half ``i mod 2`` of ``mix(key0 + (i // 2) * GOLDEN)`` (the low
+  32 bits for even ``i``, the high ones for odd ``i``: one word gives two values); about
+  99.2% of the values end there.
 * Otherwise the value continues on the SplitMix64 sequence ``w_1, w_2, ...`` with
   ``w_t = mix(s_i + t * GOLDEN)``, ``s_i = mix(key1 + i * GOLDEN)``, one word at a time:
-  in layer 0 the tail beyond ``r = x[1]`` (Marsaglia's method: ``x = -log(1 - U) / r``,
-  ``y = -log(1 - U')`` from the next two words, ``U = (w >> 11) * 2**-53``, repeated until
-  ``2 y > x**2``; the value is ``+-(r + x)`` with the sign of ``u``); in layer ``k > 0``
-  the wedge (accept ``x = u * x[k]`` if ``f[k] + U (f[k+1] - f[k]) < exp(-x**2 / 2)``,
-  ``f[k] = exp(-x[k]**2 / 2)`` from the table, ``U`` from the next word), else a new try
-  with the word after it.
+  in layer 0 the tail beyond ``r = x[1]`` (Marsaglia's method in float64: ``x = -log(1 -
+  U) / r``, ``y = -log(1 - U')`` from the next two words, ``U = (w >> 11) * 2**-53``,
+  repeated until ``2 y > x**2``; the value is ``+-float32(r + x)`` with the try's sign);
+  in layer ``k > 0`` the wedge (accept the try's value ``v`` if ``f[k] + U (f[k+1] -
+  f[k]) < exp(-v**2 / 2)`` in float64, ``f[k] = exp(-x[k]**2 / 2)`` from the table, ``U``
+  from the next word), else a new try with the low 32 bits of the word after it.
 
 The tables ``ZIGGURAT_X`` and ``ZIGGURAT_F`` hold the layer edges and heights for ``r =
 3.852046150368391`` and layer area ``v = 0.002456766351541356``, solved so that the top
 layer closes exactly and computed in 50-digit arithmetic; they are written out here,
-rounded to float64, so that every machine uses the same tables.
+rounded to float64, so that every machine uses the same tables. ``ZIGGURAT_W`` and
+``ZIGGURAT_T`` are derived from them as above.
 
-The values are computed in float64 and rounded once to the output dtype. The native
-kernel (``_native.c``) and the torch implementation below give the same values; only
-those drawn through ``exp`` or ``log`` (wedges and tails, under 0.8%) may differ in the
-last bit of float64 between the C library and torch.
+The values are float32 numbers for every output dtype (a float64 result holds them
+exactly): the magnitude has 22 bits within its layer, the resolution of float32 itself,
+and float32 arithmetic halves the cost of a draw. As with any float32 generator, the
+distribution is the standard normal up to the float32 rounding of the layer widths
+(relative 3e-8). The native kernel (``_native.c``) and the torch implementation below
+give the same values; only those drawn through ``exp`` or ``log`` (wedges and tails,
+under 0.8%) may differ by a float32 rounding between the C library and torch.
 """
 
 from __future__ import annotations
 
 import functools
+import math
+import struct
 
 import torch
 from torch import Tensor
@@ -183,8 +194,12 @@ ZIGGURAT_X: tuple[float, ...] = (
     0.0,
 )
 # fmt: on
-#: x[k + 1] / x[k]: a first try in layer k is kept when |u| is below this
+#: x[k + 1] / x[k]: a try in layer k is kept when |u| is below this
 ZIGGURAT_RATIO: tuple[float, ...] = tuple(ZIGGURAT_X[k + 1] / ZIGGURAT_X[k] for k in range(512))
+#: float32(x[k] * 2**-22): a try's value is its 22-bit magnitude times this (float32 numbers)
+ZIGGURAT_W: tuple[float, ...] = struct.unpack("512f", struct.pack("512f", *(t * 2.0**-22 for t in ZIGGURAT_X[:512])))
+#: ceil(2**22 * x[k + 1] / x[k]): a try in layer k is kept when its magnitude is below this
+ZIGGURAT_T: tuple[int, ...] = tuple(math.ceil(q * 2.0**22) for q in ZIGGURAT_RATIO)
 #: f(x[k]) = exp(-x[k]**2 / 2), the layers' heights (f(x[0]) is not used)
 # fmt: off
 ZIGGURAT_F: tuple[float, ...] = (
@@ -353,10 +368,6 @@ def _words(key: int, index: Tensor) -> Tensor:
     return _mix(index * _signed(GOLDEN) + _signed(key))
 
 
-def _signed_uniform(h: Tensor) -> Tensor:
-    return (_srl(h, 12).to(torch.float64) + 0.5) * 2.0**-51 - 1.0
-
-
 def _uniform(h: Tensor) -> Tensor:
     return _srl(h, 11).to(torch.float64) * 2.0**-53
 
@@ -369,13 +380,23 @@ def draw_keys(generator: torch.Generator) -> tuple[int, int]:
 
 
 @functools.cache
-def _tables(device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
-    """The ziggurat tables as float64 tensors on ``device``, made once per device (the
-    torch path draws tensor by tensor: no copy to the device per call)."""
-    x, ratio, f = (
-        torch.tensor(t, dtype=torch.float64, device=device) for t in (ZIGGURAT_X, ZIGGURAT_RATIO, ZIGGURAT_F)
-    )
-    return x, ratio, f
+def _tables(device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The ziggurat tables on ``device`` (x and f in float64, W in float32, T in int64),
+    made once per device (the torch path draws tensor by tensor: no copy per call)."""
+    x, f = (torch.tensor(t, dtype=torch.float64, device=device) for t in (ZIGGURAT_X, ZIGGURAT_F))
+    w = torch.tensor(ZIGGURAT_W, dtype=torch.float32, device=device)
+    t = torch.tensor(ZIGGURAT_T, dtype=torch.int64, device=device)
+    return x, f, w, t
+
+
+def _try(r: Tensor, w: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+    """Tries with 32-bit words ``r`` (int64 tensor): their float32 values and whether each
+    is kept (see the module docstring)."""
+    k = r & 511
+    a = r >> 10
+    value = a.to(torch.float32) * w[k]
+    value = torch.where((r & 512) != 0, -value, value)
+    return value, a < t[k]
 
 
 def counter_normals(
@@ -387,7 +408,8 @@ def counter_normals(
         key0, key1: the stream's keys (integers in ``[0, 2**64)``), e.g. from :func:`draw_keys`.
         start: index of the first value (``>= 0``).
         n: number of values.
-        dtype: floating dtype of the result (computed in float64, rounded once).
+        dtype: floating dtype of the result (the values are float32 numbers, held exactly
+            by float32 and float64).
         device: where to compute.
 
     Returns:
@@ -400,63 +422,63 @@ def counter_normals(
     >>> z = counter_normals(1, 2, 0, 100_000, dtype=torch.float64)
     >>> abs(z.mean().item()) < 0.01, abs(z.std().item() - 1) < 0.01
     (True, True)
-    >>> bool(torch.equal(z[500:600], counter_normals(1, 2, 500, 100, dtype=torch.float64)))
+    >>> bool(torch.equal(z[501:600], counter_normals(1, 2, 501, 99, dtype=torch.float64)))
     True
     """
     if start < 0 or n < 0:
         raise ValueError(f"start and n must be >= 0, got start={start}, n={n}")
     out = torch.empty(n, dtype=dtype, device=device)
-    x, ratio, f = _tables(torch.device(device))
+    tables = _tables(torch.device(device))
     for a in range(0, n, _BLOCK):
         m = min(_BLOCK, n - a)
         index = torch.arange(start + a, start + a + m, dtype=torch.int64, device=device)
-        h = _words(key0, index)
-        k = h & 511
-        u = _signed_uniform(h)
-        value = u * x[k]
-        slow = (u.abs() < ratio[k]).logical_not_().nonzero().squeeze(1)
+        h = _words(key0, index >> 1)
+        r = torch.where((index & 1) != 0, _srl(h, 32), h & 0xFFFFFFFF)
+        value, kept = _try(r, tables[2], tables[3])
+        slow = kept.logical_not_().nonzero().squeeze(1)
         if slow.numel():
-            value[slow] = _slow_normals(h[slow], _words(key1, index[slow]), x, ratio, f)
+            value[slow] = _slow_normals(r[slow], _words(key1, index[slow]), *tables)
         out[a : a + m] = value
     return out
 
 
-def _slow_normals(h: Tensor, seed: Tensor, x: Tensor, ratio: Tensor, f: Tensor) -> Tensor:
-    """The values whose first try (words ``h``) failed, given their sequences' seeds
+def _slow_normals(r: Tensor, seed: Tensor, x: Tensor, f: Tensor, w: Tensor, t: Tensor) -> Tensor:
+    """The values whose first try (words ``r``) was not kept, given their sequences' seeds
     ``s_i`` (see the module docstring), vectorised over the values still pending."""
-    value = torch.empty(h.shape, dtype=torch.float64, device=h.device)
-    todo = torch.arange(h.numel(), device=h.device)
-    step = torch.zeros_like(h)  # words of each value's sequence used so far
+    value = torch.empty(r.shape, dtype=torch.float32, device=r.device)
+    todo = torch.arange(r.numel(), device=r.device)
+    step = torch.zeros_like(r)  # words of each value's sequence used so far
     gold = _signed(GOLDEN)
-    r = float(ZIGGURAT_X[1])
+    rr = float(ZIGGURAT_X[1])
 
     def next_word(idx: Tensor) -> Tensor:
         step[idx] += 1
         return _mix(seed[idx] + step[idx] * gold)
 
     while todo.numel():
-        hh = h[todo]
-        k = hh & 511
-        u = _signed_uniform(hh)
-        done = u.abs() < ratio[k]
-        value[todo[done]] = (u * x[k])[done]
-        # the tail: Marsaglia's loop on the values in layer 0
-        tail = todo[~done & (k == 0)]
-        sign = torch.where(u[~done & (k == 0)] < 0, -1.0, 1.0)
+        rt = r[todo]
+        k = rt & 511
+        v, done = _try(rt, w, t)
+        value[todo[done]] = v[done]
+        # the tail: Marsaglia's loop on the values in layer 0, in float64
+        in_tail = ~done & (k == 0)
+        tail = todo[in_tail]
+        negative = (rt[in_tail] & 512) != 0
         while tail.numel():
-            tx = -torch.log(1.0 - _uniform(next_word(tail))) / r
+            tx = -torch.log(1.0 - _uniform(next_word(tail))) / rr
             ty = -torch.log(1.0 - _uniform(next_word(tail)))
             ok = ty + ty > tx * tx
-            value[tail[ok]] = sign[ok] * (r + tx[ok])
-            tail, sign = tail[~ok], sign[~ok]
+            far = (rr + tx[ok]).to(torch.float32)
+            value[tail[ok]] = torch.where(negative[ok], -far, far)
+            tail, negative = tail[~ok], negative[~ok]
         # the wedges: accept under the curve, else a new try with the next word
-        wedge_sel = ~done & (k != 0)
-        wedge = todo[wedge_sel]
-        kw = k[wedge_sel]
-        xv = u[wedge_sel] * x[kw]
-        accept = f[kw] + _uniform(next_word(wedge)) * (f[kw + 1] - f[kw]) < torch.exp(-0.5 * (xv * xv))
-        value[wedge[accept]] = xv[accept]
+        in_wedge = ~done & (k != 0)
+        wedge = todo[in_wedge]
+        kw = k[in_wedge]
+        vw = v[in_wedge].to(torch.float64)
+        accept = f[kw] + _uniform(next_word(wedge)) * (f[kw + 1] - f[kw]) < torch.exp(-0.5 * (vw * vw))
+        value[wedge[accept]] = v[in_wedge][accept]
         todo = wedge[~accept]
         if todo.numel():
-            h[todo] = next_word(todo)
+            r[todo] = next_word(todo) & 0xFFFFFFFF
     return value
