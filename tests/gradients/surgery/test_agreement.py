@@ -253,6 +253,27 @@ def test_agr_rand_counter_stream_across_ranges_threads_and_implementations(monke
         assert torch.allclose(out3, out, rtol=tol, atol=0)
 
 
+def test_agr_rand_counter_stream_on_long_ranges(monkeypatch):
+    # an odd-sized tensor first (the second starts at an odd index), then one range of
+    # 2**18 components, about 196,000 disagreeing: some 1,600 of their values need
+    # further tries, more than the native kernel lists at once (it does them in batches)
+    gen = torch.Generator().manual_seed(4)
+    grads = [torch.randn(3, 7, generator=gen), torch.randn(3, 300_000, generator=gen)]
+    consensus = agr_sum(grads)
+    native = agr_rand(grads, generator=torch.Generator().manual_seed(2))
+    monkeypatch.setattr(_native, "usable", lambda t: False)
+    torch_path = agr_rand(grads, generator=torch.Generator().manual_seed(2))
+    sigma = native.stats["sigma"]
+    assert torch_path.stats["agree_frac"] == native.stats["agree_frac"]
+    for g, out, out_torch, cons, z in zip(
+        grads, native.grads, torch_path.grads, consensus.grads, counter_noise(2, [7, 300_000])
+    ):
+        agree = naive_agree(g, "paper")
+        assert torch.equal(out[agree], cons[agree])
+        assert torch.allclose(out[~agree].double(), sigma * z[~agree], rtol=1e-6, atol=0)
+        assert torch.allclose(out_torch, out, rtol=1e-6, atol=0)
+
+
 @pytest.mark.usefixtures("single_thread")  # the values do not depend on it (tested above)
 @pytest.mark.parametrize("noise", STREAMS)
 def test_agr_rand_noise_is_normal_with_sd_sigma(monkeypatch, noise):

@@ -35,6 +35,10 @@
 #ifndef DG_BLOCK
 #define DG_BLOCK 1024
 #endif
+/* the most components whose noise needs further tries listed at once (a multiple of DG_BLOCK) */
+#ifndef DG_REDO_LIST
+#define DG_REDO_LIST 2048
+#endif
 
 /* GCC/clang vector types: 64-byte vectors of 16 floats or 8 doubles (one AVX-512
  * register, two AVX2 ones, four NEON ones), their integer masks, the noise's words
@@ -314,6 +318,20 @@ DG_DEFINE_NORMALS(dg_normals_f64, double)
         tail_abs += kept_t < 0 ? -kept_t : kept_t;                                               \
     }
 
+/* The further tries of the listed components redo_at[0 .. redos - 1]: the value plus
+ * 0 * sum (the sum again, in domain order, so that a NaN sum gives NaN). */
+#define DG_REDO(T)                                                                               \
+    {                                                                                            \
+        for (int64_t q = 0; q < redos; q++) {                                                    \
+            int64_t c = redo_at[q];                                                              \
+            uint64_t i = base + (uint64_t)c;                                                     \
+            T t = g[c];                                                                          \
+            for (int64_t d = 1; d < D; d++) t += g[d * stride + c];                              \
+            out[c] = (T)dg_further_tries(dg_first_word(key0, i), key1, i) + t * (T)0;            \
+        }                                                                                        \
+        redos = 0;                                                                               \
+    }
+
 /* The agreement pass over components 0 .. n - 1 of D rows (row d at g + d * stride):
  *   keep[a] = 1 (keep may be NULL) where all D values agree in sign (official: all > 0 or all < 0;
  *             paper: also all exactly 0) and their sum is not NaN, else 0;
@@ -324,20 +342,22 @@ DG_DEFINE_NORMALS(dg_normals_f64, double)
  *             DG_BLOCK components, W lanes (component a in lane a mod W) summed in lane
  *             order, then the components after the last multiple of W, in order.
  * Returns the number of kept components. One pass over the rows: the noise is drawn in
- * the same loop (only for vectors with a disagreeing lane), the rare further tries after
- * each block. */
+ * the same loop (only for vectors with a disagreeing lane), the rare further tries of up
+ * to DG_REDO_LIST values at a time, away from the loop (where they cost three times as
+ * much). */
 #define DG_DEFINE_AGREE(NAME, T, VT, VI, VC, W, SFX, ABS_BITS)                                   \
     int64_t NAME(const T *restrict g, int64_t D, int64_t stride, int64_t n, T *restrict out,     \
                  uint8_t *restrict keep, int official, int noisy, uint64_t key0, uint64_t key1,   \
                  uint64_t base, double *l1) {                                                    \
         int64_t kept = 0;                                                                        \
         double abs_sum = 0.0;                                                                    \
-        int64_t redo_at[DG_BLOCK];                                                               \
+        int64_t redo_at[DG_REDO_LIST], redos = 0;                                                \
         const VT zero = {0}, one = zero + 1;                                                     \
         const VI abs_bits = (VI){0} + ABS_BITS, one_i = (VI){0} + 1;                             \
         for (int64_t a0 = 0; a0 < n; a0 += DG_BLOCK) {                                           \
             int64_t m = n - a0 < DG_BLOCK ? n - a0 : DG_BLOCK;                                   \
-            int64_t mm = m - m % W, redos = 0;                                                   \
+            int64_t mm = m - m % W;                                                              \
+            if (redos > DG_REDO_LIST - DG_BLOCK) DG_REDO(T)                                      \
             VT lane_abs = {0}, lane_kept = {0};                                                  \
             T tail_abs = 0, tail_kept = 0;                                                       \
             switch (D) {                                                                         \
@@ -351,13 +371,6 @@ DG_DEFINE_NORMALS(dg_normals_f64, double)
                 case 8: DG_AGREE_VECTOR(T, VT, VI, VC, W, SFX, 8) break;                         \
                 default: DG_AGREE_VECTOR(T, VT, VI, VC, W, SFX, 0) break;                        \
             }                                                                                    \
-            for (int64_t r = 0; r < redos; r++) { /* the sum again: 0 * sum keeps NaN */         \
-                int64_t c = redo_at[r];                                                          \
-                T t = g[c];                                                                      \
-                for (int64_t d = 1; d < D; d++) t += g[d * stride + c];                          \
-                uint64_t i = base + (uint64_t)c;                                                 \
-                out[c] = (T)dg_further_tries(dg_first_word(key0, i), key1, i) + t * (T)0;        \
-            }                                                                                    \
             for (int64_t c = a0 + mm; c < a0 + m; c++) DG_AGREE_ONE(T, c)                        \
             for (int j = 0; j < W; j++) {                                                        \
                 kept += (int64_t)lane_kept[j];                                                   \
@@ -366,6 +379,7 @@ DG_DEFINE_NORMALS(dg_normals_f64, double)
             kept += (int64_t)tail_kept;                                                          \
             abs_sum += (double)tail_abs;                                                         \
         }                                                                                        \
+        DG_REDO(T)                                                                               \
         *l1 += abs_sum;                                                                          \
         return kept;                                                                             \
     }
