@@ -127,16 +127,18 @@ def test_native_gram_is_the_float64_gram(dtype, num_domains):
 @pytest.mark.parametrize("num_domains", [1, 3, 8, 11])
 def test_native_combination_is_the_float64_sum_rounded_once(monkeypatch, restore_threads, dtype, num_domains):
     # pieces of 5,000 columns (cut into ranges of 4,096 and a tail not a multiple of 8):
-    # out = sum_d coef[p, d] x[d] with every product and sum in float64, in domain order
+    # out = sum_d c[p, d] x[d], c the coefficients rounded to the dtype (as the torch path
+    # rounds them), every product and sum in float64, in domain order, rounded once
     from domaingrad.gradients.surgery._gram import _combine_run
 
     monkeypatch.setattr(_native, "RANGE", 4096)
     gen = torch.Generator().manual_seed(num_domains)
     x = torch.randn(num_domains, 3 * 5000 + 4, generator=gen, dtype=dtype)[:, 4:].view(num_domains, 3, 5000)
     coef = torch.randn(3, num_domains, generator=gen, dtype=torch.float64)
-    want = x[0].double() * coef[:, :1]
+    c = coef.to(dtype).double()
+    want = x[0].double() * c[:, :1]
     for d in range(1, num_domains):
-        want = want + x[d].double() * coef[:, d : d + 1]
+        want = want + x[d].double() * c[:, d : d + 1]
     for threads in (1, 2):
         torch.set_num_threads(threads)
         out = torch.empty(3, 5000, dtype=dtype)

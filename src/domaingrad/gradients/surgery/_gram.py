@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -129,10 +130,11 @@ def _accumulate_block_gram(blk: Tensor, parts: Tensor) -> None:
 
 
 def _native_combine(x: Tensor, coef: Tensor, out: Tensor) -> None:
-    """:func:`_combine_run` on the native kernel: every product and sum in float64, in
-    domain order, rounded once to the output dtype (so more accurate than the batched
-    float32 product); the pieces are cut into ranges of ``_native.RANGE`` columns, run
-    on all threads, each component computed on its own (thread-count independent)."""
+    """:func:`_combine_run` on the native kernel: the coefficients rounded to the dtype
+    (as the torch path rounds them), every product and sum in float64, in domain order,
+    rounded once to the output dtype (so more accurate than the batched float32
+    product); the pieces are cut into ranges of ``_native.RANGE`` columns, run on all
+    threads, each component computed on its own (thread-count independent)."""
     num_domains, pieces, k = x.shape
     fn = _native.kernel("dg_combine", x.dtype)
     c = coef.to(device="cpu", dtype=torch.float64).contiguous()
@@ -157,7 +159,8 @@ def _combine_run(x: Tensor, coef: Tensor, out: Tensor) -> None:
         _combine_run(x.float(), coef, tmp)
         out.copy_(tmp)
         return
-    if x.shape[2] >= _NATIVE_MIN_PIECE and _native.usable(x) and x.stride(2) == 1 and out.is_contiguous():
+    native = x.shape[0] <= _native.GRAM_MAX_DOMAINS and x.shape[2] >= _NATIVE_MIN_PIECE and x.stride(2) == 1
+    if native and out.is_contiguous() and _native.usable(x):
         _native_combine(x, coef, out)
         return
     c = coef.to(dtype=x.dtype)
@@ -188,11 +191,6 @@ _CONFLICT_RTOL = 1e-10
 _ZERO_RTOL = 1e-10
 
 
-def _scales(coefs: Tensor, norms: Tensor) -> Tensor:
-    """``s_v = sum_k |V_k| ||g_k||`` for coefficient rows ``coefs (P, D)``, ``norms (P, D)``."""
-    return (coefs.abs() * norms).sum(-1)
-
-
 def _project_sequential(
     gram: Tensor, i_order: Sequence[int], j_orders: Sequence[Sequence[int]], reference: str, eps: float
 ) -> tuple[Tensor, int, float]:
@@ -216,38 +214,44 @@ def _project_sequential(
         of projections made and the sum of their modification ratios
         ``||projection|| / ||g_i^pc||`` (clipped to 1, its exact-arithmetic bound).
     """
-    num_pieces, num_domains, _ = gram.shape
-    eye = torch.eye(num_domains, dtype=gram.dtype, device=gram.device)
-    weights = eye.expand(num_pieces, num_domains, num_domains).clone()
-    norms = torch.diagonal(gram, dim1=-2, dim2=-1).clamp_min(0).sqrt()  # (P, D)
-    count = torch.zeros((), dtype=torch.int64, device=gram.device)
-    ratio = torch.zeros((), dtype=gram.dtype, device=gram.device)
-    for i in i_order:
-        w = weights[:, i, :].clone()
-        gw = torch.bmm(gram, w.unsqueeze(-1)).squeeze(-1)  # G w, updated with w below
-        for j in j_orders[i]:
-            if reference == "projected":
-                r = weights[:, j, :]
-                gr = torch.bmm(gram, r.unsqueeze(-1)).squeeze(-1)
-                rr = (r * gr).sum(-1)
-                dot = (w * gr).sum(-1)
-            else:  # r = e_j: G r is column j of G
-                r = eye[j].expand(num_pieces, -1)
-                gr = gram[:, :, j]
-                rr = gram[:, j, j]
-                dot = gw[:, j]
-            ww = (w * gw).sum(-1)
-            scale_r = _scales(r, norms)
-            conflict = (dot < -_CONFLICT_RTOL * _scales(w, norms) * scale_r) & (rr > _ZERO_RTOL * scale_r * scale_r)
-            coef = torch.where(conflict, dot / (rr + eps), torch.zeros_like(dot))
-            # ||coef * g_j|| / ||g_i^pc|| (= |cos| when eps = 0)
-            proj_ratio = coef.abs() * rr.clamp_min(0).sqrt() / ww.clamp_min(1e-300).sqrt()
-            count += conflict.sum()
-            ratio += torch.where(conflict, proj_ratio.clamp_max(1.0), torch.zeros_like(proj_ratio)).sum()
-            w = w - coef.unsqueeze(1) * r
-            gw = gw - coef.unsqueeze(1) * gr
-        weights[:, i, :] = w
-    return weights, int(count.item()), float(ratio.item())
+    # D x D work per piece, serial over the pairs: NumPy float64 on the CPU (a few
+    # microseconds per operation where torch takes several times that; the same
+    # decisions on every device, given the same Gram matrices)
+    g = gram.detach().to(device="cpu", dtype=torch.float64).numpy()
+    num_pieces, num_domains, _ = g.shape
+    eye = np.eye(num_domains)
+    weights = np.broadcast_to(eye, g.shape).copy()
+    norms = np.sqrt(np.clip(np.diagonal(g, axis1=1, axis2=2), 0.0, None))  # (P, D)
+    count = 0
+    ratio = 0.0
+    with np.errstate(divide="ignore", invalid="ignore"):  # np.where computes both branches
+        for i in i_order:
+            w = weights[:, i, :].copy()
+            gw = np.einsum("pkl,pl->pk", g, w)  # G w, updated with w below
+            for j in j_orders[i]:
+                if reference == "projected":
+                    r = weights[:, j, :]
+                    gr = np.einsum("pkl,pl->pk", g, r)
+                    rr = (r * gr).sum(-1)
+                    dot = (w * gr).sum(-1)
+                else:  # r = e_j: G r is column j of G
+                    r = np.broadcast_to(eye[j], w.shape)
+                    gr = g[:, :, j]
+                    rr = g[:, j, j]
+                    dot = gw[:, j]
+                ww = (w * gw).sum(-1)
+                scale_r = (np.abs(r) * norms).sum(-1)
+                scale_w = (np.abs(w) * norms).sum(-1)
+                conflict = (dot < -_CONFLICT_RTOL * scale_w * scale_r) & (rr > _ZERO_RTOL * scale_r * scale_r)
+                coef = np.where(conflict, dot / (rr + eps), 0.0)
+                # ||coef * g_j|| / ||g_i^pc|| (= |cos| when eps = 0)
+                proj_ratio = np.abs(coef) * np.sqrt(np.clip(rr, 0.0, None)) / np.sqrt(np.clip(ww, 1e-300, None))
+                count += int(conflict.sum())
+                ratio += float(np.where(conflict, np.minimum(proj_ratio, 1.0), 0.0).sum())
+                w = w - coef[:, None] * r
+                gw = gw - coef[:, None] * gr
+            weights[:, i, :] = w
+    return torch.from_numpy(weights).to(gram.device), count, ratio
 
 
 def _project_simultaneous(gram: Tensor, eps: float) -> tuple[Tensor, int, float]:

@@ -523,25 +523,30 @@ static inline dg_v8d dg_load8_f64(const double *p) {
 DG_DEFINE_GRAM_FAMILY(float, f32, DG_EXACT_PRODUCTS)
 DG_DEFINE_GRAM_FAMILY(double, f64, )
 
-/* out[a] = sum_d coef[d] g[d][a] for components 0 .. n - 1 of D rows (row d at g + d *
- * stride): PCGrad's and CorGrad's weighted sum of the domain gradients, each product and
- * sum in float64 in domain order, rounded once to T. Per component, so the result does not
- * depend on how the components are cut into ranges. */
-#define DG_DEFINE_COMBINE(NAME, T, SFX)                                                          \
-    void NAME(const T *restrict g, int64_t D, int64_t stride, int64_t n, const double *restrict coef, \
-              T *restrict out) {                                                                 \
+/* out[a] = sum_d c[d] g[d][a] for components 0 .. n - 1 of D rows (row d at g + d *
+ * stride): PCGrad's and CorGrad's weighted sum of the domain gradients, the coefficients
+ * c[d] = coef[d] rounded to T (as the torch path does), every product and sum in float64
+ * in domain order, rounded once to T. For float32 the products are exact, so fused
+ * multiply-adds give the same bits. Per component: the result does not depend on how the
+ * components are cut into ranges. */
+#define DG_DEFINE_COMBINE(NAME, T, SFX, VT8, ATTR)                                               \
+    ATTR void NAME(const T *restrict g, int64_t D, int64_t stride, int64_t n, const double *restrict coef, \
+                   T *restrict out) {                                                            \
+        double c[DG_GRAM_MAX_D];                                                                 \
+        for (int64_t d = 0; d < D; d++) c[d] = (double)(T)coef[d];                               \
         int64_t body = n - n % 8;                                                                \
         for (int64_t a = 0; a < body; a += 8) {                                                  \
-            dg_v8d acc = dg_load8_##SFX(g + a) * coef[0];                                        \
-            for (int64_t d = 1; d < D; d++) acc += dg_load8_##SFX(g + d * stride + a) * coef[d]; \
-            for (int j = 0; j < 8; j++) out[a + j] = (T)acc[j];                                  \
+            dg_v8d acc = dg_load8_##SFX(g + a) * c[0];                                           \
+            for (int64_t d = 1; d < D; d++) acc += dg_load8_##SFX(g + d * stride + a) * c[d];    \
+            VT8 o = __builtin_convertvector(acc, VT8);                                           \
+            memcpy(out + a, &o, sizeof o);                                                       \
         }                                                                                        \
         for (int64_t a = body; a < n; a++) {                                                     \
-            double acc = (double)g[a] * coef[0];                                                 \
-            for (int64_t d = 1; d < D; d++) acc += (double)g[d * stride + a] * coef[d];          \
+            double acc = (double)g[a] * c[0];                                                    \
+            for (int64_t d = 1; d < D; d++) acc += (double)g[d * stride + a] * c[d];             \
             out[a] = (T)acc;                                                                     \
         }                                                                                        \
     }
 
-DG_DEFINE_COMBINE(dg_combine_f32, float, f32)
-DG_DEFINE_COMBINE(dg_combine_f64, double, f64)
+DG_DEFINE_COMBINE(dg_combine_f32, float, f32, dg_v8f, DG_EXACT_PRODUCTS)
+DG_DEFINE_COMBINE(dg_combine_f64, double, f64, dg_v8d, )

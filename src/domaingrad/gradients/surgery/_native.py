@@ -39,7 +39,7 @@ from ._noise import ZIGGURAT_F, ZIGGURAT_T, ZIGGURAT_W, ZIGGURAT_X
 
 #: components per range of work (a thread's unit; fixed, so results are thread-independent)
 RANGE = 1 << 18
-#: the most domains the native Gram kernel takes (more: torch operations)
+#: the most domains the native Gram and combination kernels take (more: torch operations)
 GRAM_MAX_DOMAINS = 32
 _SOURCE = Path(__file__).with_name("_native.c")
 _FLAGS = ("-O3", "-std=c99", "-ffp-contract=off", "-fPIC", "-shared")
