@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import itertools
 import os
 import platform
 import shutil
@@ -191,15 +192,21 @@ def ranges(length: int) -> list[tuple[int, int]]:
 
 def run_ranges(tasks: Sequence[_T], fn: Callable[[_T], Any]) -> list[Any]:
     """``[fn(task) for task in tasks]`` on up to ``torch.get_num_threads()`` threads (the
-    calling one included, thread ``w`` of ``W`` taking tasks ``w, w + W, ...``); the
-    results come back in task order."""
+    calling one included, each taking the next task not yet taken, so that unequal tasks
+    keep every thread busy); the results come back in task order."""
     workers = min(len(tasks), torch.get_num_threads())
     if workers <= 1:
         return [fn(task) for task in tasks]
     results: list[Any] = [None] * len(tasks)
+    taken = itertools.count()
+    counter_lock = threading.Lock()  # next() of a count is atomic under the GIL; not without one
 
-    def work(first: int) -> None:
-        for j in range(first, len(tasks), workers):
+    def work(_: int) -> None:
+        while True:
+            with counter_lock:
+                j = next(taken)
+            if j >= len(tasks):
+                return
             results[j] = fn(tasks[j])
 
     with _lock:
