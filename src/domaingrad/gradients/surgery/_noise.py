@@ -18,8 +18,8 @@ unsigned 64-bit integers, wrapping):
   and Tsang, "The Ziggurat Method for Generating Random Variables", J. Stat. Software
   5(8), 2000) from 32-bit words, with the layer index, the sign and the magnitude taken
   from separate bits of one word (Doornik, "An Improved Ziggurat Method to Generate Normal
-  Random Samples", 2005), so they are independent. A try with word ``r``: layer ``k = r &
-  511``, sign bit ``r & 512``, magnitude ``a = r >> 10`` (uniform on ``0 .. 2**22 - 1``);
+  Random Samples", 2005), so they are independent. A try with 32-bit word ``h``: layer ``k = h &
+  511``, sign bit ``h & 512``, magnitude ``a = h >> 10`` (uniform on ``0 .. 2**22 - 1``);
   if ``a < T[k]`` the value is ``+-(a * W[k])`` (a float32 product, minus for the sign
   bit), with ``W[k] = float32(x[k] * 2**-22)`` and ``T[k] = ceil(2**22 * x[k+1] / x[k])``,
   i.e. ``|u| < x[k+1] / x[k]`` for ``|u| = a * 2**-22``.
@@ -42,8 +42,8 @@ rounded to float64, so that every machine uses the same tables. ``ZIGGURAT_W`` a
 ``ZIGGURAT_T`` are derived from them as above.
 
 The values are float32 numbers for every output dtype (a float64 result holds them
-exactly): the magnitude has 22 bits within its layer, the resolution of float32 itself,
-and float32 arithmetic halves the cost of a draw. As with any float32 generator, the
+exactly): the magnitude has 22 bits within its layer (float32 numbers have 24), and
+float32 arithmetic halves the cost of a draw. As with any float32 generator, the
 distribution is the standard normal up to the float32 rounding of the layer widths
 (relative 3e-8). The native kernel (``_native.c``) and the torch implementation below
 give the same values; only those drawn through ``exp`` or ``log`` (wedges and tails,
