@@ -78,15 +78,16 @@ def _gram_run(x: Tensor) -> Tensor:
     return out
 
 
-def _native_gram_usable(flat: Tensor) -> bool:
-    """Whether the native Gram kernel takes the ``(D, N)`` rows ``flat``."""
-    return _native.usable(flat) and flat.stride(1) == 1 and flat.shape[0] <= _native.GRAM_MAX_DOMAINS
+def _native_rows_usable(rows: Tensor) -> bool:
+    """Whether the native Gram and combination kernels take the domain rows ``rows``,
+    ``(D, N)`` or ``(D, P, K)``: at most ``GRAM_MAX_DOMAINS`` of them, each contiguous."""
+    return _native.usable(rows) and rows.stride(-1) == 1 and rows.shape[0] <= _native.GRAM_MAX_DOMAINS
 
 
 def _native_grams(runs: Sequence[tuple[Tensor, int, int, int]], gram: Tensor) -> None:
     """``gram[p] += X X^T`` for every run ``(flat, start, length, p)``, ``X`` the columns
     ``start .. start + length - 1`` of the ``(D, N)`` rows ``flat`` (CPU, float32 or
-    float64, see :func:`_native_gram_usable`), on the native kernel.
+    float64, see :func:`_native_rows_usable`), on the native kernel.
 
     Every product and sum is float64 (as in :func:`_gram_run`; the order differs, so the
     two agree to float64 rounding). The runs are cut into ranges of ``_native.RANGE``
@@ -159,8 +160,7 @@ def _combine_run(x: Tensor, coef: Tensor, out: Tensor) -> None:
         _combine_run(x.float(), coef, tmp)
         out.copy_(tmp)
         return
-    native = x.shape[0] <= _native.GRAM_MAX_DOMAINS and x.shape[2] >= _NATIVE_MIN_PIECE and x.stride(2) == 1
-    if native and out.is_contiguous() and _native.usable(x):
+    if x.shape[2] >= _NATIVE_MIN_PIECE and out.is_contiguous() and _native_rows_usable(x):
         _native_combine(x, coef, out)
         return
     c = coef.to(dtype=x.dtype)
@@ -305,7 +305,7 @@ def _piece_grams(
         else:
             flat = grp.flat
             for s, c, k, p in segments[grp.members[0]]:
-                if k >= _NATIVE_MIN_PIECE and _native_gram_usable(flat):
+                if k >= _NATIVE_MIN_PIECE and _native_rows_usable(flat):
                     native += [(flat, s + q * k, k, p + q) for q in range(c)]
                 else:
                     gram[p : p + c] += _gram_run(flat[:, s : s + c * k].view(num_domains, c, k))

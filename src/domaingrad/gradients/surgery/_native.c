@@ -1,5 +1,6 @@
 /* Native kernels of domaingrad's gradient-surgery rules: the sign-agreement pass of
- * Agr-Sum and Agr-Rand with its noise, and the float64 Gram matrices of PCGrad and CorGrad.
+ * Agr-Sum and Agr-Rand with its noise, and the float64 Gram matrices and weighted sums of
+ * PCGrad and CorGrad.
  *
  * Compiled on first use by _native.py with the system C compiler and loaded with ctypes;
  * the Python side falls back to torch operations where no compiler is found. One call
@@ -58,10 +59,9 @@ static const uint64_t DG_GOLDEN = 0x9e3779b97f4a7c15ULL;
 static double dg_x[DG_LAYERS + 1]; /* layer widths: x[0] (base, virtual) > x[1] = r > ... > x[512] = 0 */
 static double dg_f[DG_LAYERS + 1]; /* heights exp(-x[k]^2 / 2) */
 /* per layer, for a try's 22-bit magnitude a: the value a * w[k] (w[k] = float32(x[k] 2^-22))
- * is kept when a < t[k] (t[k] = ceil(2^22 x[k + 1] / x[k])); both in one 8-byte entry */
+ * is kept when a < t[k] (t[k] = ceil(2^22 x[k + 1] / x[k])); one 8-byte entry, the bits of
+ * w[k] low and t[k] high, so that one gather gives both */
 static uint64_t dg_wt[DG_LAYERS] __attribute__((aligned(64)));
-static float dg_w[DG_LAYERS];
-static uint32_t dg_t[DG_LAYERS];
 
 /* Set the ziggurat tables (given by Python, so that both implementations share them). */
 void dg_set_tables(const double *x, const double *f, const float *w, const uint32_t *t) {
@@ -72,18 +72,31 @@ void dg_set_tables(const double *x, const double *f, const float *w, const uint3
     for (int k = 0; k < DG_LAYERS; k++) {
         uint32_t bits;
         memcpy(&bits, w + k, 4);
-        dg_w[k] = w[k];
-        dg_t[k] = t[k];
         dg_wt[k] = (uint64_t)bits | ((uint64_t)t[k] << 32);
     }
 }
 
+/* w[k] and t[k] of layer k (see dg_wt) */
+static inline void dg_layer(uint32_t k, float *w, uint32_t *t) {
+    uint64_t e = dg_wt[k];
+    uint32_t bits = (uint32_t)e;
+    memcpy(w, &bits, 4);
+    *t = (uint32_t)(e >> 32);
+}
+
+/* SplitMix64's output function on Z in place: a uint64_t, or a vector of them */
+#define DG_MIX(Z)                                                                                \
+    do {                                                                                         \
+        (Z) ^= (Z) >> 30;                                                                        \
+        (Z) *= 0xbf58476d1ce4e5b9ULL;                                                            \
+        (Z) ^= (Z) >> 27;                                                                        \
+        (Z) *= 0x94d049bb133111ebULL;                                                            \
+        (Z) ^= (Z) >> 31;                                                                        \
+    } while (0)
+
 static inline uint64_t dg_mix(uint64_t z) {
-    z ^= z >> 30;
-    z *= 0xbf58476d1ce4e5b9ULL;
-    z ^= z >> 27;
-    z *= 0x94d049bb133111ebULL;
-    return z ^ (z >> 31);
+    DG_MIX(z);
+    return z;
 }
 
 /* a uniform in [0, 1) with 53 bits */
@@ -92,9 +105,11 @@ static inline double dg_uniform(uint64_t h) { return (double)(h >> 11) * 0x1.0p-
 /* A try with the 32-bit word r: layer k = r mod 512, sign bit 9, magnitude a = r >> 10;
  * returns +-a * w[k] (one float32 rounding) and sets *kept to a < t[k]. */
 static inline float dg_try(uint32_t r, int *kept) {
-    uint32_t k = r & (DG_LAYERS - 1), a = r >> 10;
-    float v = (float)a * dg_w[k];
-    *kept = a < dg_t[k];
+    uint32_t a = r >> 10, t;
+    float w;
+    dg_layer(r & (DG_LAYERS - 1), &w, &t);
+    float v = (float)a * w;
+    *kept = a < t;
     return r & 512 ? -v : v;
 }
 
@@ -147,11 +162,7 @@ static inline float dg_normal(uint64_t key0, uint64_t key1, uint64_t i) {
 static inline dg_v16w dg_first_words16(uint64_t key0, uint64_t i) {
     const dg_v8u lanes = (dg_v8u){0, 1, 2, 3, 4, 5, 6, 7} * DG_GOLDEN;
     dg_v8u z = (key0 + (i >> 1) * DG_GOLDEN) + lanes;
-    z ^= z >> 30;
-    z *= 0xbf58476d1ce4e5b9ULL;
-    z ^= z >> 27;
-    z *= 0x94d049bb133111ebULL;
-    z ^= z >> 31;
+    DG_MIX(z);
     dg_v16w r;
 #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
     if (!(i & 1)) {
@@ -185,8 +196,11 @@ static inline dg_v16f dg_first_tries16(uint64_t key0, uint64_t i, dg_v16i *redo)
     t = (dg_v16w)_mm512_permutex2var_epi32(e0, _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1), e1);
 #else
     for (int j = 0; j < 16; j++) {
-        w[j] = dg_w[k[j]];
-        t[j] = dg_t[k[j]];
+        float wj;
+        uint32_t tj;
+        dg_layer(k[j], &wj, &tj);
+        w[j] = wj;
+        t[j] = tj;
     }
 #endif
     dg_v16f v = __builtin_convertvector((dg_v16i)a, dg_v16f) * w;
@@ -209,26 +223,22 @@ static inline dg_v8d dg_tries_f64(uint64_t key0, uint64_t i, dg_v8l *redo) {
     return __builtin_convertvector(lo, dg_v8d);
 }
 
-/* Bit j set where lane j of v is not 0 (the lanes to visit, lowest first). */
-static inline uint32_t dg_lanes_f32(dg_v16i v) {
+/* NAME(v): bit j set where lane j of the W-lane mask v is not 0 (the lanes to visit,
+ * lowest first); TEST is AVX-512's test instruction for the lane width. */
 #if defined(__AVX512F__)
-    return (uint32_t)_mm512_test_epi32_mask((__m512i)v, (__m512i)v);
+#define DG_DEFINE_LANES(NAME, VI, W, TEST)                                                       \
+    static inline uint32_t NAME(VI v) { return (uint32_t)TEST((__m512i)v, (__m512i)v); }
 #else
-    uint32_t bits = 0;
-    for (int j = 0; j < 16; j++) bits |= (uint32_t)(v[j] != 0) << j;
-    return bits;
+#define DG_DEFINE_LANES(NAME, VI, W, TEST)                                                       \
+    static inline uint32_t NAME(VI v) {                                                          \
+        uint32_t bits = 0;                                                                       \
+        for (int j = 0; j < (W); j++) bits |= (uint32_t)(v[j] != 0) << j;                        \
+        return bits;                                                                             \
+    }
 #endif
-}
 
-static inline uint32_t dg_lanes_f64(dg_v8l v) {
-#if defined(__AVX512F__)
-    return (uint32_t)_mm512_test_epi64_mask((__m512i)v, (__m512i)v);
-#else
-    uint32_t bits = 0;
-    for (int j = 0; j < 8; j++) bits |= (uint32_t)(v[j] != 0) << j;
-    return bits;
-#endif
-}
+DG_DEFINE_LANES(dg_lanes_f32, dg_v16i, 16, _mm512_test_epi32_mask)
+DG_DEFINE_LANES(dg_lanes_f64, dg_v8l, 8, _mm512_test_epi64_mask)
 
 /* Standard normals of the counter stream, values base .. base + n - 1, into out: the
  * noise of the agreement pass below, on its own. */

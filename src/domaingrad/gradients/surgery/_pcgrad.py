@@ -10,7 +10,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from ._gram import _combine_run, _gram_run, _native_gram_usable, _native_grams, _project_sequential
+from ._gram import _combine_run, _gram_run, _native_grams, _native_rows_usable, _project_sequential
 from ._plumbing import (
     Reduction,
     Reference,
@@ -85,7 +85,7 @@ def pcgrad(
         device = tensors[0].device
         groups = _make_groups(tensors, num_domains)
         gram = torch.zeros(1, num_domains, num_domains, dtype=torch.float64, device=device)
-        usable = [_native_gram_usable(grp.flat) for grp in groups]
+        usable = [_native_rows_usable(grp.flat) for grp in groups]
         _native_grams([(grp.flat, 0, grp.out.numel(), 0) for grp, ok in zip(groups, usable) if ok], gram)
         for grp, ok in zip(groups, usable):
             if not ok:
