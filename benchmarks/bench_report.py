@@ -46,7 +46,6 @@ import math
 import os
 import platform
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -54,7 +53,6 @@ import tempfile
 import time
 import zlib
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -150,36 +148,6 @@ def checkpoint_steps(records_per_job: int) -> tuple[int, list[int]]:
     return freq, [s for s in range(STEPS) if s % freq == 0 or s == STEPS - 1]
 
 
-def provenance() -> dict[str, Any]:
-    """The keys of :func:`domaingrad.run.provenance.run_provenance` on the CPU (git left
-    unasked: the values of an installed copy)."""
-
-    def version(name: str) -> str | None:
-        try:
-            return metadata.version(name)
-        except metadata.PackageNotFoundError:
-            return None
-
-    return {
-        "versions": {
-            "domaingrad": version("domaingrad"),
-            "torch": version("torch"),
-            "torchvision": version("torchvision"),
-            "numpy": version("numpy"),
-            "python": platform.python_version(),
-        },
-        "git_revision": None,
-        "git_dirty": None,
-        "torch_threads": 1,
-        "torch_interop_threads": 1,
-        "device": "cpu",
-        "device_name": None,
-        "hostname": socket.gethostname(),
-        "platform": platform.platform(),
-        "executable": sys.executable,
-    }
-
-
 def _rng(seed: int, *key: object) -> np.random.Generator:
     return np.random.default_rng([seed, zlib.crc32(repr(key).encode())])
 
@@ -257,6 +225,7 @@ def build_sweep(
     from domaingrad.data import dataset_class
     from domaingrad.layout import DONE, RESULTS, manifest_bytes, manifest_path
     from domaingrad.registry import resolve_hparams
+    from domaingrad.run.provenance import run_provenance
     from domaingrad.sweep.jobs import SweepSpec, make_jobs
 
     start = time.perf_counter()
@@ -272,7 +241,7 @@ def build_sweep(
     )
     jobs = make_jobs(spec, root)
     envs = {d: list(dataset_class(d).ENVIRONMENTS) for d in datasets}
-    prov = provenance()
+    prov = run_provenance("cpu")  # what a CPU training run records
     hparams_cache: dict[tuple[str, str, int, int], dict[str, Any]] = {}
     root.mkdir(parents=True, exist_ok=True)
     n_records = file_bytes = disk_bytes = 0
